@@ -1,0 +1,44 @@
+"""
+### CouponOps — retrain on feedback
+
+Scheduled on the `couponops://warehouse/feedback` asset, with a weekly cron fallback because
+asset events alone can be lost. A condition task reads the product's own counters (new labelled
+rows since the last training, feature drift, measured vs predicted incrementality) and skips
+the run, logging why, when nothing warrants retraining; otherwise it trains on all logged data
+(exploration included, weighted by logged propensity) and runs the promotion gate.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
+
+from plugins.couponops_airflow import DEFAULT_ARGS, FEEDBACK, run_context, settings, train_and_gate
+
+
+@dag(
+    dag_id="couponops_retrain",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * 0", timezone="UTC"), assets=FEEDBACK
+    ),
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["couponops", "training", "feedback"],
+    doc_md=__doc__,
+)
+def couponops_retrain():
+    @task.short_circuit
+    def should_retrain() -> bool:
+        """Decide from the warehouse's counters; the decision and reasons are stored."""
+        from mlpkg import stages
+
+        decision = stages.decide_retrain(settings(), run_context())
+        print(f"retrain={decision['retrain']} reasons={decision['reasons']}")
+        return decision["retrain"]
+
+    should_retrain() >> train_and_gate()
+
+
+couponops_retrain()

@@ -1,0 +1,361 @@
+"""Allocate a campaign: score customers with the champion, solve, and write the coupon ledger.
+
+Assignment mechanism (logged with every ledger row so feedback supports unbiased evaluation):
+each customer is hashed with the campaign id into a uniform number ``u``; ``u < control_share``
+puts them in the random control group (nothing sent), the next ``exploration_share`` gets a
+uniformly random eligible arm, and everyone else gets what the optimiser chose. The logged
+propensity is the marginal probability of the arm the customer received under this mixture,
+where the model's choice for every customer comes from the same Lagrangian prices the solver
+found, so control and exploration customers also carry the model's counterfactual arm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, select
+
+from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
+from mlpkg.config import Settings
+from mlpkg.db import models as m
+from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
+
+CONTROL = "control"
+
+
+@dataclass(frozen=True)
+class ArmCatalog:
+    """Treatment arms on offer and what each consumes."""
+
+    arms: list[str]
+    coupon_ids: list[str]
+    channels: list[str]
+    option_coupon: np.ndarray
+    option_channel: np.ndarray
+    coupon_kind: np.ndarray
+    face_value: np.ndarray
+    min_basket: np.ndarray
+    send_cost: np.ndarray
+    coupon_capacity: np.ndarray
+    channel_capacity: np.ndarray
+
+
+def uniform_draws(campaign_id: str, customer_ids: np.ndarray, salt: str) -> np.ndarray:
+    """Return a reproducible uniform number in [0, 1) per customer (same run, same draws)."""
+    out = np.empty(len(customer_ids), dtype=np.float64)
+    for i, cid in enumerate(customer_ids):
+        h = hashlib.blake2b(f"{campaign_id}|{salt}|{cid}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "big") / 2**64
+    return out
+
+
+def build_catalog(
+    model_arms: list[str], coupons: pd.DataFrame, channels: pd.DataFrame, as_of: datetime
+) -> ArmCatalog:
+    """Keep the model's arms whose coupon is valid and in stock and whose channel exists."""
+    as_of_ts = pd.Timestamp(as_of)
+    coupons = coupons.assign(
+        valid_from=pd.to_datetime(coupons["valid_from"], utc=True),
+        valid_to=pd.to_datetime(coupons["valid_to"], utc=True),
+    )
+    live = coupons[
+        (coupons["valid_from"] <= as_of_ts)
+        & (coupons["valid_to"] >= as_of_ts)
+        & (coupons["inventory"] > coupons["issued"])
+    ]
+    coupon_ids = sorted(live["coupon_id"])
+    channel_ids = sorted(channels["channel"])
+    arms = []
+    for arm in model_arms:
+        if arm == CONTROL or "@" not in arm:
+            continue
+        coupon, channel = arm.split("@", 1)
+        if coupon in coupon_ids and channel in channel_ids:
+            arms.append(arm)
+    cp = live.set_index("coupon_id").loc[coupon_ids]
+    ch = channels.set_index("channel").loc[channel_ids]
+    opt_coupon = np.array([coupon_ids.index(a.split("@")[0]) for a in arms], dtype=np.int64)
+    opt_channel = np.array([channel_ids.index(a.split("@")[1]) for a in arms], dtype=np.int64)
+    return ArmCatalog(
+        arms=arms,
+        coupon_ids=coupon_ids,
+        channels=channel_ids,
+        option_coupon=opt_coupon,
+        option_channel=opt_channel,
+        coupon_kind=cp["kind"].to_numpy()[opt_coupon] if arms else np.array([]),
+        face_value=cp["face_value"].to_numpy(float)[opt_coupon] if arms else np.array([]),
+        min_basket=cp["min_basket"].to_numpy(float)[opt_coupon] if arms else np.array([]),
+        send_cost=ch["send_cost"].to_numpy(float)[opt_channel] if arms else np.array([]),
+        coupon_capacity=(cp["inventory"] - cp["issued"]).to_numpy(float),
+        channel_capacity=ch["daily_capacity"].to_numpy(float),
+    )
+
+
+def coupon_cost_given_conversion(catalog: ArmCatalog, basket: np.ndarray) -> np.ndarray:
+    """Expected coupon cost if the customer converts and redeems, per option ([n, m])."""
+    pct = np.where(catalog.coupon_kind == "percent_off", catalog.face_value / 100.0, 0.0)
+    fixed = np.where(catalog.coupon_kind != "percent_off", catalog.face_value, 0.0)
+    return (basket * pct[None, :] + fixed[None, :]).astype(np.float32)
+
+
+def option_economics(
+    p_conv: np.ndarray,
+    revenue: np.ndarray,
+    model_arms: list[str],
+    catalog: ArmCatalog,
+    *,
+    objective: str,
+    margin: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Turn per-arm predictions into (value, cost, uplift, basket) matrices over the catalog's options.
+
+    ``value`` is the campaign objective's expected increment; ``cost`` is expected spend:
+    coupon face cost paid only on redemption (probability = treated conversion) plus send cost.
+    """
+    idx = [model_arms.index(a) for a in catalog.arms]
+    c0 = model_arms.index(CONTROL)
+    p_t = p_conv[:, idx].astype(np.float32)
+    r_t = revenue[:, idx].astype(np.float32)
+    p_c = p_conv[:, [c0]].astype(np.float32)
+    r_c = revenue[:, [c0]].astype(np.float32)
+    uplift = p_t - p_c
+    coupon_cost = p_t * coupon_cost_given_conversion(catalog, r_t)
+    cost = coupon_cost + catalog.send_cost[None, :].astype(np.float32)
+    inc_revenue = p_t * r_t - p_c * r_c
+    if objective == "conversions":
+        value = uplift
+    elif objective == "revenue":
+        value = inc_revenue
+    elif objective == "profit":
+        value = margin * inc_revenue - cost
+    else:
+        raise ValueError(f"objective must be conversions, revenue or profit, got {objective!r}")
+    return value.astype(np.float32), cost.astype(np.float32), uplift, r_t
+
+
+def _model_choice_for_all(value, cost, eligible, catalog: ArmCatalog, multipliers: dict) -> np.ndarray:  # noqa: ANN001
+    """Apply the solver's Lagrangian prices to every customer: the model policy's choice."""
+    lam = float(multipliers.get("budget", 0.0))
+    mu = np.asarray(multipliers.get("coupon", np.zeros(len(catalog.coupon_ids))), dtype=np.float64)
+    nu = np.asarray(multipliers.get("channel", np.zeros(len(catalog.channels))), dtype=np.float64)
+    reduced = value - lam * cost - mu[catalog.option_coupon][None, :] - nu[catalog.option_channel][None, :]
+    reduced = np.where(eligible, reduced, -np.inf)
+    best = np.argmax(reduced, axis=1) if reduced.shape[1] else np.zeros(len(value), dtype=int)
+    best_val = reduced[np.arange(len(value)), best] if reduced.shape[1] else np.full(len(value), -np.inf)
+    return np.where(best_val > 0, best, -1)
+
+
+def allocate_campaign(
+    engine: Engine,
+    settings: Settings,
+    *,
+    campaign_id: str,
+    as_of: datetime,
+    run_key: str,
+    model_uri: str,
+    model_version: str | None,
+    now: datetime,
+    budget: float | None = None,
+    objective: str | None = None,
+) -> dict:
+    """Allocate one campaign and write its ledger (idempotent per ``run_key``).
+
+    Returns:
+        A summary dict: counts per arm and policy, budget used, expected increments, solver gap.
+
+    Raises:
+        mlpkg.db.queries.CampaignBusyError: another run holds or already allocated the campaign.
+    """
+    cfg = settings.campaign
+    budget = float(cfg.budget if budget is None else budget)
+    objective = objective or cfg.objective
+    owner = f"{run_key}"
+    with session_scope(engine) as session:
+        state = q.claim_campaign(
+            session,
+            campaign_id=campaign_id,
+            run_key=run_key,
+            owner=owner,
+            as_of=as_of,
+            budget=budget,
+            objective=objective,
+            now=now,
+        )
+        if state == "done":
+            return dict(q.get_campaign(session, campaign_id).summary, idempotent_rerun=True)
+    try:
+        summary, rows, spend, issued = _plan(
+            engine,
+            settings,
+            campaign_id=campaign_id,
+            as_of=as_of,
+            model_uri=model_uri,
+            budget=budget,
+            objective=objective,
+            now=now,
+        )
+        summary["model_version"] = model_version
+        with session_scope(engine) as session:
+            q.upsert_rows(session, m.Allocation, rows)
+            q.commit_spend(session, campaign_id, spend)
+            q.issue_coupons(session, issued)
+            campaign = q.get_campaign(session, campaign_id)
+            campaign.status = "allocated"
+            campaign.model_version = model_version
+            campaign.lock_owner = None
+            campaign.summary = summary
+    except BaseException:
+        # Release the lock so a retry of the same run can allocate; the ledger write was atomic.
+        with session_scope(engine) as session:
+            campaign = q.get_campaign(session, campaign_id)
+            if campaign is not None and campaign.status == "allocating":
+                session.delete(campaign)
+        raise
+    return summary
+
+
+def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now):  # noqa: ANN001, ANN202
+    from mlpkg.data import customer_features
+    from mlpkg.train import load_uplift_model
+
+    cfg = settings.campaign
+    started = time.perf_counter()
+    feats = customer_features(engine, as_of).sort_values("customer_id").reset_index(drop=True)
+    with engine.connect() as conn:
+        coupons = pd.read_sql(select(m.Coupon), conn)
+        channels = pd.read_sql(select(m.Channel), conn)
+        consent = pd.read_sql(select(m.Consent).where(m.Consent.opted_in.is_(True)), conn)
+    with session_scope(engine) as session:
+        cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days))
+
+    scorer = load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
+    scores = scorer.score_arrays(feats, chunk_size=cfg.score_chunk_size)
+    model_arms = list(scorer.arms)
+    catalog = build_catalog(model_arms, coupons, channels, as_of)
+    value, cost, uplift, basket = option_economics(
+        scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin
+    )
+    ids = feats["customer_id"].to_numpy()
+    n, k = value.shape
+    consented = set(zip(consent["customer_id"], consent["channel"], strict=True))
+    eligible = np.zeros((n, k), dtype=bool)
+    for j, arm in enumerate(catalog.arms):
+        channel = arm.split("@")[1]
+        eligible[:, j] = [(cid, channel) in consented for cid in ids]
+    eligible &= basket >= catalog.min_basket[None, :]
+    if cooldown:
+        eligible &= ~np.isin(ids, list(cooldown))[:, None]
+
+    u = uniform_draws(campaign_id, ids, "group")
+    group = np.where(
+        u < cfg.control_share,
+        "control",
+        np.where(u < cfg.control_share + cfg.exploration_share, "explore", "model"),
+    )
+
+    # Exploration draws first: its spend and capacity come off what the optimiser may use.
+    n_elig = eligible.sum(axis=1)
+    pick = np.floor(uniform_draws(campaign_id, ids, "explore") * np.maximum(n_elig, 1)).astype(int)
+    explore_choice = np.full(n, -1)
+    for i in np.flatnonzero((group == "explore") & (n_elig > 0)):
+        explore_choice[i] = np.flatnonzero(eligible[i])[pick[i]]
+    exp_rows = np.flatnonzero(explore_choice >= 0)
+    exp_opts = explore_choice[exp_rows]
+    exp_spend = float(cost[exp_rows, exp_opts].sum())
+    if exp_spend > budget:
+        # Exploration never overspends: drop the costliest explorations until it fits.
+        order = np.argsort(-cost[exp_rows, exp_opts])
+        keep = np.ones(len(exp_rows), dtype=bool)
+        running = exp_spend
+        for o in order:
+            if running <= budget:
+                break
+            keep[o] = False
+            running -= cost[exp_rows[o], exp_opts[o]]
+        explore_choice[exp_rows[~keep]] = -1
+        exp_rows, exp_opts = exp_rows[keep], exp_opts[keep]
+        exp_spend = float(cost[exp_rows, exp_opts].sum())
+    coupon_cap = catalog.coupon_capacity - np.bincount(
+        catalog.option_coupon[exp_opts], minlength=len(catalog.coupon_ids)
+    )
+    channel_cap = catalog.channel_capacity - np.bincount(
+        catalog.option_channel[exp_opts], minlength=len(catalog.channels)
+    )
+    coupon_cap = np.maximum(coupon_cap, 0)
+    channel_cap = np.maximum(channel_cap, 0)
+
+    model_rows = np.flatnonzero(group == "model")
+    problem = AllocationProblem(
+        value=value[model_rows],
+        cost=cost[model_rows],
+        eligible=eligible[model_rows],
+        option_coupon=catalog.option_coupon,
+        option_channel=catalog.option_channel,
+        budget=max(budget - exp_spend, 0.0),
+        coupon_capacity=coupon_cap.astype(float),
+        channel_capacity=channel_cap.astype(float),
+    )
+    result = solve_lagrangian(problem)
+    final = np.full(n, -1)
+    final[model_rows] = result.choice
+    final[exp_rows] = exp_opts
+    model_choice = _model_choice_for_all(value, cost, eligible, catalog, result.multipliers)
+    model_choice[model_rows] = result.choice
+
+    c, e = cfg.control_share, cfg.exploration_share
+    rows = []
+    arms_out = []
+    for i, cid in enumerate(ids):
+        j = final[i]
+        arm = catalog.arms[j] if j >= 0 else CONTROL
+        # Marginal probability of the received arm under the control/explore/model mixture.
+        p_explore = (1.0 / n_elig[i] if j >= 0 else 0.0) if n_elig[i] > 0 else (1.0 if j < 0 else 0.0)
+        p_model = 1.0 if model_choice[i] == j else 0.0
+        p_control = 1.0 if j < 0 else 0.0
+        prop = c * p_control + e * p_explore + (1 - c - e) * p_model
+        policy = group[i]
+        arms_out.append(arm)
+        rows.append(
+            dict(
+                campaign_id=campaign_id,
+                customer_id=str(cid),
+                arm=arm,
+                coupon_id=catalog.arms[j].split("@")[0] if j >= 0 else None,
+                channel=catalog.arms[j].split("@")[1] if j >= 0 else None,
+                policy=policy,
+                propensity=float(max(prop, 1e-6)),
+                model_arm=catalog.arms[model_choice[i]] if model_choice[i] >= 0 else CONTROL,
+                expected_cost=float(cost[i, j]) if j >= 0 else 0.0,
+                expected_value=float(value[i, j]) if j >= 0 else 0.0,
+                expected_uplift=float(uplift[i, j]) if j >= 0 else 0.0,
+                created_at=now,
+            )
+        )
+    treated = final >= 0
+    spend = float(sum(r["expected_cost"] for r in rows))
+    issued = pd.Series([r["coupon_id"] for r in rows if r["coupon_id"]]).value_counts().to_dict()
+    per_arm = pd.DataFrame({"arm": arms_out, "policy": group}).groupby(["arm", "policy"]).size()
+    summary = {
+        "campaign_id": campaign_id,
+        "as_of": pd.Timestamp(as_of).isoformat(),
+        "population": int(n),
+        "treated": int(treated.sum()),
+        "control_group": int((group == "control").sum()),
+        "explored": int(len(exp_rows)),
+        "budget": budget,
+        "spend": round(spend, 4),
+        "objective": objective,
+        "expected_objective": round(float(sum(r["expected_value"] for r in rows)), 4),
+        "expected_incremental_conversions": round(float(sum(r["expected_uplift"] for r in rows)), 4),
+        "allocated": {f"{a}|{p}": int(v) for (a, p), v in per_arm.items() if a != CONTROL},
+        "solver_gap": float(result.gap),
+        "solver_seconds": float(result.seconds),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return summary, rows, spend, issued

@@ -1,0 +1,913 @@
+"""Lagrangian allocation of coupon/channel options under budget, inventory and capacity caps.
+
+The problem: each customer ``i`` gets at most one eligible option ``j`` (a coupon sent through a
+channel) or nothing; the expected spend is capped by a budget, each coupon by its remaining
+inventory and each channel by its remaining daily capacity; maximise the summed value.
+
+The coupling constraints are few (``1 + n_coupons + n_channels``) while customers are many, so we
+relax them with multipliers: given prices ``λ`` (budget), ``μ_c`` (coupon) and ``ν_h`` (channel)
+each customer independently takes ``argmax_j value - λ·cost - μ_c(j) - ν_h(j)`` or nothing. The
+dual function is a sum over customers of piecewise-linear terms; we minimise an entropy-smoothed
+version of it with a projected Newton method (the dual has at most a few dozen coordinates, so
+the Hessian is tiny) while lowering the temperature, and keep the best exact dual bound seen.
+The integer choice at the final prices is then made feasible by a repair step (drop the
+assignments with the worst reduced profit from each violated constraint) and completed by a
+greedy refill of whatever budget and capacity is left. Every pass over the ``[n, m]`` matrices
+runs in row chunks, in float32, so memory stays at a few copies of the inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_EPS = 1e-12
+# Unusable (customer, option) entries hold about -_BIG; anything below _DEAD is unusable.
+_BIG = np.float32(np.finfo(np.float32).max)
+_DEAD = -1e38
+_DEBUG = False
+# Temperature schedule of the smoothed dual, relative to the median usable value.
+_TAU_START = 0.1
+_TAU_FACTOR = 0.1
+_TAU_STAGES = 1
+_DAMPING_START = 1.0
+_POLISH_STEPS = 4
+_SLACK_UNITS = 1.0
+_POLISH_MAX_DAMPING = 4.0
+_TRIM_STEPS = 4
+# Relative slack when comparing a float64 sum of float32 costs against the budget: the same
+# spend summed in another order differs by far less than this.
+_BUDGET_RTOL = 1e-9
+
+
+@dataclass
+class AllocationProblem:
+    """Describe one allocation instance: per-customer option values and costs plus the caps.
+
+    Attributes:
+        value: ``float32 [n, m]`` objective of giving option ``j`` to customer ``i`` (may be < 0).
+        cost: ``float32 [n, m]`` expected budget cost of that assignment (``>= 0``).
+        eligible: ``bool [n, m]`` whether option ``j`` may be given to customer ``i``.
+        option_coupon: ``int [m]`` coupon index used by each option (``-1``: no coupon).
+        option_channel: ``int [m]`` channel index used by each option (``-1``: no channel).
+        budget: cap on the summed expected cost (``np.inf`` for no cap).
+        coupon_capacity: ``float [n_coupons]`` remaining inventory, in customers (``inf`` allowed).
+        channel_capacity: ``float [n_channels]`` remaining capacity, in customers (``inf`` allowed).
+    """
+
+    value: np.ndarray
+    cost: np.ndarray
+    eligible: np.ndarray
+    option_coupon: np.ndarray
+    option_channel: np.ndarray
+    budget: float
+    coupon_capacity: np.ndarray
+    channel_capacity: np.ndarray
+
+    @property
+    def n_customers(self) -> int:
+        """Return the number of customers (rows)."""
+        return int(np.shape(self.value)[0])
+
+    @property
+    def n_options(self) -> int:
+        """Return the number of options (columns)."""
+        return int(np.shape(self.value)[1])
+
+    def validate(self) -> None:
+        """Check shapes, dtypes and value ranges.
+
+        Raises:
+            ValueError: naming the offending field and the rule it breaks.
+        """
+        value = self.value
+        if not isinstance(value, np.ndarray) or value.ndim != 2:
+            raise ValueError(f"value must be a 2-D numpy array [n, m], got {_describe(value)}")
+        n, m = value.shape
+        for name in ("value", "cost"):
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray) or arr.shape != (n, m):
+                raise ValueError(f"{name} must be a numpy array of shape {(n, m)}, got {_describe(arr)}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ValueError(f"{name} must have a floating dtype (float32), got {arr.dtype}")
+        eligible = self.eligible
+        if not isinstance(eligible, np.ndarray) or eligible.shape != (n, m):
+            raise ValueError(f"eligible must be a bool array of shape {(n, m)}, got {_describe(eligible)}")
+        if eligible.dtype != np.bool_:
+            raise ValueError(f"eligible must have dtype bool, got {eligible.dtype}")
+        _check_chunks(value, "value", nonnegative=False)
+        _check_chunks(self.cost, "cost", nonnegative=True)
+
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+            raise ValueError(f"budget must be a number (np.inf for no cap), got {budget!r}")
+        if np.isnan(budget) or budget < 0:
+            raise ValueError(f"budget must be >= 0 and not NaN (np.inf for no cap), got {budget!r}")
+
+        n_coupons = _check_capacity(self.coupon_capacity, "coupon_capacity")
+        n_channels = _check_capacity(self.channel_capacity, "channel_capacity")
+        _check_index(self.option_coupon, "option_coupon", m, n_coupons, "coupon_capacity")
+        _check_index(self.option_channel, "option_channel", m, n_channels, "channel_capacity")
+
+
+@dataclass
+class AllocationResult:
+    """Hold an allocation and how good it is.
+
+    Attributes:
+        choice: ``int32 [n]`` chosen option per customer, ``-1`` for nothing.
+        objective: summed value of the choice.
+        dual_bound: an upper bound on the best achievable objective.
+        gap: ``(dual_bound - objective) / max(|dual_bound|, eps)``.
+        multipliers: prices of the constraints: ``budget`` (float), ``coupon`` and ``channel``
+            (arrays); zero for constraints that are slack or have no cap.
+        iterations: dual iterations (Newton steps) taken.
+        seconds: wall time of the solve.
+        spend: summed expected cost of the choice.
+    """
+
+    choice: np.ndarray
+    objective: float
+    dual_bound: float
+    gap: float
+    multipliers: dict[str, np.ndarray | float] = field(default_factory=dict)
+    iterations: int = 0
+    seconds: float = 0.0
+    spend: float = 0.0
+
+
+def relative_gap(dual_bound: float, objective: float) -> float:
+    """Return ``(dual_bound - objective) / max(|dual_bound|, eps)``, zero when both are zero."""
+    return float((dual_bound - objective) / max(abs(dual_bound), 1e-9))
+
+
+def check_feasible(problem: AllocationProblem, choice: np.ndarray) -> list[str]:
+    """List every constraint that ``choice`` breaks, in words.
+
+    Args:
+        problem: the instance.
+        choice: ``int [n]`` option per customer, ``-1`` for nothing.
+
+    Returns:
+        Human-readable violations; empty when the choice is feasible.
+    """
+    n, m = problem.n_customers, problem.n_options
+    choice = np.asarray(choice)
+    if choice.shape != (n,):
+        return [f"choice must have shape ({n},), got {choice.shape}"]
+    problems: list[str] = []
+    bad = (choice < -1) | (choice >= m)
+    if bad.any():
+        problems.append(f"{int(bad.sum())} choices are outside [-1, {m - 1}]")
+        return problems
+    rows = np.flatnonzero(choice >= 0)
+    cols = choice[rows]
+    not_eligible = ~problem.eligible[rows, cols]
+    if not_eligible.any():
+        problems.append(f"{int(not_eligible.sum())} customers got an option they are not eligible for")
+    spend = float(np.sum(problem.cost[rows, cols], dtype=np.float64))
+    if spend > problem.budget + _BUDGET_RTOL * max(1.0, abs(problem.budget)):
+        problems.append(f"spend {spend:.6g} exceeds budget {problem.budget:.6g}")
+    for label, index, capacity in (
+        ("coupon", problem.option_coupon, problem.coupon_capacity),
+        ("channel", problem.option_channel, problem.channel_capacity),
+    ):
+        used = np.asarray(index)[cols]
+        counts = np.bincount(used[used >= 0], minlength=len(capacity))
+        for k in np.flatnonzero(counts > np.asarray(capacity, dtype=np.float64)):
+            problems.append(f"{label} {k} used {int(counts[k])} times, capacity {capacity[k]:.6g}")
+    return problems
+
+
+def solve_lagrangian(
+    problem: AllocationProblem,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 60,
+    chunk_size: int = 262_144,
+) -> AllocationResult:
+    """Allocate options to customers by Lagrangian relaxation, then repair to feasibility.
+
+    Args:
+        problem: the instance; validated first.
+        tol: target relative gap between the repaired objective and the dual bound; the dual
+            search stops early once it is reached.
+        max_iter: cap on dual (Newton) iterations; each costs one or two passes over the data.
+        chunk_size: rows per chunk in the passes over the ``[n, m]`` matrices.
+
+    Returns:
+        A feasible allocation with its objective, dual bound, gap and constraint prices.
+    """
+    start = time.perf_counter()
+    problem.validate()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    # Unusable entries hold -FLT_MAX; pricing them may overflow to -inf, which is harmless.
+    with np.errstate(over="ignore"):
+        dual = _Dual(problem, chunk_size)
+        theta, bound, iterations = dual.minimise(tol=tol, max_iter=max_iter)
+        local = dual.choose(theta)
+        local = dual.repair(local, theta)
+        local = dual.refill(local, theta)
+    choice = dual.expand(local)
+    objective, spend = dual.score(local)
+    bound = max(bound, objective)  # rounding in float32 passes must not report a negative gap
+    return AllocationResult(
+        choice=choice,
+        objective=objective,
+        dual_bound=bound,
+        gap=relative_gap(bound, objective),
+        multipliers=dual.multipliers(theta),
+        iterations=iterations,
+        seconds=time.perf_counter() - start,
+        spend=spend,
+    )
+
+
+class _Dual:
+    """Hold the presolved instance and evaluate its (smoothed) Lagrangian dual in chunks.
+
+    The kept data is stored option-major (``[m, n]``, float32): every reduction over a
+    customer's options is then an elementwise operation over contiguous rows, which numpy does
+    several times faster than a reduction along a short last axis.
+    """
+
+    def __init__(self, problem: AllocationProblem, chunk_size: int) -> None:
+        self.problem = problem
+        self.chunk = int(chunk_size)
+        n, m = problem.n_customers, problem.n_options
+        self.budget = float(problem.budget)
+        self.coupon_cap = _floor_caps(problem.coupon_capacity)
+        self.channel_cap = _floor_caps(problem.channel_capacity)
+        self.n_coupons, self.n_channels = len(self.coupon_cap), len(self.channel_cap)
+        option_coupon = np.asarray(problem.option_coupon, dtype=np.int64)
+        option_channel = np.asarray(problem.option_channel, dtype=np.int64)
+        # An option whose coupon or channel has no capacity left can never be used; dropping it
+        # here keeps the dual from chasing an infinite price.
+        option_ok = (_lookup(self.coupon_cap, option_coupon) >= 1) & (
+            _lookup(self.channel_cap, option_channel) >= 1
+        )
+
+        # Copy to option-major float32 with unusable entries (ineligible, value <= 0, dearer
+        # than the whole budget, or on a coupon/channel with nothing left) set to -inf.
+        value = np.empty((m, n), dtype=np.float32)
+        cost = np.empty((m, n), dtype=np.float32)
+        row_has = np.zeros(n, dtype=bool)
+        for a, b in _chunks(n, self.chunk):
+            v = problem.value[a:b].astype(np.float32)  # a fresh copy, masked in place
+            # Arithmetic masking: several times faster than boolean assignment or np.where.
+            v -= np.multiply(~self._usable(slice(a, b), option_ok), _BIG, dtype=np.float32)
+            value[:, a:b] = v.T
+            cost[:, a:b] = problem.cost[a:b].T
+            row_has[a:b] = value[:, a:b].max(axis=0, initial=-np.inf) > _DEAD
+        col_max = np.full(m, -np.inf, dtype=np.float32)
+        for a, b in _chunks(n, self.chunk):
+            col_max = np.maximum(col_max, value[:, a:b].max(axis=1, initial=-np.inf))
+        # Keep customers with at least one usable option and options usable by someone; nobody
+        # else can change the objective. Rows are only compacted when that saves real work.
+        self.cols = np.flatnonzero(col_max > _DEAD)
+        self.rows = np.flatnonzero(row_has)
+        if len(self.rows) > 0.8 * n:
+            self.rows = np.arange(n)
+        else:
+            value, cost = value[:, self.rows], cost[:, self.rows]
+        if len(self.cols) < m:
+            value, cost = value[self.cols], cost[self.cols]
+        self.value, self.cost = value, cost
+        col_max = col_max[self.cols]
+        k, mc = len(self.rows), len(self.cols)
+        self.option_coupon = option_coupon[self.cols]
+        self.option_channel = option_channel[self.cols]
+        coupon_members = [np.flatnonzero(self.option_coupon == c) for c in range(self.n_coupons)]
+        channel_members = [np.flatnonzero(self.option_channel == h) for h in range(self.n_channels)]
+        coupon_demand = np.zeros(self.n_coupons, dtype=np.int64)
+        channel_demand = np.zeros(self.n_channels, dtype=np.int64)
+        max_ratio = 0.0
+        max_spend = 0.0
+        for a, b in _chunks(k, self.chunk):
+            usable = self.value[:, a:b] > _DEAD
+            c = self.cost[:, a:b]
+            for members, demand in ((coupon_members, coupon_demand), (channel_members, channel_demand)):
+                for g, cols in enumerate(members):
+                    if cols.size:
+                        demand[g] += int(np.count_nonzero(usable[cols].any(axis=0)))
+            # A zero-cost option gets a huge ratio, which only loosens the bound on the price.
+            ratio = self.value[:, a:b] / np.maximum(c, np.float32(1e-30))
+            max_ratio = max(max_ratio, float(ratio.max(initial=0.0)))
+            max_spend += float((c * usable).max(axis=0, initial=0).sum(dtype=np.float64))
+        # Typical usable value and cost, from about a thousand customers: they set the
+        # smoothing temperature and how closely a cap must be met.
+        step = max(1, k // 1024)
+        sample = self.value[:, ::step]
+        finite = sample > _DEAD
+        self.typical_value = float(np.median(sample[finite])) if finite.any() else 1.0
+        self.typical_cost = float(np.median(self.cost[:, ::step][finite])) if finite.any() else 1.0
+
+        # Dual coordinates: only caps that can bind, i.e. below the number of customers who could
+        # use them, and a budget below the dearest possible spend.
+        self.active_coupons = np.flatnonzero(self.coupon_cap < coupon_demand)
+        self.active_channels = np.flatnonzero(self.channel_cap < channel_demand)
+        self.has_budget = bool(np.isfinite(self.budget) and self.budget < max_spend)
+        groups = [coupon_members[c] for c in self.active_coupons]
+        groups += [channel_members[h] for h in self.active_channels]
+        self.n_counts = len(groups)
+        self.groups = groups
+        self.indicator = np.zeros((self.n_counts, mc), dtype=np.float32)
+        for q, cols in enumerate(groups):
+            self.indicator[q, cols] = 1.0
+        caps = [self.coupon_cap[self.active_coupons], self.channel_cap[self.active_channels]]
+        self.capacity = np.concatenate([[self.budget] if self.has_budget else [], *caps]).astype(np.float64)
+        self.dim = len(self.capacity)
+        # Prices above these are never optimal: a coupon priced above every value it could earn,
+        # or a budget price above every value per unit of cost, only switches options off.
+        uppers = [float(col_max[cols].max(initial=0.0)) for cols in groups]
+        self.upper = np.array(([max_ratio] if self.has_budget else []) + uppers, dtype=np.float64)
+        self.upper = self.upper * (1 + 1e-6) + 1e-12
+
+    def _usable(self, rows: slice | np.ndarray, option_ok: np.ndarray) -> np.ndarray:
+        p = self.problem
+        usable = p.eligible[rows] & (p.value[rows] > 0) & option_ok[None, :]
+        if np.isfinite(self.budget):
+            usable &= p.cost[rows] <= self.budget
+        return usable
+
+    # ----------------------------------------------------------------------------------------------
+    # prices
+    def _split(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """Return ``(λ, per-option count price)`` for the dual vector ``theta``."""
+        lam = float(theta[0]) if self.has_budget else 0.0
+        counts = theta[1:] if self.has_budget else theta
+        offset = counts.astype(np.float64) @ self.indicator if self.n_counts else np.zeros(len(self.cols))
+        return lam, offset.astype(np.float32)
+
+    def multipliers(self, theta: np.ndarray) -> dict[str, np.ndarray | float]:
+        """Map the dual vector back to named prices on the original constraints."""
+        lam = float(theta[0]) if self.has_budget else 0.0
+        counts = theta[1:] if self.has_budget else theta
+        coupon = np.zeros(self.n_coupons, dtype=np.float64)
+        channel = np.zeros(self.n_channels, dtype=np.float64)
+        nc = len(self.active_coupons)
+        coupon[self.active_coupons] = counts[:nc]
+        channel[self.active_channels] = counts[nc:]
+        return {"budget": lam, "coupon": coupon, "channel": channel}
+
+    def _reduced(self, a: int, b: int, lam: float, offset: np.ndarray) -> np.ndarray:
+        """Return ``value - λ·cost - μ - ν`` for customers ``a:b`` as a fresh ``[m, b - a]`` array."""
+        if lam:
+            r = self.cost[:, a:b] * np.float32(-lam)
+            r += self.value[:, a:b]
+        else:
+            r = self.value[:, a:b].copy()
+        if self.n_counts:
+            r -= offset[:, None]
+        return r
+
+    # ----------------------------------------------------------------------------------------------
+    # dual
+    def evaluate(self, theta: np.ndarray, tau: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+        """Evaluate the entropy-smoothed dual at ``theta`` with temperature ``tau``.
+
+        Returns:
+            ``(smoothed value, exact dual value, gradient, Hessian)``; the exact (unsmoothed) dual
+            value is a valid upper bound on the optimum, the rest refer to the smoothed dual.
+        """
+        lam, offset = self._split(theta)
+        mc = len(self.cols)
+        top_sum = 0.0
+        log_sum = 0.0
+        col_p = np.zeros(mc)
+        col_pc = np.zeros(mc)
+        col_pcc = np.zeros(mc)
+        wtw = np.zeros((self.dim, self.dim))
+        inv_tau = np.float32(1.0 / tau)
+        for a, b in _chunks(len(self.rows), self.chunk):
+            r = self._reduced(a, b, lam, offset)
+            top = r.max(axis=0)
+            np.maximum(top, 0.0, out=top)  # the "nothing" option has reduced value 0
+            top_sum += float(top.sum(dtype=np.float64))
+            r -= top
+            r *= inv_tau
+            np.exp(r, out=r)
+            z = r.sum(axis=0)
+            z += np.exp(-top * inv_tau)
+            log_sum += float(np.log(z).sum(dtype=np.float64))
+            r /= z  # r now holds each customer's choice probabilities
+            col_p += r.sum(axis=1, dtype=np.float64)
+            w = []
+            if self.has_budget:
+                pc = r * self.cost[:, a:b]
+                col_pc += pc.sum(axis=1, dtype=np.float64)
+                w.append(pc.sum(axis=0)[None, :])
+                pc *= self.cost[:, a:b]
+                col_pcc += pc.sum(axis=1, dtype=np.float64)
+            w.extend(r[cols].sum(axis=0)[None, :] for cols in self.groups)
+            wtw += _gram(np.concatenate(w).astype(np.float64))
+        usage, second = self._moments(col_p, col_pc, col_pcc)
+        linear = float(theta @ self.capacity)
+        soft = top_sum + tau * log_sum + linear
+        return soft, top_sum + linear, self.capacity - usage, (second - wtw) / tau
+
+    def _moments(
+        self, col_p: np.ndarray, col_pc: np.ndarray, col_pcc: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Aggregate per-option sums into the expected usage and its second moment ``E[u uᵀ]``."""
+        ind = self.indicator.astype(np.float64)
+        count_usage = ind @ col_p
+        count_second = (ind * col_p) @ ind.T
+        if not self.has_budget:
+            return count_usage, count_second
+        cross = ind @ col_pc
+        usage = np.concatenate(([col_pc.sum()], count_usage))
+        second = np.zeros((self.dim, self.dim))
+        second[0, 0] = col_pcc.sum()
+        second[0, 1:] = cross
+        second[1:, 0] = cross
+        second[1:, 1:] = count_second
+        return usage, second
+
+    def hard_bound(self, theta: np.ndarray) -> float:
+        """Return the exact dual value at ``theta``, an upper bound on the optimum."""
+        lam, offset = self._split(theta)
+        total = 0.0
+        for a, b in _chunks(len(self.rows), self.chunk):
+            top = self._reduced(a, b, lam, offset).max(axis=0, initial=0.0)
+            total += float(top.sum(dtype=np.float64))
+        return total + float(theta @ self.capacity)
+
+    def hard_pass(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """Take each customer's best option at prices ``theta``.
+
+        Returns:
+            ``(exact dual value, usage of each dual coordinate)``. A customer with two equally
+            good options counts on both; ties are rare and this only steers the prices.
+        """
+        lam, offset = self._split(theta)
+        total = 0.0
+        col_n = np.zeros(len(self.cols))
+        col_c = np.zeros(len(self.cols))
+        for a, b in _chunks(len(self.rows), self.chunk):
+            r = self._reduced(a, b, lam, offset)
+            best = r.max(axis=0)
+            np.maximum(best, 0.0, out=best)
+            total += float(best.sum(dtype=np.float64))
+            taken = r == best
+            taken &= best > 0  # "nothing" wins ties: a zero gain is no gain
+            col_n += np.count_nonzero(taken, axis=1)
+            if self.has_budget:
+                col_c += (self.cost[:, a:b] * taken).sum(axis=1, dtype=np.float64)
+        usage = self.indicator.astype(np.float64) @ col_n
+        if self.has_budget:
+            usage = np.concatenate(([col_c.sum()], usage))
+        return total + float(theta @ self.capacity), usage
+
+    def minimise(self, *, tol: float, max_iter: int) -> tuple[np.ndarray, float, int]:
+        """Minimise the dual: damped Newton on a cooling entropy smoothing, then a hard polish.
+
+        Phase one follows the smoothed dual's minimiser while the temperature falls from the
+        typical value to a hundredth of it; there the smoothing still averages over many
+        customers, so its Hessian is a good estimate of how usage responds to prices. Phase two
+        solves ``usage(θ) = capacity`` for the exact (unsmoothed) choice with Newton steps on
+        that fixed Hessian, until every binding cap is met to within a customer or ``10·tol``.
+
+        Returns:
+            ``(theta, best exact dual bound, iterations)``.
+        """
+        theta = np.zeros(self.dim)
+        if self.dim == 0 or len(self.rows) == 0:
+            return theta, self.hard_bound(theta), 0
+        bound, usage = self.hard_pass(theta)
+        slack = self._slack(usage, tol)
+        if np.all(usage <= self.capacity + slack * 0):
+            return theta, bound, 0
+        taus = self.typical_value * _TAU_START * _TAU_FACTOR ** np.arange(_TAU_STAGES)
+        iterations = 0
+        hess = None
+        for stage, tau in enumerate(taus):
+            tau = float(tau)
+            soft, hard, grad, hess = self.evaluate(theta, tau)
+            bound = min(bound, hard)
+            damping = _DAMPING_START
+            while iterations < max_iter:
+                if _converged(theta, grad, slack * (1.0 if stage == len(taus) - 1 else 30.0)):
+                    break
+                step = _damped_newton_step(theta, grad, hess, damping, self.upper)
+                trial = np.clip(theta + step, 0.0, self.upper)
+                move = trial - theta
+                predicted = -float(grad @ move + 0.5 * move @ hess @ move)
+                if predicted <= 1e-12 * max(abs(soft), 1.0):
+                    if damping >= 1e8:
+                        break
+                    damping = min(damping * 16, 1e8)
+                    continue
+                t_soft, t_hard, t_grad, t_hess = self.evaluate(trial, tau)
+                iterations += 1
+                bound = min(bound, t_hard)
+                ratio = (soft - t_soft) / predicted
+                if _DEBUG:
+                    print(f"it {iterations} tau {tau:.3g} damp {damping:.3g} ratio {ratio:.3g} soft {t_soft:.6f} "
+                          f"hard {t_hard:.6f} pred {predicted:.3g} res {np.abs(t_grad / slack).max():.3g}")
+                if ratio > 0.1:
+                    theta, soft, grad, hess = trial, t_soft, t_grad, t_hess
+                if ratio > 0.75:
+                    damping = max(damping / 4, 1e-8)
+                elif ratio < 0.25:
+                    damping = min(damping * 4, 1e8)
+        # Phase two: the exact choice, with the last smoothed Hessian as its model. It aims each
+        # binding cap half a slack below its capacity, so that the repair rarely has to drop
+        # anyone and the refill tops up what is left; a step is kept only when it lowers the
+        # exact dual of that shifted problem.
+        target = self.capacity - 0.5 * slack
+        hard, usage = self.hard_pass(theta)
+        bound = min(bound, hard)
+        shifted = hard - 0.5 * float(theta @ slack)
+        damping = 0.0
+        for _ in range(_POLISH_STEPS):
+            grad = target - usage
+            if iterations >= max_iter or _met(theta, self.capacity - usage, slack):
+                break
+            step = _damped_newton_step(theta, grad, hess, damping, self.upper)
+            trial = np.clip(theta + step, 0.0, self.upper)
+            t_hard, t_usage = self.hard_pass(trial)
+            iterations += 1
+            bound = min(bound, t_hard)
+            t_shifted = t_hard - 0.5 * float(trial @ slack)
+            if _DEBUG:
+                print(f"polish {iterations} damp {damping:.3g} hard {t_hard:.6f} "
+                      f"{np.round(self.capacity - t_usage, 1)}")
+            if t_shifted <= shifted:
+                theta, shifted, usage = trial, t_shifted, t_usage
+                damping /= 4
+            elif damping >= _POLISH_MAX_DAMPING:
+                break  # the exact dual is flat to within a few customers here
+            else:
+                damping = max(4 * damping, 0.25)
+        if self.has_budget and usage[0] > self.capacity[0]:
+            theta, usage, bound, iterations = self._trim_budget(theta, usage, hess, slack, bound, iterations)
+        return theta, float(bound), iterations
+
+    def _trim_budget(
+        self,
+        theta: np.ndarray,
+        usage: np.ndarray,
+        hess: np.ndarray,
+        slack: np.ndarray,
+        bound: float,
+        iterations: int,
+    ) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """Raise the budget price alone until the exact choice fits the budget.
+
+        Dropping whole customers to undo a small overspend loses far more than the overspend
+        is worth, so the budget is the one cap brought under its limit before the repair.
+        Spend falls monotonically as the budget price rises (other prices fixed), so a
+        bracketing secant search aims at spend in ``[budget - slack, budget]``.
+
+        Returns:
+            ``(theta, usage, bound, iterations)``, at the best price found that fits, if any.
+        """
+        budget, target = self.capacity[0], self.capacity[0] - 0.5 * slack[0]
+        low, spend_low = float(theta[0]), float(usage[0])
+        high = spend_high = None
+        best = (theta, usage)
+        for _ in range(_TRIM_STEPS):
+            if high is None:
+                slope = max(float(hess[0, 0]), _EPS)  # spend lost per unit of price, smoothed
+                price = low + (spend_low - target) / slope
+            else:
+                share = (spend_low - target) / max(spend_low - spend_high, _EPS)
+                price = low + min(max(share, 0.1), 0.9) * (high - low)
+            trial = theta.copy()
+            trial[0] = min(price, self.upper[0])
+            t_hard, t_usage = self.hard_pass(trial)
+            iterations += 1
+            bound = min(bound, t_hard)
+            if t_usage[0] <= budget:
+                high, spend_high, best = float(trial[0]), float(t_usage[0]), (trial, t_usage)
+                if spend_high >= budget - slack[0]:
+                    break
+            else:
+                low, spend_low = float(trial[0]), float(t_usage[0])
+        return best[0], best[1], bound, iterations
+
+    def _slack(self, usage: np.ndarray, tol: float) -> np.ndarray:
+        """Return how far each usage may miss its cap and still count as met."""
+        unit = np.full(self.dim, _SLACK_UNITS)
+        if self.has_budget:
+            unit[0] = _SLACK_UNITS * self.typical_cost
+        return np.maximum(unit, 10.0 * tol * self.capacity)
+
+    # ----------------------------------------------------------------------------------------------
+    # primal
+    def choose(self, theta: np.ndarray) -> np.ndarray:
+        """Return each kept customer's best option at prices ``theta`` (``-1``: nothing)."""
+        lam, offset = self._split(theta)
+        local = np.full(len(self.rows), -1, dtype=np.int32)
+        for a, b in _chunks(len(self.rows), self.chunk):
+            r = self._reduced(a, b, lam, offset)
+            best = np.zeros(b - a, dtype=np.float32)  # "nothing" wins ties: never pick a zero gain
+            pick = local[a:b]
+            for j in range(r.shape[0]):
+                better = r[j] > best
+                best[better] = r[j][better]
+                pick[better] = j
+        return local
+
+    def _assigned(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.flatnonzero(local >= 0)
+        return rows, local[rows].astype(np.int64)
+
+    def _reduced_at(self, rows: np.ndarray, cols: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        lam, offset = self._split(theta)
+        return (
+            self.value[cols, rows].astype(np.float64)
+            - lam * self.cost[cols, rows].astype(np.float64)
+            - offset[cols].astype(np.float64)
+        )
+
+    def repair(self, local: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """Drop the assignments with the worst reduced profit until every cap holds."""
+        local = local.copy()
+        for index, caps in ((self.option_coupon, self.coupon_cap), (self.option_channel, self.channel_cap)):
+            rows, cols = self._assigned(local)
+            group = index[cols]
+            counts = np.bincount(group[group >= 0], minlength=len(caps))
+            for g in np.flatnonzero(counts > caps):
+                members = rows[group == g]
+                reduced = self._reduced_at(members, local[members].astype(np.int64), theta)
+                excess = int(counts[g] - caps[g])
+                local[members[np.argsort(reduced, kind="stable")[:excess]]] = -1
+        if np.isfinite(self.budget):
+            rows, cols = self._assigned(local)
+            cost = self.cost[cols, rows].astype(np.float64)
+            spend = float(cost.sum())
+            if spend > self.budget:
+                # Worst reduced profit per unit of budget freed goes first (the knapsack order);
+                # zero-cost assignments free nothing and go last.
+                ratio = self._reduced_at(rows, cols, theta) / np.maximum(cost, _EPS)
+                order = np.argsort(ratio, kind="stable")
+                freed = np.cumsum(cost[order])
+                n_drop = int(np.searchsorted(freed, spend - self.budget, side="left")) + 1
+                local[rows[order[:n_drop]]] = -1
+                rest = order[n_drop:]
+                # Summing in another order can leave the budget exceeded by a rounding error.
+                while rest.size and float(cost[rest].sum()) > self.budget:
+                    local[rows[rest[0]]] = -1
+                    rest = rest[1:]
+        return local
+
+    def refill(self, local: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """Give unassigned customers the best options that still fit, greedily by reduced value."""
+        local = local.copy()
+        lam, offset = self._split(theta)
+        rows, cols = self._assigned(local)
+        left_budget = self.budget - float(self.cost[cols, rows].astype(np.float64).sum())
+        left_coupon = _left(self.coupon_cap, self.option_coupon[cols])
+        left_channel = _left(self.channel_cap, self.option_channel[cols])
+        col_ok = (_lookup(left_coupon, self.option_coupon) >= 1) & (
+            _lookup(left_channel, self.option_channel) >= 1
+        )
+        if not col_ok.any() or left_budget < 0:
+            return local
+        ok_cols = np.flatnonzero(col_ok)
+        limit = max(4 * self.chunk, 1_000_000)
+        cand_row, cand_col, cand_key = [], [], []
+        free = local < 0
+        for a, b in _chunks(len(self.rows), self.chunk):
+            free_rows = np.flatnonzero(free[a:b]) + a
+            if free_rows.size == 0:
+                continue
+            v = self.value[np.ix_(ok_cols, free_rows)]
+            c = self.cost[np.ix_(ok_cols, free_rows)]
+            fits = (v > _DEAD) & (c <= left_budget)
+            j, i = np.nonzero(fits)
+            key = v[j, i] - np.float32(lam) * c[j, i] - offset[ok_cols[j]]
+            if key.size > limit:
+                keep = np.argpartition(-key, limit)[:limit]
+                j, i, key = j[keep], i[keep], key[keep]
+            cand_row.append(free_rows[i])
+            cand_col.append(ok_cols[j])
+            cand_key.append(key)
+        if not cand_row:
+            return local
+        cand_row = np.concatenate(cand_row)
+        cand_col = np.concatenate(cand_col)
+        cand_key = np.concatenate(cand_key)
+        if cand_key.size > limit:
+            keep = np.argpartition(-cand_key, limit)[:limit]
+            cand_row, cand_col, cand_key = cand_row[keep], cand_col[keep], cand_key[keep]
+        order = np.argsort(-cand_key, kind="stable")
+        cand_row, cand_col = cand_row[order], cand_col[order]
+        accepted = _greedy_fill(
+            cand_row,
+            self.cost[cand_col, cand_row].astype(np.float64),
+            self.option_coupon[cand_col],
+            self.option_channel[cand_col],
+            left_budget,
+            left_coupon,
+            left_channel,
+        )
+        local[cand_row[accepted]] = cand_col[accepted]
+        return local
+
+    def expand(self, local: np.ndarray) -> np.ndarray:
+        """Map a choice over kept rows and columns back to the original indices."""
+        choice = np.full(self.problem.n_customers, -1, dtype=np.int32)
+        chosen = local >= 0
+        choice[self.rows[chosen]] = self.cols[local[chosen]]
+        return choice
+
+    def score(self, local: np.ndarray) -> tuple[float, float]:
+        """Return ``(objective, spend)`` of a choice over kept rows and columns."""
+        rows, cols = self._assigned(local)
+        value = float(self.value[cols, rows].astype(np.float64).sum())
+        return value, float(self.cost[cols, rows].astype(np.float64).sum())
+
+
+def _greedy_fill(
+    cust: np.ndarray,
+    cost: np.ndarray,
+    coupon: np.ndarray,
+    channel: np.ndarray,
+    left_budget: float,
+    left_coupon: np.ndarray,
+    left_channel: np.ndarray,
+    max_rounds: int = 200,
+) -> np.ndarray:
+    """Accept candidates in order while they fit, exactly as a sequential greedy scan would.
+
+    Candidates are sorted best first; a customer takes at most one. Each round accepts the
+    longest prefix of each customer's first remaining candidate that fits every cap together,
+    then discards candidates that no longer fit on their own, so the scan is vectorised yet
+    identical to the one-by-one greedy.
+
+    Returns:
+        Positions (into the candidate arrays) of the accepted candidates.
+    """
+    left_coupon = left_coupon.copy()
+    left_channel = left_channel.copy()
+    alive = np.ones(len(cust), dtype=bool)
+    taken_customer = np.zeros(int(cust.max()) + 1 if len(cust) else 0, dtype=bool)
+    accepted: list[np.ndarray] = []
+    for _ in range(max_rounds):
+        idx = np.flatnonzero(alive)
+        if idx.size == 0:
+            break
+        _, first = np.unique(cust[idx], return_index=True)
+        cand = idx[np.sort(first)]
+        stop = len(cand)
+        spent = np.cumsum(cost[cand])
+        over = spent > left_budget
+        if over.any():
+            stop = min(stop, int(np.argmax(over)))
+        for groups, left in ((coupon, left_coupon), (channel, left_channel)):
+            g = groups[cand]
+            for k in np.unique(g[g >= 0]):
+                if not np.isfinite(left[k]):
+                    continue
+                pos = np.flatnonzero(g == k)
+                allowed = int(left[k])
+                if pos.size > allowed:
+                    stop = min(stop, int(pos[allowed]))
+        take = cand[:stop]
+        accepted.append(take)
+        if take.size:
+            left_budget -= float(cost[take].sum())
+            for groups, left in ((coupon, left_coupon), (channel, left_channel)):
+                g = groups[take]
+                left -= np.bincount(g[g >= 0], minlength=len(left))
+            taken_customer[cust[take]] = True
+        if stop == len(cand):
+            break
+        alive &= ~taken_customer[cust]
+        alive &= cost <= left_budget
+        alive &= (_lookup(left_coupon, coupon) >= 1) & (_lookup(left_channel, channel) >= 1)
+    return np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)
+
+
+def _met(theta: np.ndarray, left: np.ndarray, slack: np.ndarray) -> bool:
+    """Return whether no cap is exceeded and each priced cap is used to within ``slack``."""
+    priced = theta > 0
+    return bool(np.all(left >= 0) and np.all(left[priced] <= slack[priced]))
+
+
+def _converged(theta: np.ndarray, grad: np.ndarray, slack: np.ndarray) -> bool:
+    """Return whether every cap is met: binding ones to within ``slack``, free ones not exceeded."""
+    priced = theta > 0
+    return bool(np.all(np.abs(grad[priced]) <= slack[priced]) and np.all(grad[~priced] >= -slack[~priced]))
+
+
+def _damped_newton_step(
+    theta: np.ndarray, grad: np.ndarray, hess: np.ndarray, damping: float, upper: np.ndarray
+) -> np.ndarray:
+    """Return a Levenberg-Marquardt step for ``min g(θ)`` over the box ``0 <= θ <= upper``.
+
+    Coordinates at a bound with the gradient pushing outward stay put; the rest take a Newton
+    step on ``H + damping·diag(H)``. A coordinate the step would carry across a bound is moved to
+    the bound and fixed there, and the others are solved again given that move. This matters:
+    when every option uses one coupon and one channel, raising all coupon prices and lowering all
+    channel prices by the same amount changes no choice, so the dual is linear along that
+    direction and only the bounds stop an unconstrained Newton step.
+    """
+    d = len(theta)
+    fixed = ((theta <= 0) & (grad > 0)) | ((theta >= upper) & (grad < 0))
+    step = np.zeros(d)
+    diag = np.diag(hess)
+    floor = 1e-6 * max(float(diag.max(initial=0.0)), _EPS)
+    h = hess + np.diag(damping * np.maximum(diag, floor) + floor)
+    for _ in range(d + 1):
+        free = ~fixed
+        if not free.any():
+            break
+        rhs = -grad[free] - h[np.ix_(free, fixed)] @ step[fixed]
+        try:
+            step[free] = np.linalg.solve(h[np.ix_(free, free)], rhs)
+        except np.linalg.LinAlgError:
+            step[free] = rhs / np.diag(h)[free]
+        new = theta + step
+        low = free & (new < 0)
+        high = free & (new > upper)
+        if not (low.any() or high.any()):
+            break
+        step[low] = -theta[low]
+        step[high] = (upper - theta)[high]
+        fixed |= low | high
+    return step
+
+
+def _gram(w: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Return ``w @ w.T`` for a short, wide ``w``, in column blocks.
+
+    One BLAS call on the whole width would start BLAS threads, which on a shared machine spin
+    and cost more than the product; blocks this small stay on one thread.
+    """
+    out = np.zeros((w.shape[0], w.shape[0]))
+    for a in range(0, w.shape[1], block):
+        x = w[:, a : a + block]
+        out += x @ x.T
+    return out
+
+
+def _floor_caps(caps: np.ndarray) -> np.ndarray:
+    """Return capacities as whole customers (a cap of 2.7 admits 2), ``inf`` kept."""
+    return np.floor(np.asarray(caps, dtype=np.float64) + 1e-9)
+
+
+def _left(caps: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Return the capacity left per group once ``used`` (group per assignment, -1: none) is taken."""
+    return caps - np.bincount(used[used >= 0], minlength=len(caps))
+
+
+def _lookup(caps: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Return ``caps[index]`` with ``inf`` where ``index == -1`` (the option uses no such cap)."""
+    return np.append(np.asarray(caps, dtype=np.float64), np.inf)[index]
+
+
+def _chunks(n: int, size: int):
+    for a in range(0, n, size):
+        yield a, min(a + size, n)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, np.ndarray):
+        return f"array of shape {x.shape} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _check_chunks(arr: np.ndarray, name: str, *, nonnegative: bool, rows: int = 262_144) -> None:
+    for a in range(0, arr.shape[0], rows):
+        block = arr[a : a + rows]
+        finite = np.isfinite(block)
+        if not finite.all():
+            i, j = np.argwhere(~finite)[0]
+            raise ValueError(f"{name} must be finite (no NaN/inf), found {block[i, j]} at [{a + i}, {j}]")
+        if nonnegative and (block < 0).any():
+            i, j = np.argwhere(block < 0)[0]
+            raise ValueError(f"{name} must be >= 0, found {block[i, j]} at [{a + i}, {j}]")
+
+
+def _check_capacity(cap: np.ndarray, name: str) -> int:
+    if not isinstance(cap, np.ndarray) or cap.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D numpy array, got {_describe(cap)}")
+    if not (np.issubdtype(cap.dtype, np.floating) or np.issubdtype(cap.dtype, np.integer)):
+        raise ValueError(f"{name} must be numeric, got dtype {cap.dtype}")
+    cap = cap.astype(np.float64)
+    if np.isnan(cap).any():
+        raise ValueError(f"{name} must not contain NaN (use np.inf for no cap)")
+    if (cap < 0).any():
+        raise ValueError(f"{name} must be >= 0, found {cap[cap < 0][0]}")
+    return len(cap)
+
+
+def _check_index(index: np.ndarray, name: str, m: int, size: int, cap_name: str) -> None:
+    if not isinstance(index, np.ndarray) or index.shape != (m,):
+        raise ValueError(f"{name} must be an int array of shape ({m},), got {_describe(index)}")
+    if not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {index.dtype}")
+    bad = (index < -1) | (index >= size)
+    if bad.any():
+        raise ValueError(
+            f"{name} must hold -1 or an index into {cap_name} (length {size}), found {index[bad][0]}"
+        )

@@ -1,0 +1,200 @@
+"""The ``couponops`` command line: each command calls the same stage function as a DAG task."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlpkg import stages
+from mlpkg.config import get_settings
+
+app = typer.Typer(
+    help="CouponOps: uplift-driven coupon allocation with a measured feedback loop.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+
+def _show(title: str, payload) -> None:  # noqa: ANN001 - dict or list of dicts
+    """Render a dict (key/value) or a list of dicts (rows) as a rich table."""
+    if isinstance(payload, list):
+        table = Table(title=title, show_lines=False)
+        if not payload:
+            console.print(f"[dim]{title}: none[/dim]")
+            return
+        for col in payload[0]:
+            table.add_column(str(col))
+        for row in payload:
+            table.add_row(*[_fmt(v) for v in row.values()])
+    else:
+        table = Table(title=title, show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for key, value in payload.items():
+            table.add_row(str(key), _fmt(value))
+    console.print(table)
+
+
+def _fmt(value) -> str:  # noqa: ANN001
+    if isinstance(value, float):
+        return f"{value:,.4f}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Call a stage with a status spinner and turn known errors into a clean exit."""
+    from mlpkg.db.queries import CampaignBusyError
+    from mlpkg.validation import DataContractError
+
+    known = (LookupError, FileNotFoundError, ValueError, CampaignBusyError, DataContractError)
+    with console.status(f"[bold]{fn.__name__}[/bold] running…"):
+        try:
+            return fn(*args, **kwargs)
+        except known as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(code=2) from exc
+
+
+@app.command()
+def init() -> None:
+    """Create the state folder, migrate the warehouse and create the MLflow experiment."""
+    _show("stores", _run(stages.init_stores, get_settings()))
+
+
+@app.command()
+def simulate(
+    batch: Annotated[str, typer.Option(help="Name of the batch folder to export")] = "initial",
+) -> None:
+    """Export a batch of raw files from the built-in simulated shop."""
+    _show("simulated batch", _run(stages.land_simulated_batch, get_settings(), batch))
+
+
+@app.command("world-clock")
+def world_clock() -> None:
+    """Print the simulated shop's current time (the demo's logical date)."""
+    print(stages.load_world(get_settings()).now.isoformat())
+
+
+@app.command()
+def ingest(batch_dir: Path) -> None:
+    """Validate a batch folder against its data contracts and load it into the warehouse."""
+    _show("ingest", _run(stages.ingest, get_settings(), batch_dir))
+
+
+@app.command()
+def train(log: Annotated[list[str] | None, typer.Option(help="Campaign log(s) to train on")] = None) -> None:
+    """Train, track and register a model version, then run the promotion gate."""
+    settings = get_settings()
+    ctx = stages.RunContext(dag_id="cli", run_id=f"train-{stages.utcnow():%Y%m%dT%H%M%S}")
+    result = _run(stages.train, settings, ctx, log_names=log)
+    _show("training", {k: v for k, v in result.items() if k != "metrics"})
+    _show("test metrics", result.get("metrics", {}))
+    decision = _run(
+        stages.gate,
+        settings,
+        model_version=result["model_version"],
+        test_frame=result["test_frame"],
+        run_id=result["mlflow_run_id"],
+    )
+    _show("promotion gate", decision)
+
+
+@app.command()
+def promote(
+    version: str,
+    reason: Annotated[str, typer.Option(help="Why this version becomes champion")] = "promoted by hand",
+) -> None:
+    """Make VERSION the champion (recorded in `couponops history`)."""
+    actor = os.environ.get("USER", "cli")
+    _show("promotion", _run(stages.promote, get_settings(), version, actor=actor, reason=reason))
+
+
+@app.command()
+def allocate(
+    campaign: Annotated[str, typer.Option(help="Campaign id")],
+    as_of: Annotated[
+        str | None, typer.Option(help="Point in time for features (default: the shop's now)")
+    ] = None,
+    budget: Annotated[float | None, typer.Option(help="Expected-spend cap")] = None,
+    objective: Annotated[str | None, typer.Option(help="conversions | revenue | profit")] = None,
+) -> None:
+    """Allocate a campaign with the champion and write the coupon ledger."""
+    settings = get_settings()
+    when = as_of or stages.load_world(settings).now.isoformat()
+    ctx = stages.RunContext(dag_id="cli", run_id=f"allocate-{campaign}")
+    _show(
+        "allocation",
+        _run(
+            stages.allocate,
+            settings,
+            ctx,
+            campaign_id=campaign,
+            as_of=when,
+            budget=budget,
+            objective=objective,
+        ),
+    )
+
+
+@app.command()
+def deliver(campaign: Annotated[str, typer.Option(help="Campaign id")]) -> None:
+    """Send a campaign's messages through the outbox."""
+    _show("delivery", _run(stages.deliver, get_settings(), campaign))
+
+
+@app.command()
+def feedback(
+    campaign: Annotated[str, typer.Option(help="Campaign id")],
+    feedback_dir: Annotated[
+        Path | None, typer.Option(help="Folder with feedback.csv (default: simulate)")
+    ] = None,
+) -> None:
+    """Collect, validate and load feedback, then measure incrementality vs control."""
+    settings = get_settings()
+    batch = _run(
+        stages.collect_feedback, settings, campaign, feedback_dir=str(feedback_dir) if feedback_dir else None
+    )
+    _run(stages.ingest_feedback, settings, batch["feedback_dir"])
+    _show("measured (model policy vs control)", _run(stages.measure, settings, campaign))
+
+
+@app.command()
+def report(
+    campaign: Annotated[str | None, typer.Option(help="Campaign id (default: latest)")] = None,
+) -> None:
+    """Print the loop summary: data, model, allocation, delivery and measured outcomes."""
+    from mlpkg.reports import loop_summary
+
+    summary = _run(loop_summary, get_settings(), campaign)
+    _show("rows ingested and validated", summary.get("ingested_rows", {}))
+    _show("model registry", {k: v for k, v in summary.get("model", {}).items() if k != "metrics"})
+    _show("model metrics", summary.get("model", {}).get("metrics", {}))
+    if "campaign" in summary:
+        _show("campaign", summary["campaign"])
+        _show("coupons allocated per coupon/channel", summary.get("allocated", []))
+        _show("deliveries", summary.get("deliveries", {}))
+    for group, metrics in summary.get("observed", {}).items():
+        _show(f"observed after customers responded ({group} vs control)", metrics)
+    console.print(f"Data Docs: {summary.get('data_docs') or 'not built yet'}")
+
+
+@app.command()
+def history(limit: int = 20) -> None:
+    """Show alias moves (who/why/when), campaigns and retraining decisions."""
+    from mlpkg.reports import history as _history
+
+    for title, rows in _run(_history, get_settings(), limit).items():
+        _show(title.replace("_", " "), rows)
+
+
+if __name__ == "__main__":
+    app()

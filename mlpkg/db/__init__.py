@@ -1,0 +1,1 @@
+"""Warehouse layer: typed SQLAlchemy models, the engine factory, migrations and queries."""

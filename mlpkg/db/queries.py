@@ -1,0 +1,277 @@
+"""All warehouse SQL: small functions that take a session and speak in plain values.
+
+Writes are upserts keyed by natural keys (primary keys of the models), so a re-run of any
+stage rewrites the same rows instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from mlpkg.db import models as m
+
+_CHUNK = 5_000
+
+
+def _insert_for(session: Session, model: type[m.Base]):  # noqa: ANN202 - dialect-specific Insert
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise ValueError(f"upserts are implemented for sqlite and postgresql, not {dialect!r}")
+
+
+def upsert_rows(
+    session: Session,
+    model: type[m.Base],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    update_existing: bool = True,
+) -> int:
+    """Insert ``rows`` into ``model``'s table; on a primary-key clash update (or keep) the row.
+
+    Returns:
+        The number of rows handed to the database.
+    """
+    if not rows:
+        return 0
+    keys = [c.name for c in model.__table__.primary_key.columns]
+    columns = list(rows[0].keys())
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK]
+        stmt = _insert_for(session, model).values(list(chunk))
+        update_cols = [c for c in columns if c not in keys]
+        if update_existing and update_cols:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in update_cols}
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+        session.execute(stmt)
+    return len(rows)
+
+
+def file_sha256(path) -> str:  # noqa: ANN001 - str or Path
+    """Return the SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_file_ingested(session: Session, sha256: str, table: str) -> bool:
+    """Tell whether a file with this checksum was already loaded into ``table``."""
+    return session.get(m.IngestedFile, (sha256, table)) is not None
+
+
+def record_ingested_file(
+    session: Session, *, sha256: str, table: str, batch: str, file_name: str, rows: int, now: datetime
+) -> None:
+    """Remember a loaded file so loading it again is a no-op."""
+    upsert_rows(
+        session,
+        m.IngestedFile,
+        [dict(sha256=sha256, table_name=table, batch=batch, file_name=file_name, rows=rows, loaded_at=now)],
+        update_existing=False,
+    )
+
+
+def as_utc(value) -> pd.Timestamp:  # noqa: ANN001 - datetime, str or Timestamp
+    """Return a UTC timestamp; naive values (SQLite drops time zones) are taken as UTC."""
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def table_counts(session: Session) -> dict[str, int]:
+    """Count the rows of every warehouse table."""
+    return {
+        name: session.execute(select(func.count()).select_from(table)).scalar_one()
+        for name, table in m.Base.metadata.tables.items()
+    }
+
+
+def table_checksums(session: Session) -> dict[str, str]:
+    """Return an order-independent checksum of every table's contents (for "nothing changed" checks)."""
+    sums: dict[str, str] = {}
+    for name, table in m.Base.metadata.tables.items():
+        pk = list(table.primary_key.columns)
+        rows = session.execute(select(table).order_by(*pk)).all()
+        digest = hashlib.sha256()
+        for row in rows:
+            digest.update(repr(tuple(row)).encode())
+        sums[name] = digest.hexdigest()
+    return sums
+
+
+def known_ids(session: Session, column) -> set[str]:  # noqa: ANN001 - an ORM attribute
+    """Return the set of values of an id column (for referential checks)."""
+    return set(session.execute(select(column)).scalars())
+
+
+def latest_ts(session: Session, column) -> datetime | None:  # noqa: ANN001 - an ORM attribute
+    """Return the largest timestamp in a column, or None for an empty table."""
+    return session.execute(select(func.max(column))).scalar_one_or_none()
+
+
+# --- campaigns and the ledger -------------------------------------------------------------------
+
+
+def get_campaign(session: Session, campaign_id: str) -> m.Campaign | None:
+    """Return one campaign or None."""
+    return session.get(m.Campaign, campaign_id)
+
+
+def claim_campaign(
+    session: Session,
+    *,
+    campaign_id: str,
+    run_key: str,
+    owner: str,
+    as_of: datetime,
+    budget: float,
+    objective: str,
+    now: datetime,
+) -> str:
+    """Create or lock a campaign row for one allocation run.
+
+    Returns:
+        ``"new"`` when this run may allocate, ``"done"`` when the same run already allocated
+        (an idempotent re-run), and raises ``CampaignBusyError`` when another run holds it.
+    """
+    existing = session.get(m.Campaign, campaign_id, with_for_update=True)
+    if existing is None:
+        session.add(
+            m.Campaign(
+                campaign_id=campaign_id,
+                created_at=now,
+                as_of=as_of,
+                budget=budget,
+                committed=0.0,
+                objective=objective,
+                status="allocating",
+                run_key=run_key,
+                lock_owner=owner,
+                summary={},
+            )
+        )
+        session.flush()
+        return "new"
+    if existing.status != "allocating":
+        if existing.run_key != run_key:
+            raise CampaignBusyError(
+                f"campaign {campaign_id!r} was already allocated by run {existing.run_key!r}; "
+                f"run {run_key!r} will not allocate it again (use a new campaign id)"
+            )
+        return "done"
+    if existing.lock_owner not in (None, owner):
+        raise CampaignBusyError(
+            f"campaign {campaign_id!r} is being allocated by {existing.lock_owner!r} right now; "
+            f"{owner!r} refuses to run concurrently"
+        )
+    existing.lock_owner = owner
+    existing.run_key = run_key
+    return "new"
+
+
+class CampaignBusyError(RuntimeError):
+    """Another run holds the campaign, or it was allocated by a different run."""
+
+
+def commit_spend(session: Session, campaign_id: str, amount: float) -> None:
+    """Add expected spend to a campaign; the database's CHECK rejects any overspend."""
+    session.execute(
+        update(m.Campaign)
+        .where(m.Campaign.campaign_id == campaign_id)
+        .values(committed=m.Campaign.committed + amount)
+    )
+
+
+def issue_coupons(session: Session, counts: Mapping[str, int]) -> None:
+    """Count issued coupons; the database's CHECK rejects issuing beyond inventory."""
+    for coupon_id, n in counts.items():
+        if n:
+            session.execute(
+                update(m.Coupon)
+                .where(m.Coupon.coupon_id == coupon_id)
+                .values(issued=m.Coupon.issued + int(n))
+            )
+
+
+def customers_on_cooldown(session: Session, since: datetime) -> set[str]:
+    """Customers who received a coupon at or after ``since``."""
+    stmt = select(m.Allocation.customer_id).where(
+        m.Allocation.created_at >= since, m.Allocation.coupon_id.is_not(None)
+    )
+    return set(session.execute(stmt).scalars())
+
+
+def record_promotion(
+    session: Session,
+    *,
+    model_name: str,
+    alias: str,
+    version: str,
+    previous_version: str | None,
+    actor: str,
+    reason: str,
+    details: Mapping[str, Any],
+    now: datetime,
+) -> None:
+    """Record one alias move (who, why, when)."""
+    session.add(
+        m.ModelPromotion(
+            model_name=model_name,
+            alias=alias,
+            version=version,
+            previous_version=previous_version,
+            actor=actor,
+            reason=reason,
+            details=dict(details),
+            created_at=now,
+        )
+    )
+
+
+def promotion_history(
+    session: Session, model_name: str | None = None, limit: int = 50
+) -> list[m.ModelPromotion]:
+    """Return the latest alias moves, newest first."""
+    stmt = select(m.ModelPromotion).order_by(m.ModelPromotion.id.desc()).limit(limit)
+    if model_name:
+        stmt = stmt.where(m.ModelPromotion.model_name == model_name)
+    return list(session.execute(stmt).scalars())
+
+
+def campaigns(session: Session, limit: int = 50) -> list[m.Campaign]:
+    """Return the latest campaigns, newest first."""
+    return list(
+        session.execute(select(m.Campaign).order_by(m.Campaign.created_at.desc()).limit(limit)).scalars()
+    )
+
+
+def delete_rows(session: Session, model: type[m.Base], **where: Any) -> int:
+    """Delete rows matching equality filters (used to replace a stage's own output)."""
+    stmt = model.__table__.delete()
+    for col, val in where.items():
+        stmt = stmt.where(getattr(model, col) == val)
+    return session.execute(stmt).rowcount or 0
+
+
+def ping(session: Session) -> bool:
+    """Check the warehouse answers."""
+    return session.execute(text("SELECT 1")).scalar_one() == 1
+
+
+def ids_in(values: Iterable[str]) -> list[str]:
+    """Return a de-duplicated, sorted list of ids (stable order for queries and hashes)."""
+    return sorted(set(values))

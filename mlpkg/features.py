@@ -1,0 +1,190 @@
+"""Point-in-time customer features from raw shop data.
+
+:func:`build_features` turns customers, events and orders into one row per customer using only
+rows strictly before ``as_of``, so a model trained on a campaign sent at ``as_of`` never sees
+what happened after the send. Everything is vectorised (integer codes and ``np.bincount``), so
+200k customers with millions of events take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+RECENCY_CAP_DAYS = 365.0
+CHANNELS = ("email", "sms", "push")
+
+NUMERIC_FEATURES: list[str] = [
+    "tenure_days",
+    "recency_days",
+    "frequency_90d",
+    "monetary_90d",
+    "avg_basket",
+    "orders_total",
+    "coupon_order_share",
+    "page_views_30d",
+    "searches_30d",
+    "cart_adds_30d",
+    "cart_abandon_rate",
+    "coupon_page_views_30d",
+    "email_opens_90d",
+    "sms_clicks_90d",
+    "push_opens_90d",
+    "days_since_last_event",
+    "consent_email",
+    "consent_sms",
+    "consent_push",
+]
+CATEGORICAL_FEATURES: list[str] = ["region", "device", "segment"]
+
+# (feature, event_type, window in days)
+_EVENT_COUNTS: tuple[tuple[str, str, float], ...] = (
+    ("page_views_30d", "page_view", 30),
+    ("searches_30d", "search", 30),
+    ("cart_adds_30d", "add_to_cart", 30),
+    ("coupon_page_views_30d", "coupon_page_view", 30),
+    ("email_opens_90d", "email_open", 90),
+    ("sms_clicks_90d", "sms_click", 90),
+    ("push_opens_90d", "push_open", 90),
+)
+
+
+def _as_utc(ts: pd.Timestamp | str) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _age_days(ts: pd.Series, as_of: pd.Timestamp) -> np.ndarray:
+    """Return days between each timestamp and ``as_of`` (negative or zero = not before as_of)."""
+    if pd.api.types.is_datetime64_any_dtype(ts.dtype):
+        parsed = pd.to_datetime(ts, utc=True)
+    else:
+        parsed = pd.to_datetime(ts, utc=True, format="ISO8601")
+    return ((as_of - parsed).dt.total_seconds() / 86_400.0).to_numpy(dtype=float, na_value=np.nan)
+
+
+def _codes(index: pd.Index, customer_ids: pd.Series) -> np.ndarray:
+    """Return each id's position in ``index`` (-1 if unknown)."""
+    # Factorize first: hashing millions of ids once is far cheaper than an index lookup per row.
+    codes, uniques = pd.factorize(customer_ids.astype(str))
+    lookup = np.append(index.get_indexer(uniques), -1)
+    return lookup[np.where(codes >= 0, codes, len(uniques))]
+
+
+def build_features(
+    customers: pd.DataFrame,
+    events: pd.DataFrame,
+    orders: pd.DataFrame,
+    as_of: pd.Timestamp,
+    consent: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Build one feature row per customer from rows strictly before ``as_of``.
+
+    Args:
+        customers: ``customer_id``, ``signup_date``, ``region``, ``device``, ``segment``.
+        events: ``customer_id``, ``ts``, ``event_type`` (other columns are ignored).
+        orders: ``customer_id``, ``ts``, ``revenue``, ``coupon_id`` (empty or missing = none).
+        as_of: The point in time; rows at or after it are ignored. Naive values are UTC.
+        consent: Optional ``customer_id``, ``channel``, ``opted_in``, ``updated_at``; the latest
+            row before ``as_of`` per customer and channel counts. Without it (or without a row),
+            a customer counts as not opted in, since nobody may be messaged without consent.
+
+    Returns:
+        ``customer_id``, then :data:`NUMERIC_FEATURES` (float64) and :data:`CATEGORICAL_FEATURES`
+        (str), in the order of ``customers``. Customers without events or orders get zeros and
+        capped recencies.
+    """
+    as_of = _as_utc(as_of)
+    ids = customers["customer_id"].astype(str)
+    index = pd.Index(ids.to_numpy())
+    if index.has_duplicates:
+        raise ValueError("customers holds duplicate customer_id values")
+    n = len(index)
+    feats: dict[str, np.ndarray] = {}
+
+    signup = pd.to_datetime(customers["signup_date"], utc=True, format="mixed")
+    feats["tenure_days"] = np.clip(
+        ((as_of - signup).dt.total_seconds() / 86_400.0).to_numpy(float, na_value=0.0), 0.0, None
+    )
+
+    # Orders
+    o_age = _age_days(orders["ts"], as_of) if len(orders) else np.zeros(0)
+    o_keep = o_age > 0
+    o_code = _codes(index, orders["customer_id"])[o_keep] if len(orders) else np.zeros(0, dtype=np.int64)
+    o_age = o_age[o_keep]
+    revenue = orders["revenue"].to_numpy(float, na_value=0.0)[o_keep] if len(orders) else np.zeros(0)
+    known = o_code >= 0
+    o_code, o_age, revenue = o_code[known], o_age[known], revenue[known]
+    if "coupon_id" in orders.columns and len(orders):
+        coupon = orders["coupon_id"].fillna("").astype(str).str.len().to_numpy()[o_keep][known] > 0
+    else:
+        coupon = np.zeros(len(o_code), dtype=bool)
+    recent = o_age <= 90
+    orders_total = np.bincount(o_code, minlength=n).astype(float)
+    feats["frequency_90d"] = np.bincount(o_code[recent], minlength=n).astype(float)
+    feats["monetary_90d"] = np.bincount(o_code[recent], weights=revenue[recent], minlength=n)
+    rev_total = np.bincount(o_code, weights=revenue, minlength=n)
+    feats["avg_basket"] = np.divide(rev_total, orders_total, out=np.zeros(n), where=orders_total > 0)
+    feats["orders_total"] = orders_total
+    n_coupon = np.bincount(o_code[coupon], minlength=n).astype(float)
+    feats["coupon_order_share"] = np.divide(n_coupon, orders_total, out=np.zeros(n), where=orders_total > 0)
+    last_order = np.full(n, RECENCY_CAP_DAYS)
+    np.minimum.at(last_order, o_code, o_age)
+    feats["recency_days"] = np.minimum(last_order, RECENCY_CAP_DAYS)
+
+    # Events
+    e_age = _age_days(events["ts"], as_of) if len(events) else np.zeros(0)
+    e_keep = e_age > 0
+    e_code = _codes(index, events["customer_id"])[e_keep] if len(events) else np.zeros(0, dtype=np.int64)
+    e_age = e_age[e_keep]
+    type_codes, type_names = (
+        pd.factorize(events["event_type"].astype(str)) if len(events) else (np.zeros(0), [])
+    )
+    e_type = np.asarray(type_codes)[e_keep]
+    known = e_code >= 0
+    e_code, e_age, e_type = e_code[known], e_age[known], e_type[known]
+    type_of = {name: i for i, name in enumerate(type_names)}
+    for feature, event_type, window in _EVENT_COUNTS:
+        mask = (e_type == type_of.get(event_type, -1)) & (e_age <= window)
+        feats[feature] = np.bincount(e_code[mask], minlength=n).astype(float)
+    carts_90 = np.bincount(e_code[(e_type == type_of.get("add_to_cart", -1)) & (e_age <= 90)], minlength=n)
+    # Shrunk toward 0 so one abandoned cart does not read as a 100% abandoner.
+    feats["cart_abandon_rate"] = np.clip(carts_90 - feats["frequency_90d"], 0, None) / (carts_90 + 1.0)
+    last_event = np.full(n, RECENCY_CAP_DAYS)
+    np.minimum.at(last_event, e_code, e_age)
+    feats["days_since_last_event"] = np.minimum(last_event, RECENCY_CAP_DAYS)
+
+    # Consent
+    for ch in CHANNELS:
+        feats[f"consent_{ch}"] = np.zeros(n)
+    if consent is not None and len(consent):
+        c = consent[_age_days(consent["updated_at"], as_of) > 0]
+        c = c.assign(_age=_age_days(c["updated_at"], as_of))
+        latest = c.sort_values("_age", ascending=False, kind="stable").drop_duplicates(
+            ["customer_id", "channel"], keep="last"
+        )
+        for ch in CHANNELS:
+            rows = latest[latest["channel"].astype(str) == ch]
+            code = _codes(index, rows["customer_id"])
+            ok = code >= 0
+            feats[f"consent_{ch}"][code[ok]] = rows["opted_in"].to_numpy(float, na_value=0.0)[ok] > 0
+
+    out = pd.DataFrame({"customer_id": ids.to_numpy()})
+    for name in NUMERIC_FEATURES:
+        out[name] = np.asarray(feats[name], dtype=np.float64)
+    for name in CATEGORICAL_FEATURES:
+        col = customers[name] if name in customers.columns else pd.Series("unknown", index=customers.index)
+        out[name] = col.fillna("unknown").astype(str).to_numpy()
+    return out
+
+
+def feature_snapshot_id(df: pd.DataFrame) -> str:
+    """Return a stable content hash of a feature table (row order does not matter), for lineage."""
+    frame = df.sort_values("customer_id", kind="stable") if "customer_id" in df.columns else df
+    frame = frame.reset_index(drop=True)
+    digest = hashlib.sha256()
+    digest.update("\x1f".join(map(str, frame.columns)).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return f"fs-{digest.hexdigest()[:16]}"

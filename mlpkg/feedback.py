@@ -1,0 +1,295 @@
+"""Feedback: attribute customer responses to a campaign, measure incrementality, decide retraining.
+
+Attribution rule (documented for product owners):
+
+* A campaign's population is every customer in its ledger, including the random control group.
+* Responses count when they happen in ``[sent_at, sent_at + attribution_window_days)``.
+* A customer converts when they place any order in the window; revenue is the sum of those
+  orders. Control customers' orders are counted the same way: they are the baseline.
+* A redemption always credits the coupon it redeems (one coupon per customer per campaign, so
+  the last delivered touch and the redeemed coupon coincide).
+* Attribution is recomputed from all stored events each time, so late and out-of-order events
+  only ever refine the numbers, and replaying a feedback file (same event ids) changes nothing.
+
+Incrementality compares randomized groups only: the model-policy group (everyone the optimiser
+was free to target, treated or not) against the control group, and per arm the customers the
+model gave that arm against control customers the model *would* have given it (``model_arm``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, func, select
+
+from mlpkg.config import Settings
+from mlpkg.db import models as m
+from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
+
+CONTROL = "control"
+
+
+def attribute_campaign(engine: Engine, campaign_id: str, window_days: int) -> pd.DataFrame:
+    """Return one attributed row per customer of the campaign's population."""
+    with engine.connect() as conn:
+        campaign = conn.execute(select(m.Campaign).where(m.Campaign.campaign_id == campaign_id)).first()
+        if campaign is None:
+            raise LookupError(f"campaign {campaign_id!r} is not in the warehouse table campaigns")
+        ledger = pd.read_sql(select(m.Allocation).where(m.Allocation.campaign_id == campaign_id), conn)
+        events = pd.read_sql(select(m.FeedbackEvent).where(m.FeedbackEvent.campaign_id == campaign_id), conn)
+        orders = pd.read_sql(
+            select(m.FeedbackEvent).where(
+                m.FeedbackEvent.event_type == "order",
+                m.FeedbackEvent.customer_id.in_(
+                    select(m.Allocation.customer_id).where(m.Allocation.campaign_id == campaign_id)
+                ),
+            ),
+            conn,
+        )
+        segments = pd.read_sql(select(m.Customer.customer_id, m.Customer.segment), conn)
+        coupons = pd.read_sql(select(m.Coupon.coupon_id, m.Coupon.kind, m.Coupon.face_value), conn)
+        channels = pd.read_sql(select(m.Channel.channel, m.Channel.send_cost), conn)
+    for df in (events, orders):
+        df["ts"] = pd.to_datetime(df["ts"], utc=True)
+    start_ts = q.as_utc(campaign.as_of)
+    end_ts = start_ts + pd.Timedelta(days=window_days)
+    in_window = orders[(orders["ts"] >= start_ts) & (orders["ts"] < end_ts)].drop_duplicates("order_id")
+    conv = in_window.groupby("customer_id").agg(converted=("order_id", "size"), revenue=("revenue", "sum"))
+    ev = events[(events["ts"] >= start_ts) & (events["ts"] < end_ts)]
+    flags = (
+        ev.assign(one=1).pivot_table(index="customer_id", columns="event_type", values="one", aggfunc="max")
+        if len(ev)
+        else pd.DataFrame()
+    )
+    out = ledger.merge(segments, on="customer_id", how="left")
+    out = out.merge(conv, left_on="customer_id", right_index=True, how="left")
+    for col in ("delivered", "open", "click", "redeem"):
+        src = flags[col] if col in getattr(flags, "columns", []) else pd.Series(dtype=float)
+        out[col] = out["customer_id"].map(src).fillna(0).astype(int)
+    out["converted"] = (out["converted"].fillna(0) > 0).astype(int)
+    out["revenue"] = out["revenue"].fillna(0.0).astype(float)
+    # Redemptions credit their coupon; the coupon cost depends on the redeemed order's value.
+    redeems = ev[ev["event_type"] == "redeem"][["customer_id", "order_id", "coupon_id"]]
+    redeems = redeems.merge(in_window[["order_id", "revenue"]], on="order_id", how="left").merge(
+        coupons, on="coupon_id", how="left"
+    )
+    redeems["coupon_cost"] = np.where(
+        redeems["kind"] == "percent_off",
+        redeems["face_value"] / 100.0 * redeems["revenue"].fillna(0),
+        redeems["face_value"],
+    )
+    out["coupon_cost"] = (
+        out["customer_id"].map(redeems.groupby("customer_id")["coupon_cost"].sum()).fillna(0.0)
+    )
+    # Every message sent costs its channel's send cost, whatever the customer did with it.
+    out["send_cost"] = out["channel"].map(channels.set_index("channel")["send_cost"]).fillna(0.0)
+    return out
+
+
+def _group_metrics(treated: pd.DataFrame, control: pd.DataFrame, margin: float) -> dict:
+    from mlpkg.evaluation.incrementality import incremental_lift, incremental_mean
+
+    delivered = int(treated["delivered"].sum())
+    cost = float(treated["coupon_cost"].sum() + treated["send_cost"].sum())
+    lift = incremental_lift(
+        int(treated["converted"].sum()), len(treated), int(control["converted"].sum()), len(control)
+    )
+    rev = incremental_mean(treated["revenue"].to_numpy(float), control["revenue"].to_numpy(float))
+    inc_rev = rev["incremental_total"] if len(treated) and len(control) else float("nan")
+    return {
+        "customers": int(len(treated)),
+        "control_customers": int(len(control)),
+        "delivered": delivered,
+        "ctr": float(treated["click"].sum() / delivered) if delivered else 0.0,
+        "redemption_rate": float(treated["redeem"].sum() / delivered) if delivered else 0.0,
+        "cvr": float(treated["converted"].mean()) if len(treated) else 0.0,
+        "control_cvr": float(control["converted"].mean()) if len(control) else float("nan"),
+        "revenue": float(treated["revenue"].sum()),
+        "coupon_cost": float(treated["coupon_cost"].sum()),
+        "send_cost": float(treated["send_cost"].sum()),
+        "roi": float((margin * inc_rev - cost) / cost) if cost > 0 and np.isfinite(inc_rev) else float("nan"),
+        "incremental_conversions": float(lift["incremental_conversions"]),
+        "incremental_conversions_ci": [float(lift["incremental_ci_low"]), float(lift["incremental_ci_high"])],
+        "incremental_revenue": float(inc_rev),
+        "incremental_revenue_ci": [
+            float(rev["incremental_total_ci_low"]),
+            float(rev["incremental_total_ci_high"]),
+        ],
+        "expected_incremental_conversions": float(treated["expected_uplift"].sum()),
+    }
+
+
+def measure_campaign(engine: Engine, settings: Settings, campaign_id: str, *, now: datetime) -> dict:
+    """Attribute and measure a campaign, store the metrics, and turn it into a training log.
+
+    Returns:
+        The overall metrics (model-policy group vs control).
+    """
+    cfg = settings.campaign
+    df = attribute_campaign(engine, campaign_id, cfg.attribution_window_days)
+    control = df[df["policy"] == "control"]
+    results: list[tuple[str, str, dict]] = []
+    model_group = df[df["policy"] == "model"]
+    results.append(("overall", "model_policy", _group_metrics(model_group, control, cfg.margin)))
+    treated_any = df[df["arm"] != CONTROL]
+    results.append(("overall", "treated", _group_metrics(treated_any, control, cfg.margin)))
+    for arm, part in model_group[model_group["arm"] != CONTROL].groupby("arm"):
+        results.append(("arm", arm, _group_metrics(part, control[control["model_arm"] == arm], cfg.margin)))
+    for key in ("coupon_id", "channel"):
+        for value, part in model_group[model_group["arm"] != CONTROL].groupby(key):
+            arms = set(part["arm"])
+            results.append(
+                (
+                    key.replace("_id", ""),
+                    str(value),
+                    _group_metrics(part, control[control["model_arm"].isin(arms)], cfg.margin),
+                )
+            )
+    for seg, part in model_group.groupby("segment"):
+        results.append(
+            ("segment", str(seg), _group_metrics(part, control[control["segment"] == seg], cfg.margin))
+        )
+    for pol, part in df[df["policy"] != "control"].groupby("policy"):
+        results.append(("policy", str(pol), _group_metrics(part, control, cfg.margin)))
+    rows = [
+        dict(campaign_id=campaign_id, breakdown=b, breakdown_value=v, metrics=_jsonable(mt), computed_at=now)
+        for b, v, mt in results
+    ]
+    log_name = f"campaign:{campaign_id}"
+    with session_scope(engine) as session:
+        q.delete_rows(session, m.CampaignMetric, campaign_id=campaign_id)
+        q.upsert_rows(session, m.CampaignMetric, rows)
+        campaign = q.get_campaign(session, campaign_id)
+        q.upsert_rows(
+            session,
+            m.CampaignLog,
+            [
+                dict(
+                    name=log_name,
+                    source=f"campaign {campaign_id}",
+                    control_label=CONTROL,
+                    arm_costs={},
+                    spec={"format": "couponops-campaign"},
+                    assumed_randomized=False,
+                    n_rows=len(df),
+                    sent_at=campaign.as_of,
+                    imported_at=now,
+                )
+            ],
+        )
+        q.upsert_rows(
+            session,
+            m.CampaignLogRow,
+            [
+                dict(
+                    log_name=log_name,
+                    customer_id=r.customer_id,
+                    arm=r.arm,
+                    propensity=float(r.propensity),
+                    converted=int(r.converted),
+                    revenue=float(r.revenue),
+                    outcomes={
+                        "opened": int(r.open),
+                        "clicked": int(r.click),
+                        "redeemed": int(r.redeem),
+                        "coupon_cost": float(r.coupon_cost),
+                        "policy": r.policy,
+                    },
+                    features=None,
+                )
+                for r in df.itertuples()
+            ],
+        )
+        campaign.status = "measured"
+    overall = dict(results[0][2])
+    overall["campaign_id"] = campaign_id
+    return overall
+
+
+def _jsonable(d: dict) -> dict:
+    def fix(v):  # noqa: ANN001, ANN202
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        return v
+
+    return {k: fix(v) for k, v in d.items()}
+
+
+def campaign_metrics(engine: Engine, campaign_id: str) -> pd.DataFrame:
+    """Return the stored metrics of a campaign as a flat table."""
+    with engine.connect() as conn:
+        rows = pd.read_sql(select(m.CampaignMetric).where(m.CampaignMetric.campaign_id == campaign_id), conn)
+    if rows.empty:
+        return rows
+    flat = pd.json_normalize(rows["metrics"].tolist())
+    return pd.concat([rows[["campaign_id", "breakdown", "breakdown_value"]], flat], axis=1)
+
+
+def labelled_rows_since_last_training(engine: Engine, model_name: str) -> tuple[int, datetime | None]:
+    """Count campaign-log rows imported since the last training run (the product's own counter)."""
+    with session_scope(engine) as session:
+        last = session.execute(
+            select(func.max(m.TrainingRun.trained_at)).where(m.TrainingRun.model_name == model_name)
+        ).scalar_one_or_none()
+        stmt = select(func.coalesce(func.sum(m.CampaignLog.n_rows), 0))
+        if last is not None:
+            stmt = stmt.where(m.CampaignLog.imported_at > last)
+        return int(session.execute(stmt).scalar_one()), last
+
+
+def decide_retrain(
+    engine: Engine, settings: Settings, *, run_key: str, now: datetime, campaign_id: str | None = None
+) -> dict:
+    """Decide whether to retrain and record the decision and its reasons in the warehouse.
+
+    Retrain when any holds: enough new labelled rows since the last training; feature drift
+    (PSI of key features between the last training time and now) over the threshold; or the
+    measured incremental conversions of the last campaign fall short of the model's prediction.
+    """
+    from mlpkg.data import customer_features
+    from mlpkg.evaluation.incrementality import psi
+
+    cfg = settings.retrain
+    new_rows, last_trained = labelled_rows_since_last_training(engine, settings.registered_model_name)
+    reasons: dict = {"new_labelled_rows": new_rows, "min_new_labelled_rows": cfg.min_new_labelled_rows}
+    triggers = []
+    if last_trained is None:
+        triggers.append("no model has been trained yet")
+    if new_rows >= cfg.min_new_labelled_rows:
+        triggers.append(f"{new_rows} new labelled rows >= {cfg.min_new_labelled_rows}")
+    if last_trained is not None:
+        before = customer_features(engine, last_trained)
+        after = customer_features(engine, now)
+        drift = {}
+        for col in ("recency_days", "frequency_90d", "monetary_90d"):
+            if col in before.columns and col in after.columns:
+                drift[col] = round(float(psi(before[col].to_numpy(float), after[col].to_numpy(float))), 4)
+        reasons["psi"] = drift
+        worst = max(drift.values(), default=0.0)
+        if worst > cfg.psi_threshold:
+            triggers.append(f"feature drift PSI {worst:.3f} > {cfg.psi_threshold}")
+    if campaign_id:
+        metrics = campaign_metrics(engine, campaign_id)
+        row = metrics[(metrics["breakdown"] == "overall") & (metrics["breakdown_value"] == "model_policy")]
+        if len(row):
+            measured = float(row["incremental_conversions"].iloc[0])
+            expected = float(row["expected_incremental_conversions"].iloc[0])
+            reasons["measured_incremental_conversions"] = measured
+            reasons["expected_incremental_conversions"] = expected
+            if expected > 0 and measured < expected * (1 - cfg.cvr_shortfall):
+                triggers.append(
+                    f"measured incremental conversions {measured:.1f} fall short of predicted {expected:.1f} "
+                    f"by more than {cfg.cvr_shortfall:.0%}"
+                )
+    reasons["triggers"] = triggers
+    decision = {"retrain": bool(triggers), "reasons": reasons, "run_key": run_key}
+    with session_scope(engine) as session:
+        session.add(
+            m.RetrainDecision(decided_at=now, run_key=run_key, retrain=bool(triggers), reasons=reasons)
+        )
+    return decision

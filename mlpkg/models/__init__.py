@@ -1,0 +1,1 @@
+"""Uplift models: the neural multi-arm model and the tree-based T-learner baseline."""

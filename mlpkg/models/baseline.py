@@ -1,0 +1,242 @@
+"""Tree-based T-learner baseline: one gradient-boosted conversion model per arm.
+
+The baseline answers "is the neural model worth it?": it is quick to fit, needs no tuning and
+is a strong reference on tabular data. Each arm's model sees only the customers logged in that
+arm, weighted by ``1 / propensity`` so that an arm's training rows stand for the whole population
+even when the logging policy favoured some customers. Uplift is the difference between an arm's
+predicted conversion probability and control's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
+from threadpoolctl import threadpool_limits
+
+CONTROL_ARM = "control"
+# HistGradientBoosting bins categories into at most 255 codes; rarer categories become "missing".
+MAX_CATEGORIES = 250
+# Arms with fewer rows than this (or a single outcome class) get a smoothed constant rate instead
+# of a tree model, which would otherwise fail or overfit.
+MIN_ROWS_PER_ARM = 30
+PRIOR_STRENGTH = 10.0
+
+DEFAULT_PARAMS: dict[str, object] = {
+    "max_iter": 200,
+    "learning_rate": 0.05,
+    "max_leaf_nodes": 15,
+    "min_samples_leaf": 40,
+    "l2_regularization": 1.0,
+}
+
+
+@dataclass
+class TLearner:
+    """A fitted T-learner: per-arm conversion models over one shared feature encoding.
+
+    Attributes:
+        arms: Arm names in output column order; ``arms[0]`` is ``"control"``.
+        numeric: Numeric feature columns.
+        categorical: Categorical feature columns (encoded with the training categories).
+        categories: Known categories per categorical column, in code order.
+        models: Per arm, a fitted classifier or a constant conversion rate.
+        outcome: Name of the outcome column the models were fitted on.
+        n_threads: OpenMP threads for fitting and scoring; ``None`` lets scikit-learn use all cores.
+    """
+
+    arms: list[str]
+    numeric: list[str]
+    categorical: list[str]
+    categories: dict[str, list[str]]
+    models: dict[str, HistGradientBoostingClassifier | float] = field(default_factory=dict)
+    outcome: str = "converted"
+    n_threads: int | None = None
+
+    @contextlib.contextmanager
+    def thread_limit(self) -> Iterator[None]:
+        """Limit OpenMP threads while fitting or scoring, when ``n_threads`` is set.
+
+        On a shared worker, two OpenMP threads competing with other processes for two cores spin
+        in barriers and can be several times slower than one thread.
+
+        Yields:
+            Nothing; the limit holds inside the ``with`` block.
+        """
+        if self.n_threads is None:
+            yield
+            return
+        with threadpool_limits(limits=self.n_threads, user_api="openmp"):
+            yield
+
+    def encode(self, df: pd.DataFrame) -> np.ndarray:
+        """Build the float feature matrix: numeric columns, then categorical codes (NaN if unseen).
+
+        Args:
+            df: Frame holding the numeric and categorical columns.
+
+        Returns:
+            ``[n, len(numeric) + len(categorical)]`` float matrix.
+        """
+        missing = [c for c in self.numeric + self.categorical if c not in df.columns]
+        if missing:
+            raise KeyError(f"feature columns missing from frame: {missing}")
+        parts = [df[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in self.numeric]
+        for col in self.categorical:
+            lookup = {cat: float(code) for code, cat in enumerate(self.categories[col])}
+            codes = df[col].astype("string").map(lookup).to_numpy(dtype=np.float64, na_value=np.nan)
+            parts.append(codes)
+        if not parts:
+            raise ValueError("the T-learner needs at least one feature column")
+        return np.column_stack(parts)
+
+    def predict_proba_arms(self, df: pd.DataFrame) -> np.ndarray:
+        """Predict the conversion probability of every customer under every arm.
+
+        Args:
+            df: Frame with the feature columns.
+
+        Returns:
+            ``[n, len(arms)]`` matrix, columns in ``arms`` order (column 0 = control).
+        """
+        x = self.encode(df)
+        out = np.empty((x.shape[0], len(self.arms)), dtype=np.float64)
+        with self.thread_limit():
+            for j, arm in enumerate(self.arms):
+                model = self.models[arm]
+                if isinstance(model, HistGradientBoostingClassifier):
+                    out[:, j] = model.predict_proba(x)[:, list(model.classes_).index(1)]
+                else:
+                    out[:, j] = model
+        return out
+
+    def predict_uplift(self, df: pd.DataFrame) -> np.ndarray:
+        """Predict ``p_conv(arm) - p_conv(control)`` for every treatment arm.
+
+        Args:
+            df: Frame with the feature columns.
+
+        Returns:
+            ``[n, len(arms) - 1]`` matrix, columns in ``arms[1:]`` order.
+        """
+        probs = self.predict_proba_arms(df)
+        return probs[:, 1:] - probs[:, [0]]
+
+    def score_frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Score customers into the contract's columns ``p_conv__{arm}`` and ``uplift__{arm}``.
+
+        Args:
+            df: Frame with the feature columns (and ``customer_id`` if present, which is kept).
+
+        Returns:
+            Frame aligned with ``df``'s index.
+        """
+        probs = self.predict_proba_arms(df)
+        columns: dict[str, np.ndarray] = {}
+        if "customer_id" in df.columns:
+            columns["customer_id"] = df["customer_id"].to_numpy()
+        for j, arm in enumerate(self.arms):
+            columns[f"p_conv__{arm}"] = probs[:, j]
+        for j, arm in enumerate(self.arms[1:], start=1):
+            columns[f"uplift__{arm}"] = probs[:, j] - probs[:, 0]
+        return pd.DataFrame(columns, index=df.index)
+
+
+def _category_levels(values: pd.Series) -> list[str]:
+    counts = values.astype("string").dropna().value_counts()
+    # Most frequent first so that truncation drops the rare ones; ties by name for reproducibility.
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [str(cat) for cat, _ in ordered[:MAX_CATEGORIES]]
+
+
+def fit_t_learner(
+    train_df: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    arms: list[str],
+    *,
+    outcome: str = "converted",
+    seed: int = 0,
+    arm_column: str = "arm",
+    propensity_column: str = "propensity",
+    params: dict[str, object] | None = None,
+    n_threads: int | None = None,
+) -> TLearner:
+    """Fit one HistGradientBoostingClassifier per arm on that arm's logged customers.
+
+    Rows are weighted by ``1 / propensity`` (normalised to mean 1 within each arm) when the
+    propensity column is present. An arm with too few rows or a single outcome class gets a
+    constant rate shrunk towards the overall rate instead of a model (with a warning).
+
+    Args:
+        train_df: Model input frame (features, ``arm``, outcome, ``propensity``).
+        numeric: Numeric feature columns.
+        categorical: Categorical (string) feature columns.
+        arms: Arms to model, output order; ``arms[0]`` must be ``"control"``.
+        outcome: Binary outcome column.
+        seed: Random seed for the boosting models.
+        arm_column: Column holding the logged arm.
+        propensity_column: Column holding the logged arm's propensity.
+        params: Overrides for the HistGradientBoostingClassifier parameters.
+        n_threads: OpenMP threads for fitting and later scoring; ``None`` = all cores.
+
+    Returns:
+        The fitted :class:`TLearner`.
+    """
+    if not arms or arms[0] != CONTROL_ARM:
+        raise ValueError(f"arms[0] must be {CONTROL_ARM!r}, got {arms[:1]}")
+    if len(set(arms)) != len(arms):
+        raise ValueError("arms must be unique")
+    for col in (arm_column, outcome):
+        if col not in train_df.columns:
+            raise KeyError(f"training frame has no {col!r} column")
+    learner = TLearner(
+        arms=list(arms),
+        numeric=list(numeric),
+        categorical=list(categorical),
+        categories={c: _category_levels(train_df[c]) for c in categorical},
+        outcome=outcome,
+        n_threads=n_threads,
+    )
+    x_all = learner.encode(train_df)
+    y_all = train_df[outcome].to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isnan(y_all).any() or not np.isin(y_all, (0.0, 1.0)).all():
+        raise ValueError(f"outcome column {outcome!r} must be 0/1 without missing values")
+    if propensity_column in train_df.columns:
+        prop = train_df[propensity_column].to_numpy(dtype=np.float64, na_value=np.nan)
+        if np.any(~np.isfinite(prop)) or np.any(prop <= 0) or np.any(prop > 1):
+            raise ValueError(f"{propensity_column!r} must lie in (0, 1]")
+        w_all = 1.0 / prop
+    else:
+        w_all = np.ones_like(y_all)
+    overall_rate = float(np.sum(w_all * y_all) / np.sum(w_all)) if len(y_all) else 0.0
+    arm_values = train_df[arm_column].astype("string").to_numpy()
+    cat_mask = [False] * len(numeric) + [True] * len(categorical)
+    hgb_params = {**DEFAULT_PARAMS, **(params or {})}
+    for arm in arms:
+        rows = arm_values == arm
+        x, y, w = x_all[rows], y_all[rows], w_all[rows]
+        if rows.sum() < MIN_ROWS_PER_ARM or len(np.unique(y)) < 2:
+            learner.models[arm] = float(
+                (np.sum(w * y) + PRIOR_STRENGTH * overall_rate) / (np.sum(w) + PRIOR_STRENGTH)
+            )
+            warnings.warn(
+                f"arm {arm!r}: {int(rows.sum())} rows, {len(np.unique(y))} outcome class(es); "
+                "using a constant conversion rate instead of a model",
+                stacklevel=2,
+            )
+            continue
+        model = HistGradientBoostingClassifier(
+            categorical_features=cat_mask if any(cat_mask) else None,
+            random_state=seed,
+            **hgb_params,
+        )
+        with learner.thread_limit():
+            model.fit(x, y.astype(np.int64), sample_weight=w / w.mean())
+        learner.models[arm] = model
+    return learner

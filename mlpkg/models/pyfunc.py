@@ -1,0 +1,181 @@
+"""The uplift model as a self-contained MLflow pyfunc.
+
+The logged model carries two artifacts: the network's ``state_dict`` and a JSON config (arms,
+feature lists, fitted preprocessor, network hyperparameters). Loading needs only the installed
+``mlpkg`` package, torch and pandas; it never needs the training data or a Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from mlpkg.models.network import MultiArmUpliftNet
+from mlpkg.models.preprocessing import FeaturePreprocessor
+
+CONFIG_ARTIFACT = "config"
+WEIGHTS_ARTIFACT = "weights"
+DEFAULT_CHUNK_SIZE = 65_536
+_CONFIG_VERSION = 1
+_CONTROL_ARM = "control"
+
+
+def write_model_artifacts(
+    net: MultiArmUpliftNet,
+    preprocessor: FeaturePreprocessor,
+    arms: list[str],
+    directory: str | Path,
+) -> dict[str, str]:
+    """Write the network weights and config JSON that :class:`UpliftPyfunc` loads.
+
+    Args:
+        net: Trained network (any device; weights are saved on CPU).
+        preprocessor: The preprocessor fitted on the training split.
+        arms: Arm names in head order.
+        directory: Existing folder to write into.
+
+    Returns:
+        The ``artifacts`` mapping for ``mlflow.pyfunc.log_model``.
+    """
+    if len(arms) != net.n_arms:
+        raise ValueError(f"{len(arms)} arm names for a network with {net.n_arms} heads")
+    if _CONTROL_ARM not in arms:
+        raise ValueError(f"arms must include {_CONTROL_ARM!r}")
+    directory = Path(directory)
+    weights = directory / "state_dict.pt"
+    config = directory / "uplift_config.json"
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights)
+    config.write_text(
+        json.dumps(
+            {
+                "format_version": _CONFIG_VERSION,
+                "arms": list(arms),
+                "control_arm": _CONTROL_ARM,
+                "numeric": list(preprocessor.numeric),
+                "categorical": list(preprocessor.categorical),
+                "preprocessor": preprocessor.to_dict(),
+                "net": net.config(),
+            },
+            indent=2,
+        )
+    )
+    return {CONFIG_ARTIFACT: str(config), WEIGHTS_ARTIFACT: str(weights)}
+
+
+class UpliftPyfunc(mlflow.pyfunc.PythonModel):
+    """Score customers for every arm with the trained multi-arm uplift network.
+
+    ``predict`` returns, per arm ``a``, ``p_conv__{a}`` (conversion probability),
+    ``uplift__{a}`` (``p_conv__a - p_conv__control``, treatment arms only) and ``revenue__{a}``
+    (expected revenue given conversion), all float32 and aligned with the input index. The
+    allocator should call :meth:`score_arrays` on the unwrapped model
+    (``loaded.unwrap_python_model()``), which skips DataFrame assembly and MLflow's schema checks.
+
+    Args:
+        chunk_size: Rows scored per forward pass; bounds peak memory on large batches.
+    """
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        """Create an empty model; MLflow fills it in :meth:`load_context`."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
+        self.arms: list[str] = []
+        self.net: MultiArmUpliftNet | None = None
+        self.preprocessor: FeaturePreprocessor | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Rebuild the network on CPU from the logged artifacts."""
+        self.load_artifacts(context.artifacts[CONFIG_ARTIFACT], context.artifacts[WEIGHTS_ARTIFACT])
+
+    def load_artifacts(self, config_path: str | Path, weights_path: str | Path) -> UpliftPyfunc:
+        """Load the config JSON and weights written by :func:`write_model_artifacts`.
+
+        Args:
+            config_path: Path of the config JSON.
+            weights_path: Path of the saved ``state_dict``.
+
+        Returns:
+            ``self``, ready to score.
+        """
+        config = json.loads(Path(config_path).read_text())
+        if config.get("format_version") != _CONFIG_VERSION:
+            raise ValueError(f"unsupported uplift model config version {config.get('format_version')!r}")
+        self.arms = list(config["arms"])
+        self.preprocessor = FeaturePreprocessor.from_dict(config["preprocessor"])
+        net = MultiArmUpliftNet(**config["net"])
+        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        self.net = net.eval()
+        return self
+
+    @property
+    def control_index(self) -> int:
+        """Position of the control arm in :attr:`arms`."""
+        return self.arms.index(_CONTROL_ARM)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """Raw input columns the model reads."""
+        if self.preprocessor is None:
+            raise RuntimeError("model not loaded")
+        return [*self.preprocessor.numeric, *self.preprocessor.categorical]
+
+    def score_arrays(self, df: pd.DataFrame, chunk_size: int | None = None) -> dict[str, np.ndarray]:
+        """Score every arm for every row, without building a DataFrame.
+
+        Args:
+            df: Raw customer features (extra columns are ignored).
+            chunk_size: Rows per forward pass; defaults to the model's ``chunk_size``.
+
+        Returns:
+            ``{"p_conv": [n, A], "revenue": [n, A]}`` float32 arrays; columns follow :attr:`arms`.
+        """
+        if self.net is None or self.preprocessor is None:
+            raise RuntimeError("model not loaded; call load_artifacts() or load it through MLflow")
+        step = int(chunk_size or self.chunk_size)
+        n, n_arms = len(df), len(self.arms)
+        p_conv = np.empty((n, n_arms), dtype=np.float32)
+        revenue = np.empty((n, n_arms), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, step):
+                x_num, x_cat = self.preprocessor.transform(df.iloc[start : start + step])
+                conv_logits, rev_log = self.net(torch.from_numpy(x_num), torch.from_numpy(x_cat))
+                p_conv[start : start + step] = torch.sigmoid(conv_logits).numpy()
+                revenue[start : start + step] = torch.exp(rev_log.clamp(-20.0, 20.0)).numpy()
+        return {"p_conv": p_conv, "revenue": revenue}
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Return per-arm conversion probability, uplift and revenue columns.
+
+        Args:
+            context: MLflow context (unused; artifacts are read in :meth:`load_context`).
+            model_input: Raw customer features.
+            params: Optional ``{"chunk_size": int}``.
+
+        Returns:
+            A float32 DataFrame with the input's index.
+        """
+        chunk_size = int((params or {}).get("chunk_size") or self.chunk_size)
+        scores = self.score_arrays(model_input, chunk_size)
+        p_conv, revenue = scores["p_conv"], scores["revenue"]
+        control = p_conv[:, self.control_index]
+        columns: dict[str, np.ndarray] = {}
+        for j, arm in enumerate(self.arms):
+            columns[f"p_conv__{arm}"] = p_conv[:, j]
+        for j, arm in enumerate(self.arms):
+            if arm != _CONTROL_ARM:
+                columns[f"uplift__{arm}"] = p_conv[:, j] - control
+        for j, arm in enumerate(self.arms):
+            columns[f"revenue__{arm}"] = revenue[:, j]
+        return pd.DataFrame(columns, index=model_input.index)

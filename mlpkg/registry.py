@@ -1,0 +1,232 @@
+"""Model registry logic: aliases, the challenger-vs-champion gate, and recorded promotions.
+
+All alias moves go through :func:`move_alias`, which also writes who moved which alias, why and
+when into the warehouse, so ``couponops history`` shows every change however it was made.
+Aliases (``champion``, ``challenger``) replace MLflow's deprecated stages.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from sqlalchemy import Engine
+
+from mlpkg.config import GateSettings
+from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass
+class GateDecision:
+    """Outcome of comparing a challenger with the champion on the same held-out data."""
+
+    promoted: bool
+    reason: str
+    challenger_version: str
+    champion_version: str | None
+    challenger_value: float | None
+    champion_value: float | None
+    challenger_calibration_error: float | None
+    test_rows: int
+
+    def as_dict(self) -> dict:
+        """Return a JSON-friendly dict."""
+        return asdict(self)
+
+
+def make_client(tracking_uri: str) -> MlflowClient:
+    """Return a client for ``tracking_uri`` (no global MLflow state is touched)."""
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """Return the version an alias points at, or None when the alias (or model) does not exist."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def move_alias(
+    client: MlflowClient,
+    engine: Engine,
+    *,
+    name: str,
+    alias: str,
+    version: str,
+    actor: str,
+    reason: str,
+    now: datetime,
+    details: dict | None = None,
+) -> str | None:
+    """Point ``alias`` at ``version`` and record the move; return the previous version."""
+    previous = alias_version(client, name, alias)
+    client.get_model_version(name, version)  # raises a clear MlflowException for an unknown version
+    client.set_registered_model_alias(name, alias, version)
+    with session_scope(engine) as session:
+        q.record_promotion(
+            session,
+            model_name=name,
+            alias=alias,
+            version=str(version),
+            previous_version=previous,
+            actor=actor,
+            reason=reason,
+            details=details or {},
+            now=now,
+        )
+    return previous
+
+
+def promote(
+    client: MlflowClient, engine: Engine, *, name: str, version: str, actor: str, reason: str, now: datetime
+) -> str | None:
+    """Make ``version`` the champion by hand (the CLI's and the MLflow UI user's path)."""
+    return move_alias(
+        client, engine, name=name, alias=CHAMPION, version=version, actor=actor, reason=reason, now=now
+    )
+
+
+def policy_value_on_frame(
+    model_uri: str, test_frame: pd.DataFrame, treat_fraction: float, *, tracking_uri: str
+) -> dict:
+    """Estimate the value of a model's targeting policy on held-out randomized data (SNIPS).
+
+    The policy gives each customer the arm with the highest predicted uplift, treating only the
+    ``treat_fraction`` with the largest positive uplift; everyone else gets control.
+    """
+    from mlpkg.evaluation.ope import snips
+    from mlpkg.evaluation.uplift_metrics import expected_calibration_error
+    from mlpkg.train import load_uplift_model
+
+    scorer = load_uplift_model(model_uri, tracking_uri=tracking_uri)
+    arms = list(scorer.arms)
+    scores = scorer.score_arrays(test_frame)
+    p = scores["p_conv"]
+    c0 = arms.index("control")
+    uplift = p - p[:, [c0]]
+    uplift[:, c0] = 0.0
+    best = np.argmax(uplift, axis=1)
+    best_uplift = uplift[np.arange(len(p)), best]
+    n_treat = int(round(treat_fraction * len(p)))
+    order = np.argsort(-best_uplift)
+    chosen = np.full(len(p), c0)
+    top = order[:n_treat]
+    top = top[best_uplift[top] > 0]
+    chosen[top] = best[top]
+    logged = test_frame["arm"].map({a: i for i, a in enumerate(arms)}).to_numpy()
+    known = ~pd.isna(logged)
+    logged = logged[known].astype(int)
+    y = test_frame["converted"].to_numpy(float)[known]
+    prop = test_frame["propensity"].to_numpy(float)[known]
+    match = (chosen[known] == logged).astype(float)
+    est = snips(match, prop, y)
+    calib = expected_calibration_error(p[known][np.arange(len(logged)), logged], y)
+    return {
+        "policy_value": float(est.value),
+        "policy_value_stderr": float(est.stderr),
+        "calibration_error": float(calib),
+        "test_rows": int(known.sum()),
+    }
+
+
+def gate_challenger(
+    client: MlflowClient,
+    engine: Engine,
+    *,
+    name: str,
+    tracking_uri: str,
+    challenger_version: str,
+    test_frame: pd.DataFrame,
+    gate: GateSettings,
+    treat_fraction: float,
+    now: datetime,
+    run_id: str | None = None,
+) -> GateDecision:
+    """Set ``challenger``, compare it with the champion on the same data, promote only if better.
+
+    The comparison is written as version tags on the challenger and as a JSON/CSV table artifact
+    of its run, so the decision and its numbers are visible in the MLflow UI.
+    """
+    move_alias(
+        client,
+        engine,
+        name=name,
+        alias=CHALLENGER,
+        version=challenger_version,
+        actor="gate",
+        reason="newly trained version",
+        now=now,
+    )
+    champion = alias_version(client, name, CHAMPION)
+    uri = tracking_uri
+    chall = policy_value_on_frame(
+        f"models:/{name}/{challenger_version}", test_frame, treat_fraction, tracking_uri=uri
+    )
+    champ = (
+        policy_value_on_frame(f"models:/{name}/{champion}", test_frame, treat_fraction, tracking_uri=uri)
+        if champion
+        else None
+    )
+    guards = []
+    if chall["test_rows"] < gate.min_test_rows:
+        guards.append(f"test set has {chall['test_rows']} rows < min_test_rows={gate.min_test_rows}")
+    if chall["calibration_error"] > gate.max_calibration_error:
+        guards.append(f"calibration error {chall['calibration_error']:.4f} > {gate.max_calibration_error}")
+    if champion is None and not guards:
+        promoted, reason = True, "no champion yet: first model that passes the guards"
+    elif guards:
+        promoted, reason = False, "guard failed: " + "; ".join(guards)
+    else:
+        needed = champ["policy_value"] * (1 + gate.min_policy_value_gain)
+        promoted = chall["policy_value"] > needed
+        verdict = "beats" if promoted else "does not beat"
+        reason = (
+            f"challenger policy value {chall['policy_value']:.5f} {verdict} champion "
+            f"{champ['policy_value']:.5f} x (1 + {gate.min_policy_value_gain})"
+        )
+    decision = GateDecision(
+        promoted=promoted,
+        reason=reason,
+        challenger_version=str(challenger_version),
+        champion_version=champion,
+        challenger_value=chall["policy_value"],
+        champion_value=champ["policy_value"] if champ else None,
+        challenger_calibration_error=chall["calibration_error"],
+        test_rows=chall["test_rows"],
+    )
+    for key, value in decision.as_dict().items():
+        client.set_model_version_tag(name, str(challenger_version), f"gate.{key}", str(value))
+    if run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            table = pd.DataFrame(
+                [dict(role="challenger", version=challenger_version, **chall)]
+                + ([dict(role="champion", version=champion, **champ)] if champ else [])
+            )
+            table.to_csv(Path(tmp) / "gate_comparison.csv", index=False)
+            (Path(tmp) / "gate_decision.json").write_text(json.dumps(decision.as_dict(), indent=2))
+            client.log_artifacts(run_id, tmp, artifact_path="gate")
+    if promoted:
+        move_alias(
+            client,
+            engine,
+            name=name,
+            alias=CHAMPION,
+            version=str(challenger_version),
+            actor="gate",
+            reason=reason,
+            now=now,
+            details=decision.as_dict(),
+        )
+    return decision

@@ -1,0 +1,183 @@
+"""Turn simulator arrays into the raw files of a shop export (schemas of the shared contract)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mlpkg.simulator.behaviour import EVENT_TYPES, Activity
+from mlpkg.simulator.population import CATEGORIES, Population
+from mlpkg.simulator.spec import CHANNELS, ShopConfig
+
+# Ids of rows drawn in period k start at k * ID_STRIDE, so they stay unique across batches.
+ID_STRIDE = 10**10
+
+FEEDBACK_COLUMNS = [
+    "event_id",
+    "campaign_id",
+    "customer_id",
+    "event_type",
+    "ts",
+    "coupon_id",
+    "channel",
+    "order_id",
+    "revenue",
+]
+CAMPAIGN_LOG_COLUMNS = [
+    "campaign_id",
+    "customer_id",
+    "arm",
+    "coupon_id",
+    "channel",
+    "propensity",
+    "policy",
+    "sent_at",
+    "opened",
+    "clicked",
+    "converted",
+    "redeemed",
+    "revenue",
+    "coupon_cost",
+]
+
+
+def iso(seconds: np.ndarray | int) -> np.ndarray:
+    """Format epoch seconds as ISO-8601 UTC strings (``2026-03-01T12:00:00Z``)."""
+    secs = np.atleast_1d(np.asarray(seconds, dtype=np.int64)).astype("datetime64[s]")
+    return np.datetime_as_string(secs, unit="s").astype(object) + "Z"
+
+
+def to_timestamp(seconds: int) -> pd.Timestamp:
+    """Return epoch seconds as a UTC timestamp."""
+    return pd.Timestamp(int(seconds), unit="s", tz="UTC")
+
+
+def to_seconds(ts: pd.Timestamp | str) -> int:
+    """Return a timestamp (naive = UTC) as epoch seconds."""
+    t = pd.Timestamp(ts)
+    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+    return int(t.value // 10**9)
+
+
+def customers_frame(pop: Population, rows: np.ndarray) -> pd.DataFrame:
+    """Return ``customers.csv`` rows for customers ``rows``."""
+    return pd.DataFrame(
+        {
+            "customer_id": pop.customer_id[rows],
+            "signup_date": np.array([s[:10] for s in iso(pop.signup[rows])], dtype=object),
+            "region": pop.region[rows],
+            "device": pop.device[rows],
+            "segment": pop.segment[rows],
+        }
+    )
+
+
+def consent_frame(pop: Population, rows: np.ndarray, cfg: ShopConfig) -> pd.DataFrame:
+    """Return ``consent.csv`` rows (one per customer and configured channel)."""
+    frames = []
+    for spec in cfg.channels:
+        j = CHANNELS.index(spec.channel)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "customer_id": pop.customer_id[rows],
+                    "channel": spec.channel,
+                    "opted_in": pop.consent[rows, j].astype(np.int64),
+                    "updated_at": iso(pop.consent_updated[rows, j]),
+                }
+            )
+        )
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["customer_id", "channel"], kind="stable", ignore_index=True)
+
+
+def channels_frame(cfg: ShopConfig) -> pd.DataFrame:
+    """Return ``channels.csv``."""
+    return pd.DataFrame(
+        {
+            "channel": [c.channel for c in cfg.channels],
+            "send_cost": [float(c.send_cost) for c in cfg.channels],
+            "daily_capacity": [max(1, round(c.capacity_share * cfg.n_customers)) for c in cfg.channels],
+        }
+    )
+
+
+def coupons_frame(cfg: ShopConfig, valid_from: int, valid_to: int) -> pd.DataFrame:
+    """Return ``coupons.csv`` with every coupon valid in ``[valid_from, valid_to]``."""
+    n = len(cfg.coupons)
+    return pd.DataFrame(
+        {
+            "coupon_id": [c.coupon_id for c in cfg.coupons],
+            "kind": [c.kind for c in cfg.coupons],
+            "face_value": [float(c.face_value) for c in cfg.coupons],
+            "min_basket": [float(c.min_basket) for c in cfg.coupons],
+            "inventory": [round(c.inventory_share * cfg.n_customers) for c in cfg.coupons],
+            "valid_from": np.repeat(iso(valid_from), n),
+            "valid_to": np.repeat(iso(valid_to), n),
+        }
+    )
+
+
+def events_table(pop: Population, act: Activity, period: int) -> pa.Table:
+    """Return the period's events, sorted by time, as an Arrow table (``events.parquet``)."""
+    order = np.lexsort((act.ev_type, act.ev_customer, act.ev_ts))
+    ids = pa.array(period * ID_STRIDE + np.arange(len(order), dtype=np.int64)).cast(pa.string())
+    categories = pa.array([*CATEGORIES.tolist(), ""])
+    cat = np.where(act.ev_category[order] < 0, len(CATEGORIES), act.ev_category[order])
+    return pa.table(
+        {
+            "event_id": pc.binary_join_element_wise("E", ids, ""),
+            "customer_id": pa.array(pop.customer_id.tolist(), pa.string()).take(
+                pa.array(act.ev_customer[order])
+            ),
+            "ts": pa.array(act.ev_ts[order] * 1_000_000, pa.timestamp("us", "UTC")),
+            "event_type": pa.array(list(EVENT_TYPES), pa.string()).take(
+                pa.array(act.ev_type[order].astype(np.int64))
+            ),
+            "category": categories.take(pa.array(cat.astype(np.int64))),
+        }
+    )
+
+
+def orders_frame(pop: Population, act: Activity, cfg: ShopConfig, period: int) -> pd.DataFrame:
+    """Return the period's orders sorted by time (``orders.csv``)."""
+    order = np.lexsort((act.or_customer, act.or_ts))
+    coupon_ids = np.array([c.coupon_id for c in cfg.coupons] + [""], dtype=object)
+    coupon = act.or_coupon[order]
+    return pd.DataFrame(
+        {
+            "order_id": np.array([f"O{period * ID_STRIDE + i}" for i in range(len(order))], dtype=object),
+            "customer_id": pop.customer_id[act.or_customer[order]],
+            "ts": iso(act.or_ts[order]) if len(order) else np.array([], dtype=object),
+            "revenue": np.round(act.or_revenue[order], 2),
+            "n_items": act.or_items[order].astype(np.int64),
+            "coupon_id": coupon_ids[np.where(coupon < 0, len(cfg.coupons), coupon)],
+        }
+    )
+
+
+def write_events(tables: list[pa.Table], path: Path) -> Path:
+    """Write events tables into one parquet file (an empty one with the schema if none)."""
+    schema = pa.schema(
+        [
+            ("event_id", pa.string()),
+            ("customer_id", pa.string()),
+            ("ts", pa.timestamp("us", "UTC")),
+            ("event_type", pa.string()),
+            ("category", pa.string()),
+        ]
+    )
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    pq.write_table(table, path)
+    return path
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """Write a raw CSV file (no index, empty strings for missing text)."""
+    df.to_csv(path, index=False)
+    return path

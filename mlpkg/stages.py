@@ -1,0 +1,414 @@
+"""The loop's stages as plain functions: one call per Airflow task, CLI command or test.
+
+Each function takes settings and plain values (ids, paths, the run's context) and returns a
+JSON-friendly dict, so DAG task bodies stay a few lines and XCom never carries DataFrames.
+Nothing here imports Airflow: the run's context is passed in as a :class:`RunContext`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zlib
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlpkg.config import Settings
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a stage call comes from (an Airflow run, the CLI or a test)."""
+
+    dag_id: str = "cli"
+    run_id: str = "manual"
+    try_number: int = 1
+    logical_date: str | None = None
+
+    @property
+    def run_key(self) -> str:
+        """Key that makes a stage idempotent: the same run writes the same rows."""
+        return f"{self.dag_id}/{self.run_id}"
+
+    def tags(self) -> dict[str, str]:
+        """Lineage tags for MLflow runs."""
+        return {
+            "airflow.dag_id": self.dag_id,
+            "airflow.run_id": self.run_id,
+            "airflow.try_number": str(self.try_number),
+            "airflow.logical_date": str(self.logical_date),
+        }
+
+
+def utcnow() -> datetime:
+    """Return the current time in UTC."""
+    return datetime.now(UTC)
+
+
+def _engine(settings: Settings):  # noqa: ANN202
+    from mlpkg.db.engine import make_engine
+
+    return make_engine(settings.resolved_warehouse_url)
+
+
+def git_commit() -> str:
+    """Return the current git commit, or "unknown" outside a checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- stores ----------------------------------------------------------------------------------------
+
+
+def init_stores(settings: Settings) -> dict:
+    """Create the state folders, migrate the warehouse and create the MLflow experiment."""
+    import mlflow
+
+    from mlpkg.db.engine import migrate
+
+    settings.ensure_dirs()
+    migrate(settings.resolved_warehouse_url)
+    client = mlflow.MlflowClient(tracking_uri=settings.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(settings.mlflow_experiment)
+    if exp is None:
+        client.create_experiment(
+            settings.mlflow_experiment, artifact_location=settings.resolved_artifact_root
+        )
+    return {
+        "state_dir": str(settings.state_dir),
+        "warehouse": settings.resolved_warehouse_url,
+        "mlflow": settings.resolved_tracking_uri,
+    }
+
+
+# --- the simulated shop (the world) ---------------------------------------------------------------------
+
+
+def _world_path(settings: Settings) -> Path:
+    return settings.state_dir / "world.json"
+
+
+def load_world(settings: Settings):  # noqa: ANN201 - returns mlpkg.simulator.Shop
+    """Load the simulated shop of this state folder, creating it from settings the first time."""
+    from mlpkg.simulator import Shop, ShopConfig
+
+    path = _world_path(settings)
+    if path.exists():
+        return Shop.load(path)
+    shop = Shop(ShopConfig.from_settings(settings))
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    shop.save(path)
+    return shop
+
+
+def land_simulated_batch(settings: Settings, batch: str = "initial") -> dict:
+    """Export a batch of raw files from the simulated shop, as a real shop's export would land."""
+    shop = load_world(settings)
+    out = settings.raw_dir / batch
+    files = shop.export_batch(out, batch=batch)
+    return {
+        "batch_dir": str(out),
+        "files": sorted(p.name for p in files.values()),
+        "as_of": shop.now.isoformat(),
+    }
+
+
+def simulate_responses(settings: Settings, campaign_id: str, *, seed: int | None = None) -> dict:
+    """Let the simulated customers respond to a campaign's sent messages; write feedback.csv."""
+    import pandas as pd
+    from sqlalchemy import select
+
+    from mlpkg.db import models as m
+    from mlpkg.db.queries import as_utc
+
+    shop = load_world(settings)
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        ledger = pd.read_sql(
+            select(m.Allocation.customer_id, m.Allocation.arm).where(m.Allocation.campaign_id == campaign_id),
+            conn,
+        )
+        sent = pd.read_sql(
+            select(m.Delivery.customer_id).where(
+                m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent"
+            ),
+            conn,
+        )
+        campaign = conn.execute(select(m.Campaign.as_of).where(m.Campaign.campaign_id == campaign_id)).first()
+    if campaign is None:
+        raise LookupError(f"campaign {campaign_id!r} is not in the warehouse table campaigns")
+    # Only messages that actually went out can change behaviour.
+    treated = ledger[ledger["customer_id"].isin(set(sent["customer_id"])) & (ledger["arm"] != "control")]
+    seed = seed if seed is not None else zlib.crc32(campaign_id.encode())  # stable across processes
+    feedback = shop.respond(
+        ledger["customer_id"].tolist(),
+        treated,
+        campaign_id=campaign_id,
+        sent_at=as_utc(campaign.as_of),
+        seed=seed,
+    )
+    out_dir = settings.raw_dir / f"feedback-{campaign_id}"
+    path = shop.write_feedback(feedback, out_dir)
+    return {"feedback_dir": str(out_dir), "feedback_file": str(path), "events": int(len(feedback))}
+
+
+def land_batch(settings: Settings, *, batch_dir: str | None = None, batch: str | None = None) -> dict:
+    """Return the folder of a landed batch: the given one, or one exported by the simulated shop."""
+    if batch_dir:
+        path = Path(batch_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"batch folder {path} does not exist")
+        return {"batch_dir": str(path)}
+    return land_simulated_batch(settings, batch or "initial")
+
+
+def collect_feedback(settings: Settings, campaign_id: str, *, feedback_dir: str | None = None) -> dict:
+    """Return the folder of a campaign's feedback: the given one, or the simulated customers' responses."""
+    if feedback_dir:
+        path = Path(feedback_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"feedback folder {path} does not exist")
+        return {"campaign_id": campaign_id, "feedback_dir": str(path)}
+    return {"campaign_id": campaign_id, **simulate_responses(settings, campaign_id)}
+
+
+def campaign_id_for(logical_date: str | datetime | None) -> str:
+    """Derive a campaign id from a run's logical date (one campaign per scheduled run)."""
+    if logical_date is None:
+        raise ValueError("a campaign id is needed: pass campaign_id, or run with a logical date")
+    from mlpkg.db.queries import as_utc
+
+    return f"cmp-{as_utc(logical_date):%Y%m%d}"
+
+
+# --- product stages ------------------------------------------------------------------------------------
+
+
+def ingest(settings: Settings, batch_dir: str | Path, *, now: datetime | None = None) -> dict:
+    """Validate and load one raw batch (see :func:`mlpkg.data.ingest_batch`)."""
+    from mlpkg.data import ingest_batch
+
+    report = ingest_batch(_engine(settings), Path(batch_dir), settings, now=now or utcnow())
+    return report.as_dict()
+
+
+def train(
+    settings: Settings, ctx: RunContext, *, log_names: list[str] | None = None, now: datetime | None = None
+) -> dict:
+    """Build a point-in-time training snapshot, train, log and register a model version.
+
+    Idempotent per run: a second call with the same run context returns the first result.
+    """
+    import pandas as pd
+    from sqlalchemy import func, select
+
+    from mlpkg.data import training_frame
+    from mlpkg.db import models as m
+    from mlpkg.db.engine import session_scope
+    from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, feature_snapshot_id
+    from mlpkg.train import train_uplift_model
+
+    engine = _engine(settings)
+    snap_dir = settings.state_dir / "snapshots"
+    with session_scope(engine) as session:
+        done = session.execute(
+            select(m.TrainingRun).where(m.TrainingRun.run_key == ctx.run_key)
+        ).scalar_one_or_none()
+        if done is not None:
+            return {
+                "mlflow_run_id": done.mlflow_run_id,
+                "model_version": done.model_version,
+                "snapshot_id": done.snapshot_id,
+                "test_frame": str(snap_dir / f"{done.snapshot_id}-test.parquet"),
+                "idempotent_rerun": True,
+            }
+    frame = training_frame(engine, log_names)
+    numeric = [c for c in NUMERIC_FEATURES if c in frame.columns]
+    categorical = [c for c in CATEGORICAL_FEATURES if c in frame.columns]
+    arms = ["control", *sorted(a for a in frame["arm"].unique() if a != "control")]
+    snapshot_id = feature_snapshot_id(frame)
+    snap_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(snap_dir / f"{snapshot_id}.parquet", index=False)
+    tags = {
+        **ctx.tags(),
+        "data.snapshot_id": snapshot_id,
+        "git.commit": git_commit(),
+        "data.logs": ",".join(sorted(frame["log_name"].unique())),
+    }
+    result = train_uplift_model(
+        frame,
+        numeric,
+        categorical,
+        arms,
+        settings=settings,
+        tracking_uri=settings.resolved_tracking_uri,
+        experiment=settings.mlflow_experiment,
+        run_name=f"train-{ctx.run_id}",
+        tags=tags,
+        registered_model_name=settings.registered_model_name,
+    )
+    test_path = snap_dir / f"{snapshot_id}-test.parquet"
+    pd.DataFrame(result.test_frame).to_parquet(test_path, index=False)
+    with session_scope(engine) as session:
+        labelled = int(session.execute(select(func.coalesce(func.sum(m.CampaignLog.n_rows), 0))).scalar_one())
+        session.add(
+            m.TrainingRun(
+                mlflow_run_id=result.mlflow_run_id,
+                model_name=settings.registered_model_name,
+                model_version=result.registered_version,
+                trained_at=now or utcnow(),
+                n_rows=len(frame),
+                labelled_rows_seen=labelled,
+                snapshot_id=snapshot_id,
+                run_key=ctx.run_key,
+            )
+        )
+    return {
+        "mlflow_run_id": result.mlflow_run_id,
+        "model_version": result.registered_version,
+        "snapshot_id": snapshot_id,
+        "test_frame": str(test_path),
+        "metrics": {k: round(float(v), 5) for k, v in result.metrics.items()},
+    }
+
+
+def gate(
+    settings: Settings,
+    *,
+    model_version: str,
+    test_frame: str,
+    run_id: str | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Compare the new version with the champion and promote it only if it is better."""
+    import pandas as pd
+
+    from mlpkg.registry import gate_challenger, make_client
+
+    decision = gate_challenger(
+        make_client(settings.resolved_tracking_uri),
+        _engine(settings),
+        name=settings.registered_model_name,
+        tracking_uri=settings.resolved_tracking_uri,
+        challenger_version=str(model_version),
+        test_frame=pd.read_parquet(test_frame),
+        gate=settings.gate,
+        treat_fraction=settings.gate.treat_fraction,
+        now=now or utcnow(),
+        run_id=run_id,
+    )
+    return decision.as_dict()
+
+
+def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dict:
+    """Make a version the champion by hand and record who did it and why."""
+    from mlpkg.registry import make_client
+    from mlpkg.registry import promote as _promote
+
+    previous = _promote(
+        make_client(settings.resolved_tracking_uri),
+        _engine(settings),
+        name=settings.registered_model_name,
+        version=str(version),
+        actor=actor,
+        reason=reason,
+        now=utcnow(),
+    )
+    return {"model": settings.registered_model_name, "champion": str(version), "previous": previous}
+
+
+def allocate(
+    settings: Settings,
+    ctx: RunContext,
+    *,
+    campaign_id: str,
+    as_of: datetime | str,
+    budget: float | None = None,
+    objective: str | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Allocate a campaign with the current champion and write the ledger."""
+    from mlpkg.allocation.campaign import allocate_campaign
+    from mlpkg.db.queries import as_utc
+    from mlpkg.registry import CHAMPION, alias_version, make_client
+
+    client = make_client(settings.resolved_tracking_uri)
+    version = alias_version(client, settings.registered_model_name, CHAMPION)
+    if version is None:
+        raise LookupError(
+            f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias; train a model "
+            "(couponops train) or promote a version (couponops promote VERSION) first"
+        )
+    return allocate_campaign(
+        _engine(settings),
+        settings,
+        campaign_id=campaign_id,
+        as_of=as_utc(as_of).to_pydatetime(),
+        run_key=ctx.run_key,
+        model_uri=f"models:/{settings.registered_model_name}/{version}",
+        model_version=version,
+        now=now or utcnow(),
+        budget=budget,
+        objective=objective,
+    )
+
+
+def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None) -> dict:
+    """Enqueue a campaign's messages in the outbox and send them exactly-once in effect."""
+    from mlpkg.delivery.dispatch import deliver_campaign
+
+    return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
+
+
+def ingest_feedback(settings: Settings, feedback_dir: str | Path, *, now: datetime | None = None) -> dict:
+    """Validate and load a feedback batch (idempotent: replayed events change nothing)."""
+    return ingest(settings, feedback_dir, now=now)
+
+
+def measure(settings: Settings, campaign_id: str, *, now: datetime | None = None) -> dict:
+    """Attribute feedback to the campaign and measure incrementality vs control."""
+    from mlpkg.feedback import measure_campaign
+
+    return measure_campaign(_engine(settings), settings, campaign_id, now=now or utcnow())
+
+
+def decide_retrain(
+    settings: Settings, ctx: RunContext, *, campaign_id: str | None = None, now: datetime | None = None
+) -> dict:
+    """Decide whether new feedback warrants retraining; the decision is stored with its reasons."""
+    from mlpkg.feedback import decide_retrain as _decide
+
+    return _decide(
+        _engine(settings), settings, run_key=ctx.run_key, now=now or utcnow(), campaign_id=campaign_id
+    )
+
+
+def latest_campaign(settings: Settings) -> str | None:
+    """Return the id of the most recently created campaign, if any."""
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import session_scope
+
+    with session_scope(_engine(settings)) as session:
+        rows = q.campaigns(session, limit=1)
+        return rows[0].campaign_id if rows else None
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write a JSON file atomically (for summaries and benchmark results)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["RunContext", "asdict"]

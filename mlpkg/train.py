@@ -1,0 +1,461 @@
+"""Train the multi-arm uplift model, evaluate it on held-out rows and log it to MLflow.
+
+One call, :func:`train_uplift_model`, does the whole stage: split and preprocess, fit with
+Lightning (any accelerator/strategy from the settings), compute test metrics on rank 0, log the
+self-contained pyfunc and register it. Promotion (aliases) is the registry module's job.
+
+Distributed runs: with ``strategy="ddp"`` Lightning re-executes the calling script once per
+extra process, so call this from a script or the CLI (not from an interactive session or a
+process that must not be re-executed); every process computes the same split from the seed,
+and only rank 0 logs the model and returns a populated :class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from mlpkg.config import Settings
+from mlpkg.evaluation.uplift_metrics import (
+    auuc,
+    expected_calibration_error,
+    ipw_policy_value,
+    multi_arm_qini,
+    uplift_at_k,
+)
+from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, uplift_losses
+from mlpkg.models.network import MultiArmUpliftNet
+from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
+
+#: Epochs without a val/loss improvement before training stops.
+EARLY_STOPPING_PATIENCE = 3
+#: Weight of the revenue term in the training loss (conversion is the main target).
+REVENUE_WEIGHT = 0.1
+#: Lineage tags copied onto the registered model version, so the registry can trace it back.
+LINEAGE_TAGS = ("dag_id", "run_id", "try_number", "snapshot_id", "git_commit")
+
+_UNSAFE_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+ExtraMetricsFn = Callable[[pd.DataFrame, dict[str, np.ndarray], list[str]], Mapping[str, float]]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        mlflow_run_id: The MLflow run (``None`` on non-zero DDP ranks).
+        model_uri: ``runs:/<run_id>/model`` of the logged pyfunc (``None`` on non-zero ranks).
+        registered_version: Registered model version, when a model name was given.
+        metrics: Test metrics logged to the run (``test/...``) plus the best ``val/loss``.
+        test_frame: Held-out test rows (raw), for the registry's promotion gate.
+        arms: Arm names in head order (control first).
+    """
+
+    mlflow_run_id: str | None
+    model_uri: str | None
+    registered_version: str | None
+    metrics: dict[str, float]
+    test_frame: pd.DataFrame
+    arms: list[str] = field(default_factory=list)
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """Return the current git commit, or ``"unknown"`` outside a repository or without git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def metric_key(prefix: str, arm: str) -> str:
+    """Return an MLflow-safe metric name for a per-arm metric (``@`` is not allowed in names)."""
+    return f"{prefix}/{_UNSAFE_METRIC_CHARS.sub('.', arm)}"
+
+
+def _finite(values: Mapping[str, float]) -> dict[str, float]:
+    # MLflow stores NaN, but a NaN metric only hides that an arm had no rows; leave it out.
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = pd.Series(p).rank(method="average").to_numpy()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _logloss(y: np.ndarray, p: np.ndarray) -> float:
+    if len(y) == 0:
+        return math.nan
+    q = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+
+def compute_test_metrics(
+    frame: pd.DataFrame,
+    scores: Mapping[str, np.ndarray],
+    arms: list[str],
+    *,
+    weight_scale: float = 1.0,
+    revenue_weight: float = REVENUE_WEIGHT,
+) -> dict[str, float]:
+    """Evaluate scores on held-out logged rows.
+
+    Metrics (all ``test/...``): ``loss`` (the training objective), ``auc``, ``logloss`` and
+    ``ece`` of the logged arm's conversion probability, the same AUC/logloss per arm, Qini per
+    treatment arm and their mean, AUUC and uplift in the top 20 % ranked by the best treatment's
+    uplift, and the SNIPS value (conversions and revenue per customer) of the greedy policies
+    "argmax P(conversion)" and "argmax expected revenue" next to "control for everyone".
+
+    Args:
+        frame: Test rows with ``arm``, ``converted``, ``revenue``, ``propensity``.
+        scores: ``{"p_conv": [n, A], "revenue": [n, A]}`` as from :meth:`UpliftPyfunc.score_arrays`.
+        arms: Arm names in column order; ``arms[0]`` is control.
+        weight_scale: Factor that normalised the training inverse-propensity weights.
+        revenue_weight: Weight of the revenue term in ``test/loss``.
+
+    Returns:
+        Finite metrics by name.
+    """
+    p, rev = scores["p_conv"].astype(np.float64), scores["revenue"].astype(np.float64)
+    arm_idx = np.array(frame["arm"].astype(str).map({a: i for i, a in enumerate(arms)}), dtype=np.int64)
+    # np.array copies: pandas may return read-only views, which torch.from_numpy warns about.
+    y = np.array(frame["converted"], dtype=np.float64)
+    revenue = np.array(frame["revenue"].fillna(0.0), dtype=np.float64)
+    prop = np.array(frame["propensity"], dtype=np.float64)
+    rows = np.arange(len(frame))
+    p_logged = p[rows, arm_idx]
+    m: dict[str, float] = {"test/n_rows": float(len(frame))}
+
+    bce, dev, mask = uplift_losses(
+        torch.logit(torch.from_numpy(p), eps=1e-7),
+        torch.log(torch.from_numpy(rev).clamp_min(1e-9)),
+        torch.from_numpy(arm_idx),
+        torch.from_numpy(y),
+        torch.from_numpy(revenue),
+    )
+    w = torch.from_numpy(weight_scale / prop)
+    revenue_term = (w * mask * dev).sum() / (w * mask).sum().clamp_min(1.0)
+    m["test/loss"] = float((w * bce).mean() + revenue_weight * revenue_term)
+    m["test/auc"] = _auc(y, p_logged)
+    m["test/logloss"] = _logloss(y, p_logged)
+    m["test/ece"] = expected_calibration_error(p_logged, y)
+    for j, arm in enumerate(arms):
+        in_arm = arm_idx == j
+        m[metric_key("test/auc", arm)] = _auc(y[in_arm], p_logged[in_arm])
+        m[metric_key("test/logloss", arm)] = _logloss(y[in_arm], p_logged[in_arm])
+
+    qini = multi_arm_qini(p, arm_idx, y, prop, arms)
+    m.update({metric_key("test/qini", arm): v for arm, v in qini.items()})
+    finite_qini = [v for v in qini.values() if math.isfinite(v)]
+    m["test/qini"] = float(np.mean(finite_qini)) if finite_qini else math.nan
+    best_uplift = (p[:, 1:] - p[:, :1]).max(axis=1)
+    treated = arm_idx > 0
+    if treated.any() and not treated.all():
+        m["test/auuc"] = auuc(best_uplift, treated, y, prop)
+        m["test/uplift_at_20"] = uplift_at_k(best_uplift, treated, y, 0.2)
+
+    expected_revenue = p * rev
+    control = np.zeros_like(arm_idx)
+    m["test/policy_value_conv"] = ipw_policy_value(p.argmax(axis=1), arm_idx, y, prop, snips=True)
+    m["test/policy_value_conv_control"] = ipw_policy_value(control, arm_idx, y, prop, snips=True)
+    m["test/policy_value_revenue"] = ipw_policy_value(
+        expected_revenue.argmax(axis=1), arm_idx, revenue, prop, snips=True
+    )
+    m["test/policy_value_revenue_control"] = ipw_policy_value(control, arm_idx, revenue, prop, snips=True)
+    return _finite(m)
+
+
+def _trainer_params(settings: Settings, numeric: list[str], categorical: list[str], arms: list[str],
+                    data_params: Mapping[str, Any], net: MultiArmUpliftNet) -> dict[str, Any]:
+    params: dict[str, Any] = {f"trainer.{k}": v for k, v in settings.trainer.model_dump().items()}
+    params.update({f"data.{k}": v for k, v in data_params.items()})
+    params.update({f"net.{k}": v for k, v in net.config().items()})
+    params.update(
+        {
+            "features.numeric": ",".join(numeric),
+            "features.categorical": ",".join(categorical),
+            "arms": ",".join(arms),
+            "n_arms": len(arms),
+            "early_stopping_patience": EARLY_STOPPING_PATIENCE,
+        }
+    )
+    return params
+
+
+def _artifact_location(settings: Settings, experiment: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
+    return f"{settings.resolved_artifact_root.rstrip('/')}/{slug}"
+
+
+def train_uplift_model(
+    frame: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    arms: list[str],
+    *,
+    settings: Settings,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    registered_model_name: str | None = None,
+    extra_metrics_fn: ExtraMetricsFn | None = None,
+) -> TrainResult:
+    """Fit, evaluate, log and (optionally) register the multi-arm uplift model.
+
+    Args:
+        frame: Model input frame (features, ``arm``, ``converted``, ``revenue``, ``propensity``).
+        numeric: Numeric feature columns.
+        categorical: Categorical feature columns.
+        arms: Arm names including ``"control"`` (reordered so control is head 0).
+        settings: CouponOps settings; ``settings.trainer`` configures the Trainer and network.
+        tracking_uri: MLflow tracking (and registry) URI.
+        experiment: MLflow experiment name; created under the settings' artifact root if missing.
+        run_name: MLflow run name.
+        tags: Lineage tags (``dag_id``, ``run_id``, ``try_number``, ``snapshot_id``...);
+            ``git_commit`` is added when absent.
+        registered_model_name: Register the logged model under this name; ``None`` skips it.
+        extra_metrics_fn: ``f(test_frame, scores, arms) -> {name: value}``, logged with the
+            test metrics (for example the simulator's true uplift in evaluation runs).
+
+    Returns:
+        The run id, model URI, registered version, metrics and held-out test rows.
+    """
+    cfg = settings.trainer
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = UpliftDataModule(
+        frame, numeric, categorical, arms,
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+    )
+    data.setup("fit")
+    arms = data.arms
+    net = MultiArmUpliftNet(
+        len(numeric),
+        data.preprocessor.cardinalities,
+        len(arms),
+        embedding_dim=cfg.embedding_dim,
+        hidden_dim=cfg.hidden_dim,
+        head_dim=cfg.head_dim,
+        dropout=cfg.dropout,
+    )
+    net.init_output_bias(*data.training_stats())
+    module = UpliftLitModule(
+        net,
+        optimizer=functools.partial(torch.optim.AdamW, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        revenue_weight=REVENUE_WEIGHT,
+    )
+    run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    run_tags.setdefault("git_commit", git_commit())
+    run_tags.setdefault("mlflow.source.git.commit", run_tags["git_commit"])
+    run_tags.setdefault("model_family", "multi_arm_uplift_net")
+    previous_uri = mlflow.get_tracking_uri()
+    logger = MLFlowLogger(
+        experiment_name=experiment,
+        run_name=run_name,
+        tracking_uri=tracking_uri,
+        tags=run_tags,
+        artifact_location=_artifact_location(settings, experiment),
+        log_model=False,
+    )
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # Each process gets its own folder; only rank 0 writes checkpoints, and only rank 0 reads
+        # the best one back, so the folders need not be shared.
+        with tempfile.TemporaryDirectory(prefix="ckpt-", dir=settings.state_dir) as ckpt_dir:
+            checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/loss", mode="min", save_top_k=1)
+            trainer = pl.Trainer(
+                accelerator=cfg.accelerator,
+                devices=cfg.devices,
+                num_nodes=cfg.num_nodes,
+                strategy=cfg.strategy,
+                precision=cfg.precision,
+                max_epochs=cfg.max_epochs,
+                # "warn" rather than True: some CUDA kernels have no deterministic variant, and a
+                # training run should not fail over bit-exactness.
+                deterministic="warn",
+                logger=logger,
+                callbacks=[
+                    EarlyStopping(monitor="val/loss", mode="min", patience=EARLY_STOPPING_PATIENCE),
+                    checkpoint,
+                ],
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=ckpt_dir,
+                log_every_n_steps=50,
+            )
+            logger.log_hyperparams(_trainer_params(settings, numeric, categorical, arms,
+                                                   data.hparams_for_logging(), net))
+            trainer.fit(module, datamodule=data)
+            test_frame = data.split_frame("test")
+            if not trainer.is_global_zero:
+                return TrainResult(None, None, None, {}, test_frame, arms)
+            best_val = checkpoint.best_model_score
+            if checkpoint.best_model_path:
+                state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+                module.load_state_dict(state["state_dict"])
+        return _log_model(
+            module.net.cpu().eval(), data, test_frame, arms,
+            run_id=logger.run_id, tracking_uri=tracking_uri, settings=settings, run_tags=run_tags,
+            best_val_loss=float(best_val) if best_val is not None else math.nan,
+            registered_model_name=registered_model_name, extra_metrics_fn=extra_metrics_fn,
+        )
+    finally:
+        # MLFlowLogger sets the process-wide tracking URI; give the caller back its own.
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def _log_model(
+    net: MultiArmUpliftNet,
+    data: UpliftDataModule,
+    test_frame: pd.DataFrame,
+    arms: list[str],
+    *,
+    run_id: str,
+    tracking_uri: str,
+    settings: Settings,
+    run_tags: Mapping[str, str],
+    best_val_loss: float,
+    registered_model_name: str | None,
+    extra_metrics_fn: ExtraMetricsFn | None,
+) -> TrainResult:
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as art_dir:
+            artifacts = write_model_artifacts(net, data.preprocessor, arms, art_dir)
+            # Score through the same code path serving uses, so the metrics describe the logged model.
+            scorer = UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
+            scores = scorer.score_arrays(test_frame)
+            metrics = compute_test_metrics(test_frame, scores, arms, weight_scale=data.weight_scale)
+            if extra_metrics_fn is not None:
+                metrics.update(_finite(extra_metrics_fn(test_frame, scores, arms)))
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+            metrics["val/loss_best"] = best_val_loss
+            features = [*data.numeric, *data.categorical]
+            example = test_frame[features].head(5).copy()
+            # Declare numerics as double so integer-looking columns still accept floats or NaN later.
+            example[data.numeric] = example[data.numeric].astype("float64")
+            mlflow.set_tracking_uri(tracking_uri)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    # An empty instance: MLflow pickles it by reference to the installed mlpkg, and
+                    # the weights travel as artifacts, not inside the pickle.
+                    python_model=UpliftPyfunc(chunk_size=settings.campaign.score_chunk_size),
+                    artifacts=artifacts,
+                    input_example=example,
+                    registered_model_name=registered_model_name,
+                    # Explicit pins skip MLflow's requirement inference, which re-imports the model
+                    # in a subprocess. mlpkg itself must be installed where the model is served.
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}",
+                        f"pandas=={pd.__version__}",
+                        f"numpy=={np.__version__}",
+                    ],
+                )
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    version = None
+    if registered_model_name is not None and info.registered_model_version is not None:
+        version = str(info.registered_model_version)
+        for key in LINEAGE_TAGS:
+            if key in run_tags:
+                client.set_model_version_tag(registered_model_name, version, key, run_tags[key])
+        client.set_model_version_tag(registered_model_name, version, "mlflow_run_id", run_id)
+    return TrainResult(
+        mlflow_run_id=run_id,
+        model_uri=f"runs:/{run_id}/model",
+        registered_version=version,
+        metrics=metrics,
+        test_frame=test_frame,
+        arms=list(arms),
+    )
+
+
+def load_uplift_model(model_uri: str, tracking_uri: str | None = None) -> UpliftPyfunc:
+    """Load a logged uplift model and return the unwrapped :class:`UpliftPyfunc`.
+
+    Args:
+        model_uri: ``models:/<name>@champion``, ``models:/<name>/<version>``, ``runs:/...`` or a path.
+        tracking_uri: Tracking/registry URI to resolve ``models:/`` and ``runs:/`` against; the
+            process-wide URI is used when ``None`` and is left unchanged either way.
+
+    Returns:
+        The loaded model, ready for :meth:`UpliftPyfunc.score_arrays`.
+    """
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    model = loaded.unwrap_python_model()
+    if not isinstance(model, UpliftPyfunc):
+        raise TypeError(f"{model_uri} is not a CouponOps uplift model: {type(model).__name__}")
+    return model
+
+
+def score_with_model(
+    model: str | mlflow.pyfunc.PyFuncModel | UpliftPyfunc,
+    df: pd.DataFrame,
+    chunk_size: int | None = None,
+    *,
+    tracking_uri: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Score every arm for ``df`` with a logged model, bypassing DataFrame output.
+
+    Args:
+        model: A model URI (``models:/name@champion``, ``runs:/...``), a loaded pyfunc, or an
+            :class:`UpliftPyfunc`.
+        df: Raw customer features.
+        chunk_size: Rows per forward pass; defaults to the model's setting.
+        tracking_uri: Where to resolve a model URI (see :func:`load_uplift_model`).
+
+    Returns:
+        ``{"p_conv": [n, A], "revenue": [n, A], "uplift": [n, A]}`` float32 arrays (uplift is
+        relative to control, 0 in the control column) plus ``"arms"``, the arm names in column
+        order as an object array.
+    """
+    if isinstance(model, str):
+        model = load_uplift_model(model, tracking_uri)
+    if isinstance(model, mlflow.pyfunc.PyFuncModel):
+        model = model.unwrap_python_model()
+    if not isinstance(model, UpliftPyfunc):
+        raise TypeError(f"not a CouponOps uplift model: {type(model).__name__}")
+    scores = model.score_arrays(df, chunk_size)
+    p = scores["p_conv"]
+    return {
+        "p_conv": p,
+        "revenue": scores["revenue"],
+        "uplift": p - p[:, [model.control_index]],
+        "arms": np.asarray(model.arms, dtype=object),
+    }

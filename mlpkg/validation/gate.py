@@ -1,0 +1,421 @@
+"""The data-contract gate: validate a frame or a whole batch folder, quarantine what fails.
+
+:func:`validate_table` runs a table's Great Expectations suite plus the explicit checks and
+returns a :class:`~mlpkg.validation.contract.ValidationReport`. :func:`gate_batch` reads and
+validates every file of a batch folder with one GX context, builds Data Docs, and on any failure
+moves the whole folder to quarantine (with ``validation_result.json``) and raises
+:class:`~mlpkg.validation.contract.DataContractError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import pandas as pd
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
+)
+from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
+from mlpkg.validation.checks import (
+    DEFAULT_DRIFT_COLUMNS,
+    check_arm_consistency,
+    check_column_types,
+    check_drift,
+    check_extra_columns,
+    check_finite,
+    check_referential,
+    check_volume,
+    rows_at,
+)
+from mlpkg.validation.contract import (
+    DataContractError,
+    Failure,
+    ValidationContext,
+    ValidationReport,
+    plain_value,
+)
+from mlpkg.validation.readers import RAW_SCHEMAS, find_table_files, read_table
+from mlpkg.validation.suites import SUITE_TABLES, build_suite
+
+DATA_DOCS_SITE = "couponops"
+#: Validation runs the Data Docs index lists (newest first).
+DATA_DOCS_RESULTS_LIMIT = 500
+QUARANTINE_RESULT_FILE = "validation_result.json"
+#: Tables read first in a batch: the others are checked against their ids.
+_REFERENCE_TABLES = ("customers", "coupons", "channels")
+#: Tables whose ``customer_id`` / ``coupon_id`` must exist in the known ids.
+_CUSTOMER_REF_TABLES = ("consent", "events", "orders", "campaign_log", "feedback", "allocations",
+                        "deliveries", "model_scores", "feature_snapshot")
+_COUPON_REF_TABLES = ("orders", "campaign_log", "feedback", "allocations", "deliveries")
+
+
+class ExpectationRunner:
+    """One Great Expectations context that validates pandas frames against suites.
+
+    Create one per batch (or per :class:`ValidationContext`): context creation and the data
+    source are reused for every table. Progress bars and analytics are off. Everything is in
+    memory except, with a Data Docs folder, the validation results: they are kept as JSON under
+    ``<data_docs_dir>/_validation_results`` so the site lists earlier batches too (an in-memory
+    store would make GX delete every page but the latest run's).
+
+    Args:
+        data_docs_dir: Folder for a Data Docs site (``None``: no docs).
+        run_name: Run name shown in Data Docs (the batch name).
+    """
+
+    def __init__(self, data_docs_dir: Path | None = None, run_name: str | None = None) -> None:
+        """Create the ephemeral GX context and its pandas data source."""
+        defaults = InMemoryStoreBackendDefaults(init_temp_docs_sites=False)
+        stores = dict(defaults.stores)
+        sites: dict[str, Any] = {}
+        if data_docs_dir is not None:
+            root = Path(data_docs_dir).resolve()
+            sites[DATA_DOCS_SITE] = {
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(root)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                                       "validation_results_limit": DATA_DOCS_RESULTS_LIMIT},
+            }
+            stores[defaults.validation_results_store_name] = {
+                "class_name": "ValidationResultsStore",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(root / "_validation_results")},
+            }
+        config = DataContextConfig(
+            store_backend_defaults=defaults,
+            stores=stores,
+            data_docs_sites=sites,
+            # GX otherwise draws tqdm bars on stderr for every suite; TQDM_DISABLE does not
+            # help because GX passes disable= explicitly.
+            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+            analytics_enabled=False,
+        )
+        self.data_docs_dir = Path(data_docs_dir) if data_docs_dir is not None else None
+        self.context = gx.get_context(mode="ephemeral", project_config=config)
+        self._source = self.context.data_sources.add_pandas("couponops")
+        self.run_name = run_name
+        self._batches: dict[str, Any] = {}
+        self._suites: set[str] = set()
+        # Pages of earlier runs exist already; only this runner's results need rendering.
+        self._known_results = set(self.context.validation_results_store.list_keys()) if sites else set()
+
+    def run(self, df: pd.DataFrame, suite: gx.ExpectationSuite, *, asset: str, max_rows: int) -> Any:
+        """Validate ``df`` against ``suite`` and return the GX suite validation result.
+
+        Args:
+            df: Frame to validate.
+            suite: Suite (added to the context or updated if one of that name exists).
+            asset: Data asset name shown in Data Docs (the table name).
+            max_rows: Failing index values GX keeps per expectation.
+        """
+        if asset not in self._batches:
+            data_asset = self._source.add_dataframe_asset(asset)
+            self._batches[asset] = data_asset.add_batch_definition_whole_dataframe("whole_frame")
+        # add() is much cheaper than add_or_update(), which diffs every expectation.
+        batch = self._batches[asset]
+        if suite.name in self._suites:
+            suite = self.context.suites.add_or_update(suite)
+            definition = self.context.validation_definitions.add_or_update(
+                gx.ValidationDefinition(name=f"{suite.name}.validation", data=batch, suite=suite))
+        else:
+            suite = self.context.suites.add(suite)
+            definition = self.context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{suite.name}.validation", data=batch, suite=suite))
+            self._suites.add(suite.name)
+        with warnings.catch_warnings():
+            # GX reads tz-aware columns through Series.values, which pandas 3.1 deprecates; under
+            # an "error" warning filter GX would report the expectation as not evaluable.
+            warnings.simplefilter("ignore", pd.errors.Pandas4Warning)
+            return definition.run(
+                batch_parameters={"dataframe": df},
+                run_id=RunIdentifier(run_name=self.run_name, run_time=dt.datetime.now(dt.UTC)),
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": max_rows},
+            )
+
+    def build_data_docs(self) -> Path | None:
+        """Build the Data Docs site and return its ``index.html`` (``None`` without a site)."""
+        if self.data_docs_dir is None:
+            return None
+        new = [k for k in self.context.validation_results_store.list_keys() if k not in self._known_results]
+        suites = [ExpectationSuiteIdentifier(name=n) for n in sorted(self._suites)]
+        self.context.build_data_docs(site_names=[DATA_DOCS_SITE], resource_identifiers=[*suites, *new])
+        self._known_results.update(new)
+        return self.data_docs_dir.resolve() / "index.html"
+
+
+def _exception_text(exception_info: Any) -> str | None:
+    if not exception_info:
+        return None
+    infos = [exception_info] if "raised_exception" in exception_info else list(exception_info.values())
+    for info in infos:
+        if isinstance(info, Mapping) and info.get("raised_exception"):
+            return str(info.get("exception_message"))
+    return None
+
+
+def _failures_from_gx(result: Any, df: pd.DataFrame, *, line_offset: int | None,
+                      max_rows: int) -> list[Failure]:
+    """Turn failed GX expectation results into Failures with the offending rows."""
+    out = []
+    for r in result.results:
+        if r.success:
+            continue
+        cfg = r.expectation_config
+        kw = cfg.kwargs
+        if kw.get("column"):
+            column = kw["column"]
+        elif kw.get("column_list"):
+            column = "+".join(kw["column_list"])
+        elif kw.get("column_A"):
+            column = f"{kw['column_A']}+{kw['column_B']}"
+        else:
+            column = None
+        rule = cfg.description or cfg.type
+        res = r.result or {}
+        count = int(res.get("unexpected_count") or 0)
+        positions: list[int] = []
+        error = _exception_text(r.exception_info)
+        if error:
+            rule += f" (could not be evaluated: {error})"
+            count = max(count, 1)
+        elif cfg.type == "expect_table_columns_to_match_set":
+            missing = res.get("details", {}).get("mismatched", {}).get("missing", [])
+            rule += f"; missing {missing}"
+            count = len(missing) or 1
+            column = ", ".join(missing) or None
+        elif cfg.type == "expect_table_row_count_to_be_between":
+            rule += f"; has {res.get('observed_value')}"
+            count = max(count, 1)
+        else:
+            # validate_table hands GX a frame with a RangeIndex, so index labels are positions.
+            positions = [int(i) for i in (res.get("partial_unexpected_index_list") or [])][:max_rows]
+            values: list = []
+            for v in res.get("partial_unexpected_list") or []:
+                v = plain_value(v)
+                if v not in values:
+                    values.append(v)
+            if values:
+                rule += f"; unexpected e.g. {values[:max_rows]}"
+        out.append(Failure(cfg.type, column, rule, count,
+                           rows_at(df, positions, line_offset=line_offset) if positions else []))
+    return out
+
+
+def _for_gx(df: pd.DataFrame) -> pd.DataFrame:
+    """Return ``df`` with a RangeIndex and UTC timestamps (naive ones are taken as UTC)."""
+    out = df
+    if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0 or df.index.step != 1:
+        out = out.reset_index(drop=True)
+    naive = [c for c in out.columns if pd.api.types.is_datetime64_dtype(out[c].dtype)
+             and not isinstance(out[c].dtype, pd.DatetimeTZDtype)]
+    if naive:
+        out = out.assign(**{c: out[c].dt.tz_localize("UTC") for c in naive})
+    return out
+
+
+def _runner_for(context: ValidationContext) -> ExpectationRunner:
+    if context._runner is None:
+        context._runner = ExpectationRunner()
+    return context._runner
+
+
+def validate_table(
+    df: pd.DataFrame,
+    table: str,
+    *,
+    context: ValidationContext,
+    source: str | Path | None = None,
+    line_offset: int | None = None,
+    runner: ExpectationRunner | None = None,
+) -> ValidationReport:
+    """Validate one frame against its table's suite and the explicit contract checks.
+
+    Args:
+        df: The frame (raw tables: as returned by :func:`~mlpkg.validation.readers.read_table`).
+        table: One of :data:`~mlpkg.validation.suites.SUITE_TABLES`.
+        context: Run parameters and cross-table knowledge (known ids, previous counts, reference).
+        source: File path or table name for messages (default: the table name).
+        line_offset: File line of data row 0 (2 for CSV) so messages name file lines.
+        runner: GX runner to reuse; default: one cached on ``context``.
+
+    Returns:
+        The report; ``report.success`` is False when any rule failed.
+    """
+    if table not in SUITE_TABLES:
+        raise ValueError(f"no suite for table {table!r}; known: {SUITE_TABLES}")
+    runner = runner or _runner_for(context)
+    frame = _for_gx(df)
+    numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c].dtype)]
+    suite = build_suite(table, context=context, columns=[str(c) for c in frame.columns],
+                        numeric_columns=numeric)
+    result = runner.run(frame, suite, asset=table, max_rows=context.max_sample_rows)
+    report = ValidationReport(table=table, source=str(source) if source is not None else table,
+                              row_count=len(frame), gx_result=result)
+    kw = {"line_offset": line_offset, "max_rows": context.max_sample_rows}
+    report.failures += _failures_from_gx(result, frame, **kw)
+    report.failures += check_column_types(frame, table)
+    report.failures += check_finite(frame, **kw)
+    extra_fail, extra_warn = check_extra_columns(frame, table, strict=context.strict)
+    report.failures += extra_fail
+    report.warnings += extra_warn
+    if context.known_customers is not None and table in _CUSTOMER_REF_TABLES:
+        report.failures += check_referential(frame, "customer_id", context.known_customers,
+                                             what="customers", **kw)
+    if context.known_coupons is not None and table in _COUPON_REF_TABLES:
+        report.failures += check_referential(frame, "coupon_id", context.known_coupons, what="coupons", **kw)
+    if table in ("campaign_log", "allocations"):
+        report.failures += check_arm_consistency(frame, **kw)
+    if context.previous_row_counts:
+        report.failures += check_volume(
+            table, len(frame), context.previous_row_counts.get(table),
+            min_ratio=context.volume_min_ratio, max_ratio=context.volume_max_ratio,
+        )
+    if context.reference is not None and table in context.reference:
+        columns = (context.drift_columns or {}).get(table)
+        if columns is None:
+            columns = DEFAULT_DRIFT_COLUMNS.get(table) or [c for c in numeric if c != "customer_id"]
+        report.warnings += check_drift(frame, context.reference[table], columns,
+                                       threshold=context.psi_threshold)
+    return report
+
+
+@dataclass
+class BatchValidation:
+    """Outcome of a batch that passed the gate.
+
+    Attributes:
+        batch_dir: The batch folder.
+        reports: One report per table, keyed by table name.
+        frames: The typed frames that were validated, so ingest need not read files twice.
+        data_docs_index: Data Docs ``index.html``.
+        warnings: Batch-level warnings (unrecognised files).
+    """
+
+    batch_dir: Path
+    reports: dict[str, ValidationReport]
+    frames: dict[str, pd.DataFrame] = field(repr=False)
+    data_docs_index: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        """Return whether every table passed."""
+        return all(r.success for r in self.reports.values())
+
+
+def _quarantine(batch_dir: Path, quarantine_dir: Path, payload: dict[str, Any]) -> Path:
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    dest = quarantine_dir / f"{batch_dir.name}-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = quarantine_dir / f"{batch_dir.name}-{stamp}-{n}"
+    shutil.move(str(batch_dir), str(dest))
+    (dest / QUARANTINE_RESULT_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    return dest
+
+
+def gate_batch(
+    batch_dir: Path,
+    tables: dict[str, pd.DataFrame] | None = None,
+    *,
+    context: ValidationContext,
+    quarantine_dir: Path,
+    data_docs_dir: Path,
+) -> BatchValidation:
+    """Validate every raw file of a batch folder; quarantine the folder if anything fails.
+
+    Reference tables (customers, coupons) are read first; their ids extend
+    ``context.known_customers`` / ``known_coupons`` for the referential checks of the others.
+
+    Args:
+        batch_dir: Batch folder holding ``<table>.csv`` / ``<table>.parquet`` files.
+        tables: Frames already in memory, by table name; used instead of reading the file.
+        context: Run parameters.
+        quarantine_dir: Where a rejected batch goes (``<batch>-<UTC timestamp>/``).
+        data_docs_dir: Root of the GX Data Docs site (built on success and failure).
+
+    Returns:
+        The reports, the typed frames and the Data Docs index.
+
+    Raises:
+        DataContractError: Any table failed; the folder has been moved (``err.quarantine_path``)
+            and ``validation_result.json`` written there; the message names every failing file,
+            expectation, column and up to five rows.
+        FileNotFoundError: ``batch_dir`` does not exist.
+    """
+    batch_dir = Path(batch_dir)
+    if not batch_dir.is_dir():
+        raise FileNotFoundError(f"batch folder {batch_dir} does not exist")
+    tables = dict(tables or {})
+    runner = ExpectationRunner(data_docs_dir, run_name=batch_dir.name)
+    reports: dict[str, ValidationReport] = {}
+    frames: dict[str, pd.DataFrame] = {}
+    warnings: list[str] = []
+    try:
+        files, others = find_table_files(batch_dir)
+    except DataContractError as err:
+        files, others = {}, []
+        reports["batch"] = ValidationReport("batch", str(batch_dir), failures=err.failures)
+    warnings += [f"{p.name}: not a raw table of the contract (ignored)" for p in others]
+    names = [t for t in RAW_SCHEMAS if t in files or t in tables]
+    names += [t for t in tables if t not in names]
+    order = [t for t in _REFERENCE_TABLES if t in names] + [t for t in names if t not in _REFERENCE_TABLES]
+    if not names and "batch" not in reports:
+        reports["batch"] = ValidationReport("batch", str(batch_dir), failures=[Failure(
+            "batch_not_empty", None, f"no raw table files found (expected any of {list(RAW_SCHEMAS)})", 0)])
+    ctx = context
+    for table in order:
+        path = files.get(table)
+        source = str(path) if path is not None else f"{table} (in memory)"
+        if table in tables:
+            frame, line_offset = tables[table], None
+        else:
+            try:
+                frame = read_table(path, table)
+            except DataContractError as err:
+                reports[table] = ValidationReport(table, source, failures=err.failures)
+                continue
+            line_offset = 2 if path.suffix.lower() == ".csv" else None
+        frames[table] = frame
+        reports[table] = validate_table(frame, table, context=ctx, source=source, line_offset=line_offset,
+                                        runner=runner)
+        if table in ("customers", "coupons"):
+            id_col = f"{table[:-1]}_id"
+            known_attr = f"known_{table}"
+            ids = set(frame[id_col].dropna().astype("str"))
+            previous = getattr(ctx, known_attr)
+            ctx = dataclasses.replace(ctx, **{known_attr: ids | set(previous or ())})
+    docs = runner.build_data_docs()
+    failed = [r for r in reports.values() if not r.success]
+    if not failed:
+        return BatchValidation(batch_dir, reports, frames, docs, warnings)
+    payload = {
+        "batch": batch_dir.name,
+        "original_path": str(batch_dir.resolve()),
+        "success": False,
+        "validated_at": dt.datetime.now(dt.UTC).isoformat(),
+        "data_docs_index": str(docs) if docs else None,
+        "warnings": warnings,
+        "reports": {name: r.to_dict() for name, r in reports.items()},
+    }
+    dest = _quarantine(batch_dir, Path(quarantine_dir), payload)
+    head = (f"Batch '{batch_dir.name}' rejected by the data contract: {len(failed)} of {len(reports)} "
+            f"table(s) failed. Moved to {dest} (see {QUARANTINE_RESULT_FILE}); Data Docs: {docs}")
+    message = "\n".join([head, *[r.message() for r in failed]])
+    raise DataContractError(message, failures=[f for r in failed for f in r.failures],
+                            reports=list(reports.values()), quarantine_path=dest)

@@ -1,0 +1,89 @@
+"""Shared fixtures: isolated settings and warehouses (SQLite under tmp_path, PostgreSQL when up)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Airflow reads its home at import: keep test runs away from ~/airflow and from the demo's state.
+_AIRFLOW_HOME = (
+    Path(os.environ.get("PYTEST_AIRFLOW_HOME", "/tmp")) / f"couponops-pytest-airflow-{os.getpid()}"
+)
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+PG_ADMIN_URL = os.environ.get("COUPONOPS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings whose state folder, warehouse and MLflow store all live under tmp_path."""
+    from mlpkg.config import Settings, get_settings
+
+    for key in list(os.environ):
+        if key.startswith("COUPONOPS_"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("COUPONOPS_STATE_DIR", str(tmp_path / "state"))
+    get_settings.cache_clear()
+    s = Settings(
+        state_dir=tmp_path / "state",
+        simulator_customers=600,
+        trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16},
+    )
+    yield s
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def engine(settings):
+    """A migrated SQLite warehouse under tmp_path."""
+    from mlpkg.db.engine import make_engine, migrate
+
+    settings.ensure_dirs()
+    migrate(settings.resolved_warehouse_url)
+    eng = make_engine(settings.resolved_warehouse_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for one test (skips with a clear message when PostgreSQL is down)."""
+    if not _port_open("127.0.0.1", 5432):
+        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+    from sqlalchemy import create_engine, text
+
+    name = f"couponops_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """Redis on loopback (skips when it does not answer)."""
+    if not _port_open("127.0.0.1", 6379):
+        pytest.skip("Redis does not answer on 127.0.0.1:6379")
+    return "redis://127.0.0.1:6379/15"
