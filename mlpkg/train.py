@@ -30,9 +30,10 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from mlpkg.config import Settings
 from mlpkg.evaluation.uplift_metrics import (
@@ -50,8 +51,8 @@ from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
 EARLY_STOPPING_PATIENCE = 3
 #: Weight of the revenue term in the training loss (conversion is the main target).
 REVENUE_WEIGHT = 0.1
-#: Lineage tags copied onto the registered model version, so the registry can trace it back.
-LINEAGE_TAGS = ("dag_id", "run_id", "try_number", "snapshot_id", "git_commit")
+#: Longest parameter value MLflow accepts (MLFlowLogger.log_hyperparams would cut at 250).
+_MAX_PARAM_CHARS = 6000
 
 _UNSAFE_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -80,7 +81,10 @@ class TrainResult:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """Return the current git commit, or ``"unknown"`` outside a repository or without git."""
+    """Return the git commit of ``cwd`` (default: the mlpkg source folder), or ``"unknown"``."""
+    # The package's own folder, not the caller's working directory: an Airflow worker runs in
+    # an arbitrary folder, while an editable install sits in the repository that built the model.
+    cwd = Path(__file__).resolve().parent if cwd is None else cwd
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
@@ -191,8 +195,14 @@ def compute_test_metrics(
     return _finite(m)
 
 
-def _trainer_params(settings: Settings, numeric: list[str], categorical: list[str], arms: list[str],
-                    data_params: Mapping[str, Any], net: MultiArmUpliftNet) -> dict[str, Any]:
+def _trainer_params(
+    settings: Settings,
+    numeric: list[str],
+    categorical: list[str],
+    arms: list[str],
+    data_params: Mapping[str, Any],
+    net: MultiArmUpliftNet,
+) -> dict[str, Any]:
     params: dict[str, Any] = {f"trainer.{k}": v for k, v in settings.trainer.model_dump().items()}
     params.update({f"data.{k}": v for k, v in data_params.items()})
     params.update({f"net.{k}": v for k, v in net.config().items()})
@@ -206,6 +216,15 @@ def _trainer_params(settings: Settings, numeric: list[str], categorical: list[st
         }
     )
     return params
+
+
+@rank_zero_only
+def _log_params(logger: MLFlowLogger, params: Mapping[str, Any]) -> None:
+    # Logged directly rather than through logger.log_hyperparams, which truncates every value to
+    # 250 characters: a long feature list would be cut silently.
+    items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        logger.experiment.log_batch(logger.run_id, params=items[start : start + 100])
 
 
 def _artifact_location(settings: Settings, experiment: str) -> str:
@@ -250,8 +269,13 @@ def train_uplift_model(
     cfg = settings.trainer
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = UpliftDataModule(
-        frame, numeric, categorical, arms,
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+        frame,
+        numeric,
+        categorical,
+        arms,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
     )
     data.setup("fit")
     arms = data.arms
@@ -309,8 +333,9 @@ def train_uplift_model(
                 default_root_dir=ckpt_dir,
                 log_every_n_steps=50,
             )
-            logger.log_hyperparams(_trainer_params(settings, numeric, categorical, arms,
-                                                   data.hparams_for_logging(), net))
+            _log_params(
+                logger, _trainer_params(settings, numeric, categorical, arms, data.hparams_for_logging(), net)
+            )
             trainer.fit(module, datamodule=data)
             test_frame = data.split_frame("test")
             if not trainer.is_global_zero:
@@ -320,10 +345,17 @@ def train_uplift_model(
                 state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
                 module.load_state_dict(state["state_dict"])
         return _log_model(
-            module.net.cpu().eval(), data, test_frame, arms,
-            run_id=logger.run_id, tracking_uri=tracking_uri, settings=settings, run_tags=run_tags,
+            module.net.cpu().eval(),
+            data,
+            test_frame,
+            arms,
+            run_id=logger.run_id,
+            tracking_uri=tracking_uri,
+            settings=settings,
+            run_tags=run_tags,
             best_val_loss=float(best_val) if best_val is not None else math.nan,
-            registered_model_name=registered_model_name, extra_metrics_fn=extra_metrics_fn,
+            registered_model_name=registered_model_name,
+            extra_metrics_fn=extra_metrics_fn,
         )
     finally:
         # MLFlowLogger sets the process-wide tracking URI; give the caller back its own.
@@ -352,15 +384,16 @@ def _log_model(
             scorer = UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
             scores = scorer.score_arrays(test_frame)
             metrics = compute_test_metrics(test_frame, scores, arms, weight_scale=data.weight_scale)
+            metrics.update(_finite({"val/loss_best": best_val_loss}))
             if extra_metrics_fn is not None:
                 metrics.update(_finite(extra_metrics_fn(test_frame, scores, arms)))
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-            metrics["val/loss_best"] = best_val_loss
             features = [*data.numeric, *data.categorical]
-            example = test_frame[features].head(5).copy()
-            # Declare numerics as double so integer-looking columns still accept floats or NaN later.
-            example[data.numeric] = example[data.numeric].astype("float64")
+            # The inferred signature keeps the training dtypes: MLflow refuses int64 input for a
+            # double column and vice versa, and features are built the same way for scoring.
+            # score_arrays (the allocator's path) skips this schema check entirely.
+            example = test_frame[features].head(5)
             mlflow.set_tracking_uri(tracking_uri)
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
@@ -386,9 +419,9 @@ def _log_model(
     version = None
     if registered_model_name is not None and info.registered_model_version is not None:
         version = str(info.registered_model_version)
-        for key in LINEAGE_TAGS:
-            if key in run_tags:
-                client.set_model_version_tag(registered_model_name, version, key, run_tags[key])
+        for key, value in run_tags.items():
+            if not key.startswith("mlflow."):
+                client.set_model_version_tag(registered_model_name, version, key, value)
         client.set_model_version_tag(registered_model_name, version, "mlflow_run_id", run_id)
     return TrainResult(
         mlflow_run_id=run_id,

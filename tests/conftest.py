@@ -35,7 +35,7 @@ def _port_open(host: str, port: int) -> bool:
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Settings whose state folder, warehouse and MLflow store all live under tmp_path."""
-    from mlpkg.config import Settings, get_settings
+    from mlpkg.config import get_settings
 
     for key in list(os.environ):
         if key.startswith("COUPONOPS_"):
@@ -87,3 +87,46 @@ def redis_url():
     if not _port_open("127.0.0.1", 6379):
         pytest.skip("Redis does not answer on 127.0.0.1:6379")
     return "redis://127.0.0.1:6379/15"
+
+
+def _small_settings(state: Path, **extra):
+    from mlpkg.config import Settings
+
+    return Settings(_env_file=None, state_dir=state, simulator_customers=600,
+                    trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16},
+                    gate={"min_test_rows": 20}, **extra)
+
+
+@pytest.fixture(scope="session")
+def ingested_template(tmp_path_factory):
+    """A state folder with a 600-customer simulated shop already validated and loaded (built once)."""
+    from mlpkg import stages
+
+    state = tmp_path_factory.mktemp("template") / "state"
+    s = _small_settings(state)
+    stages.init_stores(s)
+    batch = stages.land_simulated_batch(s, "initial")
+    stages.ingest(s, batch["batch_dir"])
+    return state
+
+
+@pytest.fixture
+def ingested(tmp_path, ingested_template, monkeypatch):
+    """Settings and engine over a private copy of the ingested template."""
+    import shutil
+
+    from mlpkg.config import get_settings
+    from mlpkg.db.engine import make_engine
+
+    for key in list(os.environ):
+        if key.startswith("COUPONOPS_"):
+            monkeypatch.delenv(key, raising=False)
+    state = tmp_path / "state"
+    shutil.copytree(ingested_template, state)
+    monkeypatch.setenv("COUPONOPS_STATE_DIR", str(state))
+    get_settings.cache_clear()
+    s = _small_settings(state)
+    eng = make_engine(s.resolved_warehouse_url)
+    yield s, eng
+    eng.dispose()
+    get_settings.cache_clear()

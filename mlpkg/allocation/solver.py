@@ -37,6 +37,8 @@ _POLISH_STEPS = 4
 _SLACK_UNITS = 1.0
 _POLISH_MAX_DAMPING = 4.0
 _TRIM_STEPS = 4
+_REFILL_ROUNDS = 3
+_REFILL_LIMIT = 8192
 # Relative slack when comparing a float64 sum of float32 costs against the budget: the same
 # spend summed in another order differs by far less than this.
 _BUDGET_RTOL = 1e-9
@@ -315,7 +317,7 @@ class _Dual:
         groups = [coupon_members[c] for c in self.active_coupons]
         groups += [channel_members[h] for h in self.active_channels]
         self.n_counts = len(groups)
-        self.groups = groups
+        self.groups = [_as_slice(cols) for cols in groups]
         self.indicator = np.zeros((self.n_counts, mc), dtype=np.float32)
         for q, cols in enumerate(groups):
             self.indicator[q, cols] = 1.0
@@ -327,6 +329,7 @@ class _Dual:
         uppers = [float(col_max[cols].max(initial=0.0)) for cols in groups]
         self.upper = np.array(([max_ratio] if self.has_budget else []) + uppers, dtype=np.float64)
         self.upper = self.upper * (1 + 1e-6) + 1e-12
+        self.null_directions = _null_directions(self.indicator)
 
     def _usable(self, rows: slice | np.ndarray, option_ok: np.ndarray) -> np.ndarray:
         p = self.problem
@@ -396,14 +399,14 @@ class _Dual:
             z += np.exp(-top * inv_tau)
             log_sum += float(np.log(z).sum(dtype=np.float64))
             r /= z  # r now holds each customer's choice probabilities
-            col_p += r.sum(axis=1, dtype=np.float64)
+            col_p += r.sum(axis=1)  # pairwise float32 sums along contiguous rows are accurate
             w = []
             if self.has_budget:
                 pc = r * self.cost[:, a:b]
-                col_pc += pc.sum(axis=1, dtype=np.float64)
+                col_pc += pc.sum(axis=1)
                 w.append(pc.sum(axis=0)[None, :])
                 pc *= self.cost[:, a:b]
-                col_pcc += pc.sum(axis=1, dtype=np.float64)
+                col_pcc += pc.sum(axis=1)
             w.extend(r[cols].sum(axis=0)[None, :] for cols in self.groups)
             wtw += _gram(np.concatenate(w).astype(np.float64))
         usage, second = self._moments(col_p, col_pc, col_pcc)
@@ -545,51 +548,97 @@ class _Dual:
                 break  # the exact dual is flat to within a few customers here
             else:
                 damping = max(4 * damping, 0.25)
-        if self.has_budget and usage[0] > self.capacity[0]:
-            theta, usage, bound, iterations = self._trim_budget(theta, usage, hess, slack, bound, iterations)
-        return theta, float(bound), iterations
+        hard = shifted + 0.5 * float(theta @ slack)
+        if self.has_budget and iterations < max_iter:
+            theta, hard, seen, iterations = self._fit_budget(theta, hard, usage, hess, slack, iterations)
+            bound = min(bound, seen)
+        theta, hard = self._slide(theta, hard)
+        return theta, float(min(bound, hard)), iterations
 
-    def _trim_budget(
+    def _slide(self, theta: np.ndarray, hard: float) -> tuple[np.ndarray, float]:
+        """Move the prices along directions that change no reduced value, as far as they help.
+
+        When every option uses one coupon and one channel, raising all coupon prices and
+        lowering all channel prices by the same amount leaves every choice as it is; the dual
+        is then linear along that direction and Newton steps, which see no curvature there,
+        barely move. The exact minimum lies where a price reaches zero.
+
+        Returns:
+            ``(theta, exact dual value at theta)``.
+        """
+        first = 1 if self.has_budget else 0
+        for direction in self.null_directions:
+            full = np.zeros(self.dim)
+            full[first:] = direction
+            slope = float(full @ self.capacity)
+            if slope > 0:
+                full, slope = -full, -slope
+            if slope == 0:
+                continue
+            # Go as far as every price stays within [0, upper].
+            with np.errstate(divide="ignore", invalid="ignore"):
+                to_zero = np.where(full < 0, -theta / full, np.inf)
+                to_top = np.where(full > 0, (self.upper - theta) / full, np.inf)
+            t = float(min(to_zero.min(), to_top.min()))
+            if np.isfinite(t) and t > 0:
+                theta = np.clip(theta + t * full, 0.0, self.upper)
+                hard += t * slope
+        return theta, hard
+
+    def _fit_budget(
         self,
         theta: np.ndarray,
+        hard: float,
         usage: np.ndarray,
         hess: np.ndarray,
         slack: np.ndarray,
-        bound: float,
         iterations: int,
-    ) -> tuple[np.ndarray, np.ndarray, float, int]:
-        """Raise the budget price alone until the exact choice fits the budget.
+    ) -> tuple[np.ndarray, float, float, int]:
+        """Move the budget price alone until the exact choice spends just under the budget.
 
-        Dropping whole customers to undo a small overspend loses far more than the overspend
-        is worth, so the budget is the one cap brought under its limit before the repair.
-        Spend falls monotonically as the budget price rises (other prices fixed), so a
-        bracketing secant search aims at spend in ``[budget - slack, budget]``.
+        Undoing an overspend means dropping whole customers, and an underspend is hard to
+        refill once every coupon and channel is full (only swaps between customers could use
+        it), so the budget is the one cap we aim at closely before the repair: spend in
+        ``[budget - slack, budget]``. Spend falls monotonically as the budget price rises with
+        the other prices fixed, so a bracketing secant search is safe.
 
         Returns:
-            ``(theta, usage, bound, iterations)``, at the best price found that fits, if any.
+            ``(theta, exact dual value there, best exact dual value seen, iterations)`` at the
+            best price found that fits; the starting point (value ``inf`` if it overspends)
+            when none does.
         """
         budget, target = self.capacity[0], self.capacity[0] - 0.5 * slack[0]
-        low, spend_low = float(theta[0]), float(usage[0])
-        high = spend_high = None
-        best = (theta, usage)
+        spend = float(usage[0])
+        bound = hard
+        best = (theta, hard, spend) if spend <= budget else (theta, float(np.inf), -np.inf)
+        low = high = None  # prices known to overspend / to fit
+        price = float(theta[0])
         for _ in range(_TRIM_STEPS):
-            if high is None:
-                slope = max(float(hess[0, 0]), _EPS)  # spend lost per unit of price, smoothed
-                price = low + (spend_low - target) / slope
+            if budget - slack[0] <= spend <= budget:
+                break
+            if spend > budget:
+                low, spend_low = price, spend
             else:
+                high, spend_high = price, spend
+                if price <= 0:
+                    break  # free budget and still under: nothing to gain
+            if low is not None and high is not None:
                 share = (spend_low - target) / max(spend_low - spend_high, _EPS)
                 price = low + min(max(share, 0.1), 0.9) * (high - low)
+            else:
+                slope = max(float(hess[0, 0]), _EPS)  # spend lost per unit of price, smoothed
+                price = min(max(price + (spend - target) / slope, 0.0), float(self.upper[0]))
             trial = theta.copy()
-            trial[0] = min(price, self.upper[0])
+            trial[0] = price
             t_hard, t_usage = self.hard_pass(trial)
             iterations += 1
             bound = min(bound, t_hard)
-            if t_usage[0] <= budget:
-                high, spend_high, best = float(trial[0]), float(t_usage[0]), (trial, t_usage)
-                if spend_high >= budget - slack[0]:
-                    break
-            else:
-                low, spend_low = float(trial[0]), float(t_usage[0])
+            spend = float(t_usage[0])
+            if _DEBUG:
+                print(f"fit price {price:.6g} spend-budget {spend - budget:.4g} slack {slack[0]:.3g} "
+                      f"{np.round(self.capacity - t_usage, 1)}")
+            if best[2] < spend <= budget:
+                best = (trial, t_hard, spend)
         return best[0], best[1], bound, iterations
 
     def _slack(self, usage: np.ndarray, tol: float) -> np.ndarray:
@@ -659,58 +708,85 @@ class _Dual:
         return local
 
     def refill(self, local: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        """Give unassigned customers the best options that still fit, greedily by reduced value."""
+        """Spend what the caps leave on the best moves, greedily by reduced gain.
+
+        A move gives an unassigned customer an option, or switches an assigned one to an
+        option worth more; moves that fit are taken best reduced gain first (at the final
+        prices), one per customer. Switching matters when every coupon is used up but budget
+        is left: only a dearer, better option for someone already served can use it.
+        """
         local = local.copy()
+        for _ in range(_REFILL_ROUNDS):
+            moves = self._moves(local, theta)
+            if moves is None:
+                break
+            cust, col, dcost, new_coupon, old_coupon, new_channel, old_channel, left = moves
+            accepted = _greedy_fill(
+                cust, dcost, (new_coupon, new_channel), (old_coupon, old_channel), *left
+            )
+            local[cust[accepted]] = col[accepted]
+            if accepted.size == 0 or len(cust) < _REFILL_LIMIT:
+                break  # the list held every move that fitted, so the greedy scan saw them all
+        return local
+
+    def _moves(self, local: np.ndarray, theta: np.ndarray) -> tuple | None:
+        """List the best improving moves that fit on their own, sorted by reduced gain."""
         lam, offset = self._split(theta)
         rows, cols = self._assigned(local)
         left_budget = self.budget - float(self.cost[cols, rows].astype(np.float64).sum())
         left_coupon = _left(self.coupon_cap, self.option_coupon[cols])
         left_channel = _left(self.channel_cap, self.option_channel[cols])
-        col_ok = (_lookup(left_coupon, self.option_coupon) >= 1) & (
-            _lookup(left_channel, self.option_channel) >= 1
-        )
-        if not col_ok.any() or left_budget < 0:
-            return local
-        ok_cols = np.flatnonzero(col_ok)
-        limit = max(4 * self.chunk, 1_000_000)
-        cand_row, cand_col, cand_key = [], [], []
-        free = local < 0
+        if left_budget < 0:
+            return None
+        coupon_room = _lookup(left_coupon, self.option_coupon) >= 1
+        channel_room = _lookup(left_channel, self.option_channel) >= 1
+        limit = _REFILL_LIMIT
+        found: list[tuple[np.ndarray, ...]] = []
         for a, b in _chunks(len(self.rows), self.chunk):
-            free_rows = np.flatnonzero(free[a:b]) + a
-            if free_rows.size == 0:
+            cur = local[a:b].astype(np.int64)
+            has = cur >= 0
+            idx = np.arange(b - a)
+            pick = np.where(has, cur, 0)
+            r = self._reduced(a, b, lam, offset)
+            v = self.value[:, a:b]
+            c = self.cost[:, a:b]
+            cur_r = np.where(has, r[pick, idx], 0.0).astype(np.float32)
+            cur_v = np.where(has, v[pick, idx], 0.0).astype(np.float32)
+            cur_c = np.where(has, c[pick, idx], 0.0).astype(np.float32)
+            cur_coupon = np.where(has, self.option_coupon[pick], -2)
+            cur_channel = np.where(has, self.option_channel[pick], -2)
+            ok = v > cur_v  # strictly better value; also excludes unusable entries and the current option
+            ok &= (c - cur_c) <= left_budget
+            ok &= coupon_room[:, None] | (self.option_coupon[:, None] == cur_coupon[None, :])
+            ok &= channel_room[:, None] | (self.option_channel[:, None] == cur_channel[None, :])
+            j, i = np.nonzero(ok)
+            if j.size == 0:
                 continue
-            v = self.value[np.ix_(ok_cols, free_rows)]
-            c = self.cost[np.ix_(ok_cols, free_rows)]
-            fits = (v > _DEAD) & (c <= left_budget)
-            j, i = np.nonzero(fits)
-            key = v[j, i] - np.float32(lam) * c[j, i] - offset[ok_cols[j]]
+            key = r[j, i] - cur_r[i]
             if key.size > limit:
                 keep = np.argpartition(-key, limit)[:limit]
                 j, i, key = j[keep], i[keep], key[keep]
-            cand_row.append(free_rows[i])
-            cand_col.append(ok_cols[j])
-            cand_key.append(key)
-        if not cand_row:
-            return local
-        cand_row = np.concatenate(cand_row)
-        cand_col = np.concatenate(cand_col)
-        cand_key = np.concatenate(cand_key)
-        if cand_key.size > limit:
-            keep = np.argpartition(-cand_key, limit)[:limit]
-            cand_row, cand_col, cand_key = cand_row[keep], cand_col[keep], cand_key[keep]
-        order = np.argsort(-cand_key, kind="stable")
-        cand_row, cand_col = cand_row[order], cand_col[order]
-        accepted = _greedy_fill(
-            cand_row,
-            self.cost[cand_col, cand_row].astype(np.float64),
-            self.option_coupon[cand_col],
-            self.option_channel[cand_col],
-            left_budget,
-            left_coupon,
-            left_channel,
+            found.append((i + a, j, key, c[j, i].astype(np.float64) - cur_c[i], cur[i]))
+        if not found:
+            return None
+        cust, col, key, dcost, old = (np.concatenate(x) for x in zip(*found))
+        if key.size > limit:
+            keep = np.argpartition(-key, limit)[:limit]
+            cust, col, key, dcost, old = cust[keep], col[keep], key[keep], dcost[keep], old[keep]
+        order = np.argsort(-key, kind="stable")
+        cust, col, dcost, old = cust[order], col[order], dcost[order], old[order]
+        old_coupon = np.where(old >= 0, self.option_coupon[np.maximum(old, 0)], -1)
+        old_channel = np.where(old >= 0, self.option_channel[np.maximum(old, 0)], -1)
+        return (
+            cust,
+            col,
+            dcost,
+            self.option_coupon[col],
+            old_coupon,
+            self.option_channel[col],
+            old_channel,
+            (left_budget, left_coupon, left_channel),
         )
-        local[cand_row[accepted]] = cand_col[accepted]
-        return local
 
     def expand(self, local: np.ndarray) -> np.ndarray:
         """Map a choice over kept rows and columns back to the original indices."""
@@ -728,28 +804,28 @@ class _Dual:
 
 def _greedy_fill(
     cust: np.ndarray,
-    cost: np.ndarray,
-    coupon: np.ndarray,
-    channel: np.ndarray,
+    dcost: np.ndarray,
+    new_groups: tuple[np.ndarray, np.ndarray],
+    old_groups: tuple[np.ndarray, np.ndarray],
     left_budget: float,
     left_coupon: np.ndarray,
     left_channel: np.ndarray,
     max_rounds: int = 200,
 ) -> np.ndarray:
-    """Accept candidates in order while they fit, exactly as a sequential greedy scan would.
+    """Accept moves in order while they fit, exactly as a sequential greedy scan would.
 
-    Candidates are sorted best first; a customer takes at most one. Each round accepts the
-    longest prefix of each customer's first remaining candidate that fits every cap together,
-    then discards candidates that no longer fit on their own, so the scan is vectorised yet
-    identical to the one-by-one greedy.
+    Moves are sorted best first and a customer makes at most one. A move adds ``dcost`` to the
+    spend and takes a slot of its new coupon and channel while freeing its old ones (``-1``:
+    none). Each round accepts the longest run of each customer's first remaining move that fits
+    every cap, then drops the move that did not fit and every move that no longer fits on its
+    own; so the scan is vectorised yet identical to the one-by-one greedy.
 
     Returns:
-        Positions (into the candidate arrays) of the accepted candidates.
+        Positions (into the move arrays) of the accepted moves.
     """
-    left_coupon = left_coupon.copy()
-    left_channel = left_channel.copy()
+    lefts = [left_coupon.copy(), left_channel.copy()]
     alive = np.ones(len(cust), dtype=bool)
-    taken_customer = np.zeros(int(cust.max()) + 1 if len(cust) else 0, dtype=bool)
+    done = np.zeros(int(cust.max()) + 1 if len(cust) else 0, dtype=bool)
     accepted: list[np.ndarray] = []
     for _ in range(max_rounds):
         idx = np.flatnonzero(alive)
@@ -757,33 +833,31 @@ def _greedy_fill(
             break
         _, first = np.unique(cust[idx], return_index=True)
         cand = idx[np.sort(first)]
-        stop = len(cand)
-        spent = np.cumsum(cost[cand])
-        over = spent > left_budget
-        if over.any():
-            stop = min(stop, int(np.argmax(over)))
-        for groups, left in ((coupon, left_coupon), (channel, left_channel)):
-            g = groups[cand]
-            for k in np.unique(g[g >= 0]):
+        over = np.cumsum(dcost[cand]) > left_budget
+        stop = int(np.argmax(over)) if over.any() else len(cand)
+        for new, old, left in zip(new_groups, old_groups, lefts, strict=True):
+            n_new, n_old = new[cand[:stop]], old[cand[:stop]]
+            for k in np.unique(n_new[(n_new >= 0) & (n_new != n_old)]):
                 if not np.isfinite(left[k]):
                     continue
-                pos = np.flatnonzero(g == k)
-                allowed = int(left[k])
-                if pos.size > allowed:
-                    stop = min(stop, int(pos[allowed]))
+                delta = (n_new == k).astype(np.int64) - (n_old == k)
+                bad = np.cumsum(delta) > left[k]
+                if bad.any():
+                    stop = min(stop, int(np.argmax(bad)))
         take = cand[:stop]
         accepted.append(take)
-        if take.size:
-            left_budget -= float(cost[take].sum())
-            for groups, left in ((coupon, left_coupon), (channel, left_channel)):
-                g = groups[take]
-                left -= np.bincount(g[g >= 0], minlength=len(left))
-            taken_customer[cust[take]] = True
+        left_budget -= float(dcost[take].sum())
+        for new, old, left in zip(new_groups, old_groups, lefts, strict=True):
+            left -= np.bincount(new[take][new[take] >= 0], minlength=len(left))
+            left += np.bincount(old[take][old[take] >= 0], minlength=len(left))
+        done[cust[take]] = True
         if stop == len(cand):
             break
-        alive &= ~taken_customer[cust]
-        alive &= cost <= left_budget
-        alive &= (_lookup(left_coupon, coupon) >= 1) & (_lookup(left_channel, channel) >= 1)
+        alive[cand[stop]] = False
+        alive &= ~done[cust]
+        alive &= dcost <= left_budget
+        for new, old, left in zip(new_groups, old_groups, lefts, strict=True):
+            alive &= (_lookup(left, new) >= 1) | (new == old)
     return np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)
 
 
@@ -835,6 +909,25 @@ def _damped_newton_step(
         step[high] = (upper - theta)[high]
         fixed |= low | high
     return step
+
+
+def _null_directions(indicator: np.ndarray) -> list[np.ndarray]:
+    """Return a basis of count-price changes that leave every option's total price unchanged."""
+    if indicator.shape[0] == 0 or indicator.shape[1] == 0:
+        return []
+    _, singular, vt = np.linalg.svd(indicator.T.astype(np.float64))
+    rank = int(np.sum(singular > 1e-9 * max(float(singular.max(initial=0.0)), 1.0)))
+    return [row for row in vt[rank:]]
+
+
+def _as_slice(index: np.ndarray) -> slice | np.ndarray:
+    """Return ``index`` as a slice when it is evenly spaced, so that indexing makes a view."""
+    if len(index) == 0:
+        return index
+    step = int(index[1] - index[0]) if len(index) > 1 else 1
+    if step > 0 and np.array_equal(index, np.arange(index[0], index[-1] + 1, step)):
+        return slice(int(index[0]), int(index[-1]) + 1, step)
+    return index
 
 
 def _gram(w: np.ndarray, block: int = 1024) -> np.ndarray:

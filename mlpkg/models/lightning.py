@@ -130,7 +130,7 @@ class UpliftLitModule(pl.LightningModule):
         rev_term = (wm * deviance).sum() / wm.sum().clamp_min(1.0)
         loss = (weight * bce).mean() + self.revenue_weight * rev_term
         prob = torch.sigmoid(conv_logits.gather(1, arm.unsqueeze(1)).squeeze(1))
-        return {"loss": loss, "bce": bce, "prob": prob, "weight": weight, "converted": converted}
+        return {"loss": loss, "bce": bce, "prob": prob, "converted": converted}
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Return the weighted loss of one batch."""

@@ -75,7 +75,9 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
     ``uplift__{a}`` (``p_conv__a - p_conv__control``, treatment arms only) and ``revenue__{a}``
     (expected revenue given conversion), all float32 and aligned with the input index. The
     allocator should call :meth:`score_arrays` on the unwrapped model
-    (``loaded.unwrap_python_model()``), which skips DataFrame assembly and MLflow's schema checks.
+    (``loaded.unwrap_python_model()``), which skips DataFrame assembly and MLflow's schema checks:
+    through ``PyFuncModel.predict`` MLflow enforces the logged signature, i.e. the training
+    frame's dtypes (an int64 column where training had float64 is rejected).
 
     Args:
         chunk_size: Rows scored per forward pass; bounds peak memory on large batches.

@@ -36,7 +36,9 @@ from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, uplift_los
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
 
-ARMS = ["control"] + [f"{c}@{ch}" for c in ("PCT10", "PCT20", "USD5", "FREESHIP") for ch in ("email", "sms", "push")]
+ARMS = ["control"] + [
+    f"{c}@{ch}" for c in ("PCT10", "PCT20", "USD5", "FREESHIP") for ch in ("email", "sms", "push")
+]
 NUMERIC = [f"num_{i:02d}" for i in range(12)]
 CATEGORICAL = ["region", "device", "segment", "top_category"]
 SCORING_ROWS = 65_536
@@ -61,7 +63,9 @@ def make_frame(n: int, seed: int = 0) -> pd.DataFrame:
     frame["segment"] = rng.choice(["new", "regular", "vip", "lapsed"], n)
     frame["top_category"] = rng.choice([f"cat{i}" for i in range(30)], n)
     arm_idx = rng.integers(0, len(ARMS), n)
-    logit = -2.0 + 0.5 * frame["num_01"] + 0.3 * (frame["segment"] == "vip") + 0.05 * arm_idx * frame["num_02"]
+    logit = (
+        -2.0 + 0.5 * frame["num_01"] + 0.3 * (frame["segment"] == "vip") + 0.05 * arm_idx * frame["num_02"]
+    )
     frame["arm"] = np.asarray(ARMS, dtype=object)[arm_idx]
     frame["converted"] = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     frame["revenue"] = np.where(frame["converted"] == 1, rng.lognormal(3.5, 0.5, n), 0.0)
@@ -69,10 +73,26 @@ def make_frame(n: int, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
-def _result(name: str, value: float, unit: str, reference: str, reference_value: float, ratio: float,
-            target: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "value": value, "unit": unit, "reference": reference,
-            "reference_value": reference_value, "ratio": ratio, "target": target, **extra}
+def _result(
+    name: str,
+    value: float,
+    unit: str,
+    reference: str,
+    reference_value: float,
+    ratio: float,
+    target: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "reference": reference,
+        "reference_value": reference_value,
+        "ratio": ratio,
+        "target": target,
+        **extra,
+    }
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -84,11 +104,22 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _new_net(data: UpliftDataModule, cfg: TrainerSettings, state: dict[str, torch.Tensor]) -> MultiArmUpliftNet:
-    net = MultiArmUpliftNet(
-        len(NUMERIC), data.preprocessor.cardinalities, len(ARMS),
-        embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, head_dim=cfg.head_dim, dropout=cfg.dropout,
+def _build_net(data: UpliftDataModule, cfg: TrainerSettings) -> MultiArmUpliftNet:
+    return MultiArmUpliftNet(
+        len(NUMERIC),
+        data.preprocessor.cardinalities,
+        len(ARMS),
+        embedding_dim=cfg.embedding_dim,
+        hidden_dim=cfg.hidden_dim,
+        head_dim=cfg.head_dim,
+        dropout=cfg.dropout,
     )
+
+
+def _new_net(
+    data: UpliftDataModule, cfg: TrainerSettings, state: dict[str, torch.Tensor]
+) -> MultiArmUpliftNet:
+    net = _build_net(data, cfg)
     net.load_state_dict(state)
     return net
 
@@ -96,18 +127,22 @@ def _new_net(data: UpliftDataModule, cfg: TrainerSettings, state: dict[str, torc
 def bench_training(data: UpliftDataModule, cfg: TrainerSettings, epochs: int, repeats: int) -> dict[str, Any]:
     """Time Lightning's fit against a plain loop on identical network, data and epochs."""
     torch.manual_seed(0)
-    state = _new_net(data, cfg, MultiArmUpliftNet(
-        len(NUMERIC), data.preprocessor.cardinalities, len(ARMS),
-        embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, head_dim=cfg.head_dim, dropout=cfg.dropout,
-    ).state_dict()).state_dict()
+    state = _build_net(data, cfg).state_dict()
     optimizer = functools.partial(torch.optim.AdamW, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     revenue_weight = 0.1
 
     def lightning_fit() -> None:
         module = UpliftLitModule(_new_net(data, cfg, state), optimizer, revenue_weight=revenue_weight)
         trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
         )
         trainer.fit(module, train_dataloaders=data.train_dataloader())
 
@@ -120,7 +155,9 @@ def bench_training(data: UpliftDataModule, cfg: TrainerSettings, epochs: int, re
                 conv_logits, rev_log = net(x_num, x_cat)
                 bce, deviance, mask = uplift_losses(conv_logits, rev_log, arm, converted, revenue)
                 wm = weight * mask
-                loss = (weight * bce).mean() + revenue_weight * (wm * deviance).sum() / wm.sum().clamp_min(1.0)
+                loss = (weight * bce).mean() + revenue_weight * (wm * deviance).sum() / wm.sum().clamp_min(
+                    1.0
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -133,26 +170,37 @@ def bench_training(data: UpliftDataModule, cfg: TrainerSettings, epochs: int, re
         plain_times.append(_median_time(plain_fit, 1))
     lt, pt = statistics.median(lightning_times), statistics.median(plain_times)
     steps = epochs * len(data.train_dataloader())
-    return _result("lightning_fit", lt, "s", "plain_torch_loop", pt, lt / pt, "<= 1.15",
-                   epochs=epochs, steps=steps, train_rows=len(data.datasets["train"]))
+    return _result(
+        "lightning_fit",
+        lt,
+        "s",
+        "plain_torch_loop",
+        pt,
+        lt / pt,
+        "<= 1.15",
+        epochs=epochs,
+        steps=steps,
+        train_rows=len(data.datasets["train"]),
+    )
 
 
-def bench_scoring(data: UpliftDataModule, cfg: TrainerSettings, work_dir: Path,
-                  repeats: int) -> list[dict[str, Any]]:
+def bench_scoring(
+    data: UpliftDataModule, cfg: TrainerSettings, work_dir: Path, repeats: int
+) -> list[dict[str, Any]]:
     """Time pyfunc predict and score_arrays against a bare forward pass on 65,536 rows."""
     torch.manual_seed(0)
-    net = MultiArmUpliftNet(
-        len(NUMERIC), data.preprocessor.cardinalities, len(ARMS),
-        embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, head_dim=cfg.head_dim, dropout=cfg.dropout,
-    ).eval()
+    net = _build_net(data, cfg).eval()
     raw = make_frame(SCORING_ROWS, seed=1).drop(columns=["arm", "converted", "revenue", "propensity"])
     art_dir = work_dir / "artifacts"
     art_dir.mkdir()
     artifacts = write_model_artifacts(net, data.preprocessor, ARMS, art_dir)
     example = raw[[*NUMERIC, *CATEGORICAL]].head(5)
     mlflow.pyfunc.save_model(
-        path=str(work_dir / "model"), python_model=UpliftPyfunc(chunk_size=SCORING_ROWS),
-        artifacts=artifacts, input_example=example, pip_requirements=["torch", "pandas"],
+        path=str(work_dir / "model"),
+        python_model=UpliftPyfunc(chunk_size=SCORING_ROWS),
+        artifacts=artifacts,
+        input_example=example,
+        pip_requirements=["torch", "pandas"],
     )
     loaded = mlflow.pyfunc.load_model(str(work_dir / "model"))
     fast = loaded.unwrap_python_model()
@@ -163,22 +211,48 @@ def bench_scoring(data: UpliftDataModule, cfg: TrainerSettings, work_dir: Path,
         with torch.inference_mode():
             net(x_num_t, x_cat_t)
 
-    for fn in (forward, lambda: loaded.predict(raw), lambda: fast.score_arrays(raw)):
+    sides = {
+        "forward": forward,
+        "pyfunc": lambda: loaded.predict(raw),
+        "arrays": lambda: fast.score_arrays(raw),
+    }
+    for fn in sides.values():
         fn()  # warm-up
-    t_forward = _median_time(forward, repeats)
-    t_pyfunc = _median_time(lambda: loaded.predict(raw), repeats)
-    t_arrays = _median_time(lambda: fast.score_arrays(raw), repeats)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeats):  # interleaved, so drift in machine load hits every side alike
+        for key, fn in sides.items():
+            times[key].append(_median_time(fn, 1))
+    t_forward, t_pyfunc, t_arrays = (statistics.median(times[k]) for k in ("forward", "pyfunc", "arrays"))
     ref = SCORING_ROWS / t_forward
     return [
-        _result("pyfunc_scoring", SCORING_ROWS / t_pyfunc, "rows/s", "raw_torch_forward", ref,
-                t_forward / t_pyfunc, ">= 0.8", rows=SCORING_ROWS, arms=len(ARMS)),
-        _result("pyfunc_score_arrays", SCORING_ROWS / t_arrays, "rows/s", "raw_torch_forward", ref,
-                t_forward / t_arrays, ">= 0.8", rows=SCORING_ROWS, arms=len(ARMS)),
+        _result(
+            "pyfunc_scoring",
+            SCORING_ROWS / t_pyfunc,
+            "rows/s",
+            "raw_torch_forward",
+            ref,
+            t_forward / t_pyfunc,
+            ">= 0.8",
+            rows=SCORING_ROWS,
+            arms=len(ARMS),
+        ),
+        _result(
+            "pyfunc_score_arrays",
+            SCORING_ROWS / t_arrays,
+            "rows/s",
+            "raw_torch_forward",
+            ref,
+            t_forward / t_arrays,
+            ">= 0.8",
+            rows=SCORING_ROWS,
+            arms=len(ARMS),
+        ),
     ]
 
 
-def run(out_dir: Path, *, threads: int | None = 1, train_rows: int = 60_000, epochs: int = 4,
-        repeats: int = 3) -> list[dict[str, Any]]:
+def run(
+    out_dir: Path, *, threads: int | None = 1, train_rows: int = 60_000, epochs: int = 4, repeats: int = 3
+) -> list[dict[str, Any]]:
     """Run both benchmarks, print a table and write ``out_dir/<name>.json`` per result.
 
     Args:
@@ -197,17 +271,20 @@ def run(out_dir: Path, *, threads: int | None = 1, train_rows: int = 60_000, epo
         torch.set_num_threads(threads)
     cfg = TrainerSettings()
     pl.seed_everything(cfg.seed, verbose=False)
-    data = UpliftDataModule(make_frame(train_rows), NUMERIC, CATEGORICAL, ARMS,
-                            batch_size=cfg.batch_size, seed=cfg.seed)
+    data = UpliftDataModule(
+        make_frame(train_rows), NUMERIC, CATEGORICAL, ARMS, batch_size=cfg.batch_size, seed=cfg.seed
+    )
     data.setup()
     results = [bench_training(data, cfg, epochs, repeats)]
     with tempfile.TemporaryDirectory() as work_dir:
-        results.extend(bench_scoring(data, cfg, Path(work_dir), repeats))
+        results.extend(bench_scoring(data, cfg, Path(work_dir), max(repeats, 5)))
     print(f"{'name':<22} {'value':>14} {'unit':<7} {'reference':<18} {'ref value':>14} {'ratio':>7}  target")
     for r in results:
         r["torch_threads"] = torch.get_num_threads()
-        print(f"{r['name']:<22} {r['value']:>14.4g} {r['unit']:<7} {r['reference']:<18} "
-              f"{r['reference_value']:>14.4g} {r['ratio']:>7.3f}  {r['target']}")
+        print(
+            f"{r['name']:<22} {r['value']:>14.4g} {r['unit']:<7} {r['reference']:<18} "
+            f"{r['reference_value']:>14.4g} {r['ratio']:>7.3f}  {r['target']}"
+        )
         (out_dir / f"{r['name']}.json").write_text(json.dumps(r, indent=2))
     return results
 
@@ -220,5 +297,10 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    run(args.out_dir, threads=args.threads or None, train_rows=args.train_rows, epochs=args.epochs,
-        repeats=args.repeats)
+    run(
+        args.out_dir,
+        threads=args.threads or None,
+        train_rows=args.train_rows,
+        epochs=args.epochs,
+        repeats=args.repeats,
+    )

@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent(
     world = make_planted_world(16_000, seed=1)
     data = UpliftDataModule(world, NUMERIC, CATEGORICAL, ARMS, batch_size=batch_size, seed=0)
     data.setup()
-    net = MultiArmUpliftNet(len(NUMERIC), data.preprocessor.cardinalities, len(ARMS), hidden_dim=32, head_dim=16)
+    cards = data.preprocessor.cardinalities
+    net = MultiArmUpliftNet(len(NUMERIC), cards, len(ARMS), hidden_dim=32, head_dim=16)
     net.init_output_bias(*data.training_stats())
     module = UpliftLitModule(net, functools.partial(torch.optim.AdamW, lr=3e-3))
     trainer = pl.Trainer(
@@ -71,7 +72,11 @@ def _fit(script: Path, devices: int, batch_size: int, seed: int, out: Path) -> d
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(script), str(devices), str(batch_size), str(seed), str(out)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=script.parent,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=script.parent,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

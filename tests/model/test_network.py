@@ -43,7 +43,11 @@ def test_forward_returns_one_column_per_arm() -> None:
     for n_numeric, cards in [(3, [5, 4]), (3, []), (0, [5])]:
         net = MultiArmUpliftNet(n_numeric, cards, len(ARMS), hidden_dim=16, head_dim=8)
         x_num = torch.randn(11, n_numeric)
-        x_cat = torch.stack([torch.randint(0, c, (11,)) for c in cards], 1) if cards else torch.zeros(11, 0).long()
+        x_cat = (
+            torch.stack([torch.randint(0, c, (11,)) for c in cards], 1)
+            if cards
+            else torch.zeros(11, 0).long()
+        )
         conv_logits, rev_log = net(x_num, x_cat)
         assert conv_logits.shape == rev_log.shape == (11, len(ARMS))
         assert torch.isfinite(conv_logits).all() and torch.isfinite(rev_log).all()
@@ -104,8 +108,9 @@ def test_preprocessor_standardises_and_imputes() -> None:
     x_num, _ = pre.transform(frame)
     assert np.isfinite(x_num).all() and np.abs(x_num).max() <= pre.clip
     assert np.abs(x_num.mean(0)).max() < 0.05
-    median_row = pd.DataFrame({"spend_90d": [pre.medians["spend_90d"]], "visits_30d": [4],
-                               "segment": ["vip"], "device": ["ios"]})
+    median_row = pd.DataFrame(
+        {"spend_90d": [pre.medians["spend_90d"]], "visits_30d": [4], "segment": ["vip"], "device": ["ios"]}
+    )
     missing_row = median_row.assign(spend_90d=[np.nan])
     assert pre.transform(missing_row)[0][0, 0] == pytest.approx(pre.transform(median_row)[0][0, 0])
 
@@ -114,8 +119,12 @@ def test_unknown_and_missing_categories_map_to_the_unknown_bucket() -> None:
     """A category never seen in training, or a missing one, gets code 0; known ones get 1..K."""
     pre, _ = _fitted()
     rows = pd.DataFrame(
-        {"spend_90d": [10.0, 10.0, 10.0], "visits_30d": [1, 2, 3],
-         "segment": ["vip", "platinum", None], "device": ["ios", "smart-tv", "android"]}
+        {
+            "spend_90d": [10.0, 10.0, 10.0],
+            "visits_30d": [1, 2, 3],
+            "segment": ["vip", "platinum", None],
+            "device": ["ios", "smart-tv", "android"],
+        }
     )
     _, x_cat = pre.transform(rows)
     assert x_cat[0].tolist() == [pre.vocab["segment"].index("vip") + 1, pre.vocab["device"].index("ios") + 1]

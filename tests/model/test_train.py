@@ -34,7 +34,12 @@ ARMS = ["control", "PCT10@email", "USD5@sms"]
 NUMERIC = ["visits_30d", "spend_90d"]
 CATEGORICAL = ["segment", "region"]
 KINDS = ("persuadable", "sure_thing", "sleeping_dog", "lost_cause")
-SEGMENT_OF = {"persuadable": "deal_seeker", "sure_thing": "loyal", "sleeping_dog": "annoyed", "lost_cause": "dormant"}
+SEGMENT_OF = {
+    "persuadable": "deal_seeker",
+    "sure_thing": "loyal",
+    "sleeping_dog": "annoyed",
+    "lost_cause": "dormant",
+}
 BASE_RATE = {"persuadable": 0.06, "sure_thing": 0.55, "sleeping_dog": 0.35, "lost_cause": 0.03}
 EFFECT = {"persuadable": 0.30, "sure_thing": 0.02, "sleeping_dog": -0.22, "lost_cause": 0.0}
 ARM_STRENGTH = {"control": 0.0, "PCT10@email": 1.0, "USD5@sms": 0.6}
@@ -56,7 +61,9 @@ def make_planted_world(n: int = 24_000, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     kind = pd.Series(rng.choice(KINDS, size=n, p=[0.3, 0.25, 0.2, 0.25]))
     # 15 % of segments are noise, so the segment alone does not reveal the kind.
-    segment = np.where(rng.random(n) < 0.15, rng.choice(list(SEGMENT_OF.values()), size=n), kind.map(SEGMENT_OF))
+    segment = np.where(
+        rng.random(n) < 0.15, rng.choice(list(SEGMENT_OF.values()), size=n), kind.map(SEGMENT_OF)
+    )
     visits = rng.poisson(np.where(kind == "sure_thing", 8.0, 3.0))
     spend = rng.lognormal(np.where(kind == "lost_cause", 2.0, 3.5), 1.0)
     arm = pd.Series(rng.choice(ARMS, size=n, p=[PROPENSITY[a] for a in ARMS]))
@@ -104,12 +111,19 @@ def trained(world: pd.DataFrame) -> tuple[UpliftDataModule, MultiArmUpliftNet, p
     pl.seed_everything(3, verbose=False)
     data = UpliftDataModule(world, NUMERIC, CATEGORICAL, ARMS, batch_size=512, seed=3)
     data.setup()
-    net = MultiArmUpliftNet(len(NUMERIC), data.preprocessor.cardinalities, len(ARMS), hidden_dim=32, head_dim=16)
+    net = MultiArmUpliftNet(
+        len(NUMERIC), data.preprocessor.cardinalities, len(ARMS), hidden_dim=32, head_dim=16
+    )
     net.init_output_bias(*data.training_stats())
     module = UpliftLitModule(net, functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=1e-5))
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        accelerator="cpu",
+        max_epochs=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
     )
     trainer.fit(module, datamodule=data)
     return data, net.eval(), trainer
@@ -126,7 +140,12 @@ def _predicted_uplift(data: UpliftDataModule, net: MultiArmUpliftNet, frame: pd.
 def test_split_is_stratified_disjoint_and_seeded(world: pd.DataFrame) -> None:
     """70/15/15 per arm, no row in two splits, and the same seed gives the same split."""
     train, val, test = split_by_arm(world, seed=11)
-    assert len(np.intersect1d(train, val)) == len(np.intersect1d(train, test)) == len(np.intersect1d(val, test)) == 0
+    assert (
+        len(np.intersect1d(train, val))
+        == len(np.intersect1d(train, test))
+        == len(np.intersect1d(val, test))
+        == 0
+    )
     assert len(train) + len(val) + len(test) == len(world)
     for arm in ARMS:
         share = [float((world["arm"].iloc[idx] == arm).mean()) for idx in (train, val, test)]
@@ -199,11 +218,23 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
         trainer=TrainerSettings(accelerator="cpu", max_epochs=2, batch_size=512, hidden_dim=32, head_dim=16),
     )
     frame = make_planted_world(8_000, seed=5).drop(columns=["kind", "true_uplift__PCT10@email"])
-    lineage = {"dag_id": "train_uplift", "run_id": "manual__2026-03-01", "try_number": "1", "snapshot_id": "snap-7"}
+    lineage = {
+        "dag_id": "train_uplift",
+        "run_id": "manual__2026-03-01",
+        "try_number": "1",
+        "snapshot_id": "snap-7",
+    }
     result = train_uplift_model(
-        frame, NUMERIC, CATEGORICAL, ["PCT10@email", "control", "USD5@sms"],
-        settings=settings, tracking_uri=uri, experiment="uplift-test", run_name="unit",
-        tags=lineage, registered_model_name="couponops-uplift-test",
+        frame,
+        NUMERIC,
+        CATEGORICAL,
+        ["PCT10@email", "control", "USD5@sms"],
+        settings=settings,
+        tracking_uri=uri,
+        experiment="uplift-test",
+        run_name="unit",
+        tags=lineage,
+        registered_model_name="couponops-uplift-test",
         extra_metrics_fn=lambda test, scores, arms: {"test/rows_seen_by_extra": len(test)},
     )
     assert result.arms == ARMS  # control first, whatever order the caller used
@@ -217,7 +248,8 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
     assert run.data.params["arms"] == ",".join(ARMS) and run.data.params["data.n_rows"] == "8000"
     assert {k: run.data.tags[k] for k in lineage} == lineage and "git_commit" in run.data.tags
     version = client.get_model_version("couponops-uplift-test", "1")
-    assert version.run_id == result.mlflow_run_id and version.tags["snapshot_id"] == "snap-7"
+    assert version.run_id == result.mlflow_run_id
+    assert {k: version.tags[k] for k in lineage} == lineage and version.tags["git_commit"]
     assert len(result.test_frame) == pytest.approx(0.15 * len(frame), abs=10)
     assert result.metrics["test/auc"] > 0.65
 
@@ -235,7 +267,10 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -245,3 +280,35 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
     assert "uplift__control" not in loaded["columns"]
     local = score_with_model(result.model_uri, raw, tracking_uri=uri)
     np.testing.assert_allclose(loaded["first"][: len(ARMS)], local["p_conv"][0], rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mixed_precision_training_scores_on_cpu(world: pd.DataFrame, tmp_path) -> None:
+    """bf16-mixed training on one GPU learns the planted ranking, and the CPU pyfunc reproduces it."""
+    pl.seed_everything(3, verbose=False)
+    data = UpliftDataModule(world, NUMERIC, CATEGORICAL, ARMS, batch_size=1024, seed=3)
+    data.setup()
+    cards = data.preprocessor.cardinalities
+    net = MultiArmUpliftNet(len(NUMERIC), cards, len(ARMS), hidden_dim=32, head_dim=16)
+    net.init_output_bias(*data.training_stats())
+    module = UpliftLitModule(net, functools.partial(torch.optim.AdamW, lr=3e-3))
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    assert float(trainer.callback_metrics["val/auc"]) > 0.7
+    artifacts = write_model_artifacts(net, data.preprocessor, data.arms, tmp_path)
+    model = UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
+    test = data.split_frame("test")
+    uplift = model.predict(None, test)["uplift__PCT10@email"]
+    by_kind = uplift.groupby(test["kind"].to_numpy()).mean()
+    assert by_kind["persuadable"] > by_kind["sure_thing"] + 0.1
+    assert by_kind["sleeping_dog"] < 0

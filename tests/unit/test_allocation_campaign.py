@@ -1,0 +1,87 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from mlpkg import stages
+from mlpkg.allocation.campaign import allocate_campaign
+from mlpkg.db import models as m
+from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
+from tests.fixtures import use_oracle
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def world(ingested, monkeypatch):
+    settings, engine = ingested
+    shop = stages.load_world(settings)
+    use_oracle(monkeypatch, shop)
+    return settings, engine, shop
+
+
+def _allocate(settings, engine, shop, run_key="dag/run-1", campaign="c1", budget=40.0, objective="profit"):
+    return allocate_campaign(engine, settings, campaign_id=campaign, as_of=shop.now.to_pydatetime(), run_key=run_key,
+                             model_uri="oracle", model_version="0", now=shop.now.to_pydatetime(), budget=budget,
+                             objective=objective)
+
+
+def _ledger(engine, campaign="c1"):
+    with engine.connect() as conn:
+        return pd.read_sql(select(m.Allocation).where(m.Allocation.campaign_id == campaign), conn)
+
+
+def test_ledger_respects_budget_consent_and_one_row_per_customer(world):
+    settings, engine, shop = world
+    summary = _allocate(settings, engine, shop)
+    ledger = _ledger(engine)
+    assert len(ledger) == 600 and ledger["customer_id"].is_unique
+    assert ledger["expected_cost"].sum() <= 40.0 + 1e-6
+    assert summary["spend"] == pytest.approx(ledger["expected_cost"].sum(), rel=1e-6)
+    with engine.connect() as conn:
+        consent = pd.read_sql(select(m.Consent), conn)
+    ok = set(zip(consent.loc[consent.opted_in, "customer_id"], consent.loc[consent.opted_in, "channel"], strict=True))
+    treated = ledger[ledger["coupon_id"].notna()]
+    assert all((c, h) in ok for c, h in zip(treated["customer_id"], treated["channel"], strict=True))
+    assert (ledger.loc[ledger.policy == "control", "arm"] == "control").all()
+    assert ledger["propensity"].between(0, 1, inclusive="right").all()
+
+
+def test_rerunning_the_same_run_changes_nothing_and_another_run_is_refused(world):
+    settings, engine, shop = world
+    _allocate(settings, engine, shop)
+    with session_scope(engine) as s:
+        before = q.table_checksums(s)
+    again = _allocate(settings, engine, shop)
+    assert again["idempotent_rerun"] is True
+    with session_scope(engine) as s:
+        assert q.table_checksums(s) == before
+    with pytest.raises(q.CampaignBusyError, match="already allocated"):
+        _allocate(settings, engine, shop, run_key="dag/run-2")
+
+
+def test_with_a_perfect_model_the_policy_beats_random_targeting(world):
+    settings, engine, shop = world
+    _allocate(settings, engine, shop, objective="conversions", budget=60.0)
+    ledger = _ledger(engine)
+    model = ledger[ledger.policy == "model"]
+    value = shop.oracle_value(model[["customer_id", "arm"]])["incremental_conversions"]
+    rng = np.random.default_rng(0)
+    treated = model[model.arm != "control"]
+    shuffled = model[["customer_id"]].assign(arm="control")
+    pick = rng.choice(len(model), size=len(treated), replace=False)
+    shuffled.iloc[pick, 1] = treated["arm"].to_numpy()
+    random_value = shop.oracle_value(shuffled)["incremental_conversions"]
+    assert value > 0 and value > 1.5 * random_value
+
+
+def test_logged_propensities_are_the_mixture_probabilities(world):
+    settings, engine, shop = world
+    _allocate(settings, engine, shop)
+    ledger = _ledger(engine)
+    c, e = settings.campaign.control_share, settings.campaign.exploration_share
+    model_treated = ledger[(ledger.policy == "model") & (ledger.arm != "control")]
+    assert (model_treated["propensity"] >= 1 - c - e).all()
+    control = ledger[(ledger.policy == "control") & (ledger.model_arm == "control")]
+    assert np.allclose(control["propensity"], c + (1 - c - e), atol=1e-9) or len(control) == 0

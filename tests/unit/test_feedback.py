@@ -1,0 +1,84 @@
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from mlpkg import stages
+from mlpkg.allocation.campaign import allocate_campaign
+from mlpkg.db import models as m
+from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
+from mlpkg.feedback import attribute_campaign, campaign_metrics
+from tests.fixtures import use_oracle
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def measured(ingested, monkeypatch):
+    settings, engine = ingested
+    shop = stages.load_world(settings)
+    use_oracle(monkeypatch, shop)
+    now = shop.now.to_pydatetime()
+    allocate_campaign(engine, settings, campaign_id="c1", as_of=now, run_key="t/1", model_uri="oracle",
+                      model_version="0", now=now, budget=80.0, objective="conversions")
+    stages.deliver(settings, "c1", now=now)
+    batch = stages.collect_feedback(settings, "c1")
+    later = now + pd.Timedelta(days=8)  # feedback lands after the attribution window closed
+    stages.ingest_feedback(settings, batch["feedback_dir"], now=later)
+    overall = stages.measure(settings, "c1", now=later)
+    return settings, engine, shop, batch, overall
+
+
+def test_measurement_is_stored_per_breakdown(measured):
+    settings, engine, shop, batch, overall = measured
+    metrics = campaign_metrics(engine, "c1")
+    assert {"overall", "arm", "coupon", "channel", "segment", "policy"} <= set(metrics["breakdown"])
+    assert overall["customers"] > 0 and overall["control_customers"] > 0
+    lo, hi = overall["incremental_conversions_ci"]
+    assert lo <= overall["incremental_conversions"] <= hi
+    with session_scope(engine) as s:
+        assert s.get(m.Campaign, "c1").status == "measured"
+        log = s.get(m.CampaignLog, "campaign:c1")
+        assert log is not None and log.n_rows == 600
+
+
+def test_replaying_the_same_feedback_file_changes_no_metric(measured):
+    settings, engine, shop, batch, _ = measured
+    before = campaign_metrics(engine, "c1").drop(columns=[])
+    with session_scope(engine) as s:
+        sums = q.table_checksums(s)
+    # a replay under another folder name: same events, new file name
+    replay = settings.raw_dir / "replay"
+    replay.mkdir()
+    (replay / "feedback.csv").write_bytes(open(batch["feedback_file"], "rb").read() + b"")
+    later = shop.now.to_pydatetime() + pd.Timedelta(days=8)
+    stages.ingest_feedback(settings, replay, now=later)
+    stages.measure(settings, "c1", now=later)
+    after = campaign_metrics(engine, "c1")
+    pd.testing.assert_frame_equal(before, after)
+    with session_scope(engine) as s:
+        assert q.table_checksums(s)["feedback_events"] == sums["feedback_events"]
+
+
+def test_attribution_counts_orders_in_the_window_only_and_control_as_baseline(measured):
+    settings, engine, shop, batch, _ = measured
+    attributed = attribute_campaign(engine, "c1", window_days=7)
+    with engine.connect() as conn:
+        orders = pd.read_sql(select(m.FeedbackEvent).where(m.FeedbackEvent.event_type == "order"), conn)
+    buyers = set(orders["customer_id"])
+    assert set(attributed.loc[attributed.converted == 1, "customer_id"]) == buyers
+    assert attributed.loc[attributed.policy == "control", "converted"].sum() > 0
+    short = attribute_campaign(engine, "c1", window_days=1)
+    assert short["converted"].sum() <= attributed["converted"].sum()
+    redeemed = attributed[attributed.redeem == 1]
+    assert (redeemed["coupon_cost"] > 0).all() and redeemed["coupon_id"].notna().all()
+
+
+def test_retrain_decision_is_recorded_with_reasons(measured):
+    settings, engine, *_ = measured
+    decision = stages.decide_retrain(settings, stages.RunContext(dag_id="t", run_id="r"), campaign_id="c1")
+    assert decision["retrain"] is True
+    assert any("labelled rows" in t or "no model" in t for t in decision["reasons"]["triggers"])
+    with session_scope(engine) as s:
+        rows = s.execute(select(m.RetrainDecision)).scalars().all()
+        assert len(rows) == 1 and rows[0].reasons["triggers"]
