@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
 from mlpkg.config import Settings
@@ -27,6 +28,10 @@ from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 
 CONTROL = "control"
+
+
+class LedgerLimitError(RuntimeError):
+    """The database refused a ledger write that would overspend a budget or over-issue a coupon."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +208,17 @@ def allocate_campaign(
         summary["model_version"] = model_version
         with session_scope(engine) as session:
             q.upsert_rows(session, m.Allocation, rows)
-            q.commit_spend(session, campaign_id, spend)
-            q.issue_coupons(session, issued)
+            try:
+                q.commit_spend(session, campaign_id, spend)
+                q.issue_coupons(session, issued)
+                session.flush()
+            except IntegrityError as exc:
+                raise LedgerLimitError(
+                    f"campaign {campaign_id!r}: writing the ledger would exceed the campaign budget "
+                    f"({budget}) or a coupon's inventory (issued {issued}); the database refused it "
+                    "(table campaigns.committed / coupons.issued CHECK). Usually a concurrent campaign "
+                    "took the remaining inventory: re-run to allocate against what is left."
+                ) from exc
             campaign = q.get_campaign(session, campaign_id)
             campaign.status = "allocated"
             campaign.model_version = model_version

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mlpkg.db import models as m
@@ -164,7 +165,14 @@ def claim_campaign(
                 summary={},
             )
         )
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            # Another run inserted the same campaign between our read and our insert.
+            raise CampaignBusyError(
+                f"campaign {campaign_id!r} was created concurrently by another run; {owner!r} refuses to "
+                "allocate it twice"
+            ) from exc
         return "new"
     if existing.status != "allocating":
         if existing.run_key != run_key:
