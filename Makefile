@@ -38,7 +38,7 @@ demo: $(STAMP) ## Run the whole loop once through Airflow on embedded stores and
 	$(BIN)/couponops init
 	$(BIN)/airflow db migrate > $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
 	@set -euo pipefail; \
-	DAY=$$($(BIN)/couponops world-clock); \
+	DAY=$$($(BIN)/couponops world-clock --next-round); \
 	echo "== simulated shop clock: $$DAY"; \
 	for dag in couponops_ingest couponops_train couponops_allocate couponops_feedback couponops_retrain; do \
 	  echo "== airflow dags test $$dag $$DAY"; \
@@ -48,6 +48,11 @@ demo: $(STAMP) ## Run the whole loop once through Airflow on embedded stores and
 	done
 	$(BIN)/couponops report
 	$(BIN)/couponops history --limit 5
+
+ROUNDS ?= 5
+demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (fresh state folder)
+	rm -rf $(STATE)/loop
+	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops loop --rounds $(ROUNDS)
 
 test: $(STAMP) ## Lint, then run the whole test suite (unit, dags, integration, model)
 	$(BIN)/ruff check .

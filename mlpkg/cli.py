@@ -79,15 +79,55 @@ def simulate(
 
 
 @app.command("world-clock")
-def world_clock() -> None:
+def world_clock(
+    next_round: Annotated[
+        bool, typer.Option(help="Advance a week first if a campaign already ran now")
+    ] = False,
+) -> None:
     """Print the simulated shop's current time (the demo's logical date)."""
-    print(stages.load_world(get_settings()).now.isoformat())
+    print(stages.world_clock(get_settings(), next_round=next_round))
 
 
 @app.command()
 def ingest(batch_dir: Path) -> None:
     """Validate a batch folder against its data contracts and load it into the warehouse."""
     _show("ingest", _run(stages.ingest, get_settings(), batch_dir))
+
+
+@app.command("import-log")
+def import_log(
+    file: Path,
+    spec: Annotated[Path, typer.Option(help="YAML spec: id, treatment, outcome and feature columns")],
+) -> None:
+    """Validate a campaign log (CSV or Parquet) against its YAML spec and import it for training."""
+    result = _run(stages.import_log, get_settings(), file, spec)
+    _show(
+        f"campaign log {result['name']}",
+        {
+            "status": result["status"],
+            "rows": result["rows"],
+            "arms": len(result["arms"]),
+            "control rows": f"{result['control_rows']} (label {result['control_label']!r})",
+            "propensity": result["propensity"],
+            "numeric features": result["features"]["numeric"],
+            "categorical features": result["features"]["categorical"],
+        },
+    )
+    _show(
+        "rows per arm",
+        [
+            {
+                "arm": arm,
+                "rows": n,
+                "share": result["arm_share"][arm],
+                "cost": result["arm_costs"].get(arm, 0.0),
+            }
+            for arm, n in result["arms"].items()
+        ],
+    )
+    for warning in result["warnings"]:
+        # Plain text: a warning quotes column lists, which rich would read as markup.
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 @app.command()
@@ -185,6 +225,35 @@ def report(
     for group, metrics in summary.get("observed", {}).items():
         _show(f"observed after customers responded ({group} vs control)", metrics)
     console.print(f"Data Docs: {summary.get('data_docs') or 'not built yet'}")
+    if summary.get("campaign", {}).get("status") == "measured":
+        from mlpkg.reports import campaign_report
+
+        path = _run(campaign_report, get_settings(), summary["campaign"]["campaign_id"], log_to_mlflow=False)
+        console.print(f"Campaign report: {path}")
+
+
+@app.command()
+def loop(
+    rounds: Annotated[int, typer.Option(help="Weekly rounds to run")] = 5,
+    objective: Annotated[str, typer.Option(help="conversions | revenue | profit")] = "conversions",
+    budget: Annotated[float | None, typer.Option(help="Budget per round (default: settings)")] = None,
+) -> None:
+    """Run the closed loop on the simulated shop from a cold start and print each round's numbers."""
+    from mlpkg.evaluation.closed_loop import run_closed_loop
+
+    settings = get_settings()
+    rows: list[dict] = []
+
+    def show(row: dict) -> None:
+        rows.append(row)
+        console.print(
+            f"round {row['round']}: true {row['true_incremental']} vs oracle {row['oracle_incremental']} "
+            f"({row['share_of_oracle']:.0%}); measured {row['model_group_measured']} {row['measured_ci']}"
+        )
+
+    _run(run_closed_loop, settings, rounds, objective=objective, budget=budget, on_round=show)
+    _show("closed loop (incremental conversions; truth from the simulator's oracle)", rows)
+    stages.write_json(settings.reports_dir / "closed_loop.json", {"rounds": rows})
 
 
 @app.command()

@@ -115,6 +115,7 @@ def land_simulated_batch(settings: Settings, batch: str = "initial") -> dict:
     shop = load_world(settings)
     out = settings.raw_dir / batch
     files = shop.export_batch(out, batch=batch)
+    shop.save(_world_path(settings))  # the export cursor lives in world.json
     return {
         "batch_dir": str(out),
         "files": sorted(p.name for p in files.values()),
@@ -161,6 +162,26 @@ def simulate_responses(settings: Settings, campaign_id: str, *, seed: int | None
     return {"feedback_dir": str(out_dir), "feedback_file": str(path), "events": int(len(feedback))}
 
 
+def world_clock(settings: Settings, *, next_round: bool = False, days: int = 7) -> str:
+    """Return the simulated shop's clock; with ``next_round``, first move it on if it was used.
+
+    The clock counts as used once a campaign was allocated at it, so each ``make demo`` after the
+    first runs a new weekly round instead of re-allocating the same campaign.
+    """
+    shop = load_world(settings)
+    if next_round:
+        from mlpkg.db.engine import make_engine, session_scope
+        from mlpkg.db.queries import get_campaign
+
+        settings.ensure_dirs()
+        with session_scope(make_engine(settings.resolved_warehouse_url)) as session:
+            used = get_campaign(session, campaign_id_for(shop.now)) is not None
+        if used:
+            shop.advance(days)
+            shop.save(_world_path(settings))
+    return shop.now.isoformat()
+
+
 def land_batch(settings: Settings, *, batch_dir: str | None = None, batch: str | None = None) -> dict:
     """Return the folder of a landed batch: the given one, or one exported by the simulated shop."""
     if batch_dir:
@@ -168,7 +189,7 @@ def land_batch(settings: Settings, *, batch_dir: str | None = None, batch: str |
         if not path.is_dir():
             raise FileNotFoundError(f"batch folder {path} does not exist")
         return {"batch_dir": str(path)}
-    return land_simulated_batch(settings, batch or "initial")
+    return land_simulated_batch(settings, batch or f"batch-{load_world(settings).now:%Y%m%d}")
 
 
 def collect_feedback(settings: Settings, campaign_id: str, *, feedback_dir: str | None = None) -> dict:
@@ -201,6 +222,20 @@ def ingest(settings: Settings, batch_dir: str | Path, *, now: datetime | None = 
     return report.as_dict()
 
 
+def import_log(
+    settings: Settings, file: str | Path, spec_path: str | Path, now: datetime | None = None
+) -> dict:
+    """Validate a bring-your-own campaign log against its YAML spec and import it.
+
+    See :func:`mlpkg.campaign_logs.import_campaign_log`: a rejected log is quarantined and the
+    warehouse is left unchanged; re-importing the same file is a no-op.
+    """
+    from mlpkg.campaign_logs import import_campaign_log, load_log_spec
+
+    spec = load_log_spec(Path(spec_path))
+    return import_campaign_log(_engine(settings), Path(file), spec, settings, now=now or utcnow())
+
+
 def train(
     settings: Settings, ctx: RunContext, *, log_names: list[str] | None = None, now: datetime | None = None
 ) -> dict:
@@ -211,10 +246,11 @@ def train(
     import pandas as pd
     from sqlalchemy import func, select
 
+    from mlpkg.campaign_logs import training_columns
     from mlpkg.data import training_frame
     from mlpkg.db import models as m
     from mlpkg.db.engine import session_scope
-    from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, feature_snapshot_id
+    from mlpkg.features import feature_snapshot_id
     from mlpkg.train import train_uplift_model
 
     engine = _engine(settings)
@@ -232,9 +268,8 @@ def train(
                 "idempotent_rerun": True,
             }
     frame = training_frame(engine, log_names)
-    numeric = [c for c in NUMERIC_FEATURES if c in frame.columns]
-    categorical = [c for c in CATEGORICAL_FEATURES if c in frame.columns]
-    arms = ["control", *sorted(a for a in frame["arm"].unique() if a != "control")]
+    # Each log names its own features and arms: an imported log's are not the shop's.
+    numeric, categorical, arms = training_columns(engine, frame)
     snapshot_id = feature_snapshot_id(frame)
     snap_dir.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(snap_dir / f"{snapshot_id}.parquet", index=False)
@@ -335,18 +370,23 @@ def allocate(
     budget: float | None = None,
     objective: str | None = None,
     now: datetime | None = None,
+    cold_start: bool = False,
 ) -> dict:
-    """Allocate a campaign with the current champion and write the ledger."""
+    """Allocate a campaign with the current champion and write the ledger.
+
+    With ``cold_start`` and no champion yet, the campaign is pure exploration within the budget.
+    """
     from mlpkg.allocation.campaign import allocate_campaign
     from mlpkg.db.queries import as_utc
     from mlpkg.registry import CHAMPION, alias_version, make_client
 
     client = make_client(settings.resolved_tracking_uri)
     version = alias_version(client, settings.registered_model_name, CHAMPION)
-    if version is None:
+    if version is None and not cold_start:
         raise LookupError(
             f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias; train a model "
-            "(couponops train) or promote a version (couponops promote VERSION) first"
+            "(couponops train) or promote a version (couponops promote VERSION) first, or allow a cold "
+            "start (pure exploration)"
         )
     return allocate_campaign(
         _engine(settings),
@@ -354,7 +394,7 @@ def allocate(
         campaign_id=campaign_id,
         as_of=as_utc(as_of).to_pydatetime(),
         run_key=ctx.run_key,
-        model_uri=f"models:/{settings.registered_model_name}/{version}",
+        model_uri=f"models:/{settings.registered_model_name}/{version}" if version else None,
         model_version=version,
         now=now or utcnow(),
         budget=budget,
@@ -377,8 +417,11 @@ def ingest_feedback(settings: Settings, feedback_dir: str | Path, *, now: dateti
 def measure(settings: Settings, campaign_id: str, *, now: datetime | None = None) -> dict:
     """Attribute feedback to the campaign and measure incrementality vs control."""
     from mlpkg.feedback import measure_campaign
+    from mlpkg.reports import campaign_report
 
-    return measure_campaign(_engine(settings), settings, campaign_id, now=now or utcnow())
+    overall = measure_campaign(_engine(settings), settings, campaign_id, now=now or utcnow())
+    overall["report"] = str(campaign_report(settings, campaign_id))
+    return overall
 
 
 def decide_retrain(

@@ -30,6 +30,33 @@ from mlpkg.db.engine import session_scope
 CONTROL = "control"
 
 
+class PriorScorer:
+    """Scores for a cold start: a flat conversion prior and each customer's average basket."""
+
+    PRIOR_CONVERSION = 0.03
+
+    def __init__(self, coupons: pd.DataFrame, channels: pd.DataFrame):
+        self.arms = [CONTROL] + [
+            f"{c}@{h}" for c in sorted(coupons["coupon_id"]) for h in sorted(channels["channel"])
+        ]
+
+    def score_arrays(self, df: pd.DataFrame, chunk_size: int | None = None) -> dict[str, np.ndarray]:
+        """Return the prior for every customer and arm."""
+        basket = (
+            df["avg_basket"].to_numpy(np.float32) if "avg_basket" in df.columns else np.full(len(df), 60.0)
+        )
+        basket = np.where(
+            np.isfinite(basket) & (basket > 0),
+            basket,
+            np.nanmedian(basket[basket > 0]) if (basket > 0).any() else 60.0,
+        ).astype(np.float32)
+        n, a = len(df), len(self.arms)
+        return {
+            "p_conv": np.full((n, a), self.PRIOR_CONVERSION, dtype=np.float32),
+            "revenue": np.repeat(basket[:, None], a, axis=1),
+        }
+
+
 class LedgerLimitError(RuntimeError):
     """The database refused a ledger write that would overspend a budget or over-issue a coupon."""
 
@@ -163,7 +190,7 @@ def allocate_campaign(
     campaign_id: str,
     as_of: datetime,
     run_key: str,
-    model_uri: str,
+    model_uri: str | None,
     model_version: str | None,
     now: datetime,
     budget: float | None = None,
@@ -248,7 +275,12 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     with session_scope(engine) as session:
         cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days))
 
-    scorer = load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
+    if model_uri is None:
+        # Cold start: no model yet. Every live coupon x channel is an arm, scored with a flat prior
+        # (only used for expected costs); the exploration share grows to use the budget.
+        scorer = PriorScorer(coupons, channels)
+    else:
+        scorer = load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
     scores = scorer.score_arrays(feats, chunk_size=cfg.score_chunk_size)
     model_arms = list(scorer.arms)
     catalog = build_catalog(model_arms, coupons, channels, as_of)
@@ -266,15 +298,24 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     if cooldown:
         eligible &= ~np.isin(ids, list(cooldown))[:, None]
 
+    n_elig = eligible.sum(axis=1)
+    control_share, explore_share = cfg.control_share, cfg.exploration_share
+    if model_uri is None:
+        mean_cost = (
+            float(np.mean(np.where(eligible, cost, 0).sum(axis=1)[n_elig > 0] / n_elig[n_elig > 0]))
+            if (n_elig > 0).any()
+            else 0.0
+        )
+        reach = max(int((n_elig > 0).sum()), 1)
+        explore_share = (
+            min(1.0 - control_share, budget / (mean_cost * reach)) if mean_cost > 0 else 1 - control_share
+        )
     u = uniform_draws(campaign_id, ids, "group")
     group = np.where(
-        u < cfg.control_share,
-        "control",
-        np.where(u < cfg.control_share + cfg.exploration_share, "explore", "model"),
+        u < control_share, "control", np.where(u < control_share + explore_share, "explore", "model")
     )
 
     # Exploration draws first: its spend and capacity come off what the optimiser may use.
-    n_elig = eligible.sum(axis=1)
     pick = np.floor(uniform_draws(campaign_id, ids, "explore") * np.maximum(n_elig, 1)).astype(int)
     explore_choice = np.full(n, -1)
     for i in np.flatnonzero((group == "explore") & (n_elig > 0)):
@@ -308,7 +349,7 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     problem = AllocationProblem(
         value=value[model_rows],
         cost=cost[model_rows],
-        eligible=eligible[model_rows],
+        eligible=eligible[model_rows] & (model_uri is not None),
         option_coupon=catalog.option_coupon,
         option_channel=catalog.option_channel,
         budget=max(budget - exp_spend, 0.0),
@@ -319,10 +360,13 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     final = np.full(n, -1)
     final[model_rows] = result.choice
     final[exp_rows] = exp_opts
-    model_choice = _model_choice_for_all(value, cost, eligible, catalog, result.multipliers)
-    model_choice[model_rows] = result.choice
+    if model_uri is None:
+        model_choice = np.full(n, -1)
+    else:
+        model_choice = _model_choice_for_all(value, cost, eligible, catalog, result.multipliers)
+        model_choice[model_rows] = result.choice
 
-    c, e = cfg.control_share, cfg.exploration_share
+    c, e = control_share, explore_share
     rows = []
     arms_out = []
     for i, cid in enumerate(ids):

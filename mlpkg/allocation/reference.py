@@ -17,7 +17,9 @@ from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from mlpkg.allocation.solver import AllocationProblem, AllocationResult, relative_gap
 
 
-def _build(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix, np.ndarray]:
+def _build(
+    problem: AllocationProblem,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix, np.ndarray]:
     """Return ``(rows, cols, values, A, b)`` of the LP ``max values·x  s.t. A x <= b, 0 <= x <= 1``."""
     n, _ = problem.n_customers, problem.n_options
     rows, cols = np.nonzero(problem.eligible & (problem.value > 0))

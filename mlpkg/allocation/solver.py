@@ -2,43 +2,47 @@
 
 The problem: each customer ``i`` gets at most one eligible option ``j`` (a coupon sent through a
 channel) or nothing; the expected spend is capped by a budget, each coupon by its remaining
-inventory and each channel by its remaining daily capacity; maximise the summed value.
+inventory and each channel by its remaining capacity; maximise the summed value.
 
-The coupling constraints are few (``1 + n_coupons + n_channels``) while customers are many, so we
-relax them with multipliers: given prices ``λ`` (budget), ``μ_c`` (coupon) and ``ν_h`` (channel)
-each customer independently takes ``argmax_j value - λ·cost - μ_c(j) - ν_h(j)`` or nothing. The
-dual function is a sum over customers of piecewise-linear terms; we minimise an entropy-smoothed
-version of it with a projected Newton method (the dual has at most a few dozen coordinates, so
-the Hessian is tiny) while lowering the temperature, and keep the best exact dual bound seen.
-The integer choice at the final prices is then made feasible by a repair step (drop the
-assignments with the worst reduced profit from each violated constraint) and completed by a
-greedy refill of whatever budget and capacity is left. Every pass over the ``[n, m]`` matrices
-runs in row chunks, in float32, so memory stays at a few copies of the inputs.
+The coupling constraints are few (``1 + n_coupons + n_channels``) while customers are many, so
+they are priced instead: given prices ``λ`` (budget), ``μ_c`` (coupon) and ``ν_h`` (channel) each
+customer independently takes ``argmax_j value - λ·cost - μ_c(j) - ν_h(j)``, or nothing when that
+is not positive. The dual function (the priced objective plus ``prices · caps``) bounds every
+allocation from above; it is minimised over the prices with damped Newton steps on an entropy
+smoothing of it (the Hessian is only ``d × d`` for ``d`` caps), then polished on the exact
+choice. The choice at the final prices is made feasible by a repair (drop the assignments with
+the worst reduced profit from each violated cap) and completed by a greedy refill of whatever
+budget and capacity is left. Every pass over the ``[n, m]`` matrices runs in chunks of
+customers, in float32, so memory stays at about two float32 copies of the inputs.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 _EPS = 1e-12
-# Unusable (customer, option) entries hold about -_BIG; anything below _DEAD is unusable.
+# Unusable (customer, option) entries hold about -FLT_MAX; anything below _DEAD is unusable.
 _BIG = np.float32(np.finfo(np.float32).max)
 _DEAD = -1e38
-_DEBUG = False
-# Temperature schedule of the smoothed dual, relative to the median usable value.
-_TAU_START = 0.1
-_TAU_FACTOR = 0.1
-_TAU_STAGES = 1
+# Temperature of the smoothed dual, relative to the median usable value.
+_TAU = 0.1
+# The smoothed phase stops once every binding cap is met to within this many slacks; the exact
+# polish that follows does the rest.
+_SOFT_SLACK = 10.0
+# Customers in the sample that warm-starts large solves: k // divisor, within [min, max].
+_SAMPLE_MIN = 2_000
+_SAMPLE_MAX = 200_000
+_SAMPLE_DIVISOR = 8
 _DAMPING_START = 1.0
 _POLISH_STEPS = 4
-_SLACK_UNITS = 1.0
 _POLISH_MAX_DAMPING = 4.0
 _TRIM_STEPS = 4
 _REFILL_ROUNDS = 3
-_REFILL_LIMIT = 8192
+_REFILL_LIMIT = 65_536
 # Relative slack when comparing a float64 sum of float32 costs against the budget: the same
 # spend summed in another order differs by far less than this.
 _BUDGET_RTOL = 1e-9
@@ -125,7 +129,7 @@ class AllocationResult:
         gap: ``(dual_bound - objective) / max(|dual_bound|, eps)``.
         multipliers: prices of the constraints: ``budget`` (float), ``coupon`` and ``channel``
             (arrays); zero for constraints that are slack or have no cap.
-        iterations: dual iterations (Newton steps) taken.
+        iterations: dual iterations taken (each one pass over the data, or over a sample).
         seconds: wall time of the solve.
         spend: summed expected cost of the choice.
     """
@@ -194,10 +198,10 @@ def solve_lagrangian(
 
     Args:
         problem: the instance; validated first.
-        tol: target relative gap between the repaired objective and the dual bound; the dual
-            search stops early once it is reached.
-        max_iter: cap on dual (Newton) iterations; each costs one or two passes over the data.
-        chunk_size: rows per chunk in the passes over the ``[n, m]`` matrices.
+        tol: relative accuracy of the price search: it stops once every binding cap is used to
+            within ``max(10·tol·capacity, one customer)`` (for the budget, one typical cost).
+        max_iter: cap on dual iterations; each is one pass over the data (or over a sample).
+        chunk_size: customers per chunk in the passes over the ``[n, m]`` matrices.
 
     Returns:
         A feasible allocation with its objective, dual bound, gap and constraint prices.
@@ -467,93 +471,128 @@ class _Dual:
             usage = np.concatenate(([col_c.sum()], usage))
         return total + float(theta @ self.capacity), usage
 
-    def minimise(self, *, tol: float, max_iter: int) -> tuple[np.ndarray, float, int]:
-        """Minimise the dual: damped Newton on a cooling entropy smoothing, then a hard polish.
+    def _sample(self) -> _Dual | None:
+        """Return the same dual on an evenly spaced sample of customers with scaled caps."""
+        k = len(self.rows)
+        size = max(_SAMPLE_MIN, min(k // _SAMPLE_DIVISOR, _SAMPLE_MAX))
+        if k < 4 * size:
+            return None
+        step = k // size
+        sample = copy.copy(self)
+        sample.value = np.ascontiguousarray(self.value[:, ::step])
+        sample.cost = np.ascontiguousarray(self.cost[:, ::step])
+        sample.rows = self.rows[::step]
+        sample.capacity = self.capacity * (sample.value.shape[1] / k)
+        return sample
 
-        Phase one follows the smoothed dual's minimiser while the temperature falls from the
-        typical value to a hundredth of it; there the smoothing still averages over many
-        customers, so its Hessian is a good estimate of how usage responds to prices. Phase two
-        solves ``usage(θ) = capacity`` for the exact (unsmoothed) choice with Newton steps on
-        that fixed Hessian, until every binding cap is met to within a customer or ``10·tol``.
+    def smoothed(
+        self, theta: np.ndarray, tau: float, slack: np.ndarray, max_iter: int, bound: float
+    ) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """Minimise the smoothed dual at temperature ``tau`` with damped projected Newton steps.
 
         Returns:
-            ``(theta, best exact dual bound, iterations)``.
+            ``(theta, Hessian there, best exact dual value seen, iterations)``.
+        """
+        soft, hard, grad, hess = self.evaluate(theta, tau)
+        bound = min(bound, hard)
+        damping = _DAMPING_START
+        iterations = 0
+        while iterations < max_iter and not _converged(theta, grad, _SOFT_SLACK * slack):
+            step = _damped_newton_step(theta, grad, hess, damping, self.upper)
+            trial = np.clip(theta + step, 0.0, self.upper)
+            move = trial - theta
+            predicted = -float(grad @ move + 0.5 * move @ hess @ move)
+            if predicted <= 1e-12 * max(abs(soft), 1.0):
+                if damping >= 1e8:
+                    break
+                damping = min(damping * 16, 1e8)
+                continue
+            t_soft, t_hard, t_grad, t_hess = self.evaluate(trial, tau)
+            iterations += 1
+            bound = min(bound, t_hard)
+            ratio = (soft - t_soft) / predicted
+            if ratio > 0.1:
+                theta, soft, grad, hess = trial, t_soft, t_grad, t_hess
+            if ratio > 0.75:
+                damping = max(damping / 4, 1e-8)
+            elif ratio < 0.25:
+                damping = min(damping * 4, 1e8)
+        return theta, hess, bound, iterations
+
+    def minimise(self, *, tol: float, max_iter: int) -> tuple[np.ndarray, float, int]:
+        """Minimise the dual: damped Newton on an entropy smoothing, then an exact polish.
+
+        Phase one minimises the smoothed dual at a temperature of a tenth of the typical value:
+        the smoothing still averages over many customers, so its Hessian is a good model of how
+        usage responds to prices. On large instances it first runs on an evenly spaced sample of
+        customers with proportionally scaled caps, which lands close to the full problem's
+        prices for a fraction of the work. Phase two works on the exact (unsmoothed) choice:
+        Newton steps on that Hessian towards ``usage(θ) = capacity``, then a search on the
+        budget price alone, then a slide along price directions that change no choice.
+
+        Returns:
+            ``(theta, best exact dual bound seen, iterations)``.
         """
         theta = np.zeros(self.dim)
         if self.dim == 0 or len(self.rows) == 0:
             return theta, self.hard_bound(theta), 0
         bound, usage = self.hard_pass(theta)
-        slack = self._slack(usage, tol)
-        if np.all(usage <= self.capacity + slack * 0):
-            return theta, bound, 0
-        taus = self.typical_value * _TAU_START * _TAU_FACTOR ** np.arange(_TAU_STAGES)
+        if np.all(usage <= self.capacity):
+            return theta, bound, 0  # nothing binds: everyone takes their best option
+        slack = self._slack(tol)
+        tau = self.typical_value * _TAU
         iterations = 0
-        hess = None
-        for stage, tau in enumerate(taus):
-            tau = float(tau)
-            soft, hard, grad, hess = self.evaluate(theta, tau)
-            bound = min(bound, hard)
-            damping = _DAMPING_START
-            while iterations < max_iter:
-                if _converged(theta, grad, slack * (1.0 if stage == len(taus) - 1 else 30.0)):
-                    break
-                step = _damped_newton_step(theta, grad, hess, damping, self.upper)
-                trial = np.clip(theta + step, 0.0, self.upper)
-                move = trial - theta
-                predicted = -float(grad @ move + 0.5 * move @ hess @ move)
-                if predicted <= 1e-12 * max(abs(soft), 1.0):
-                    if damping >= 1e8:
-                        break
-                    damping = min(damping * 16, 1e8)
-                    continue
-                t_soft, t_hard, t_grad, t_hess = self.evaluate(trial, tau)
-                iterations += 1
-                bound = min(bound, t_hard)
-                ratio = (soft - t_soft) / predicted
-                if _DEBUG:
-                    print(f"it {iterations} tau {tau:.3g} damp {damping:.3g} ratio {ratio:.3g} soft {t_soft:.6f} "
-                          f"hard {t_hard:.6f} pred {predicted:.3g} res {np.abs(t_grad / slack).max():.3g}")
-                if ratio > 0.1:
-                    theta, soft, grad, hess = trial, t_soft, t_grad, t_hess
-                if ratio > 0.75:
-                    damping = max(damping / 4, 1e-8)
-                elif ratio < 0.25:
-                    damping = min(damping * 4, 1e8)
-        # Phase two: the exact choice, with the last smoothed Hessian as its model. It aims each
-        # binding cap half a slack below its capacity, so that the repair rarely has to drop
-        # anyone and the refill tops up what is left; a step is kept only when it lowers the
-        # exact dual of that shifted problem.
+        sample = self._sample()
+        if sample is not None:
+            # The sample is solved to the full problem's accuracy (its caps are a fraction of the
+            # full ones, and its smoothed usage is not whole customers), so that one or two full
+            # passes are left to do.
+            share = sample.capacity / np.maximum(self.capacity, _EPS)
+            theta, _, _, iterations = sample.smoothed(theta, tau, slack * share, max_iter, np.inf)
+        theta, hess, bound, steps = self.smoothed(theta, tau, slack, max_iter - iterations, bound)
+        iterations += steps
+        theta, hard, usage, seen, steps = self._polish(theta, hess, slack, max_iter - iterations)
+        bound, iterations = min(bound, seen), iterations + steps
+        if self.has_budget and iterations < max_iter:
+            theta, hard, seen, steps = self._fit_budget(theta, hard, usage, hess, slack)
+            bound, iterations = min(bound, seen), iterations + steps
+        theta, hard = self._slide(theta, hard)
+        return theta, float(min(bound, hard)), iterations
+
+    def _polish(
+        self, theta: np.ndarray, hess: np.ndarray, slack: np.ndarray, max_iter: int
+    ) -> tuple[np.ndarray, float, np.ndarray, float, int]:
+        """Steer the exact choice's usage onto the caps with Newton steps on a fixed Hessian.
+
+        Each binding cap is aimed half a slack below its capacity, so that the repair rarely
+        has to drop anyone and the refill tops up what is left. A step is kept only when it
+        lowers the exact dual of that shifted problem; the exact dual is flat to within a few
+        customers near the optimum, so the polish stops once steps keep failing.
+
+        Returns:
+            ``(theta, exact dual value there, usage there, best exact dual value seen, steps)``.
+        """
         target = self.capacity - 0.5 * slack
         hard, usage = self.hard_pass(theta)
-        bound = min(bound, hard)
+        bound = hard
         shifted = hard - 0.5 * float(theta @ slack)
         damping = 0.0
-        for _ in range(_POLISH_STEPS):
-            grad = target - usage
-            if iterations >= max_iter or _met(theta, self.capacity - usage, slack):
-                break
-            step = _damped_newton_step(theta, grad, hess, damping, self.upper)
+        steps = 0
+        while steps < min(_POLISH_STEPS, max_iter) and not _met(theta, self.capacity - usage, slack):
+            step = _damped_newton_step(theta, target - usage, hess, damping, self.upper)
             trial = np.clip(theta + step, 0.0, self.upper)
             t_hard, t_usage = self.hard_pass(trial)
-            iterations += 1
+            steps += 1
             bound = min(bound, t_hard)
             t_shifted = t_hard - 0.5 * float(trial @ slack)
-            if _DEBUG:
-                print(f"polish {iterations} damp {damping:.3g} hard {t_hard:.6f} "
-                      f"{np.round(self.capacity - t_usage, 1)}")
             if t_shifted <= shifted:
                 theta, shifted, usage = trial, t_shifted, t_usage
                 damping /= 4
             elif damping >= _POLISH_MAX_DAMPING:
-                break  # the exact dual is flat to within a few customers here
+                break
             else:
                 damping = max(4 * damping, 0.25)
-        hard = shifted + 0.5 * float(theta @ slack)
-        if self.has_budget and iterations < max_iter:
-            theta, hard, seen, iterations = self._fit_budget(theta, hard, usage, hess, slack, iterations)
-            bound = min(bound, seen)
-        theta, hard = self._slide(theta, hard)
-        return theta, float(min(bound, hard)), iterations
+        return theta, shifted + 0.5 * float(theta @ slack), usage, bound, steps
 
     def _slide(self, theta: np.ndarray, hard: float) -> tuple[np.ndarray, float]:
         """Move the prices along directions that change no reduced value, as far as they help.
@@ -592,7 +631,6 @@ class _Dual:
         usage: np.ndarray,
         hess: np.ndarray,
         slack: np.ndarray,
-        iterations: int,
     ) -> tuple[np.ndarray, float, float, int]:
         """Move the budget price alone until the exact choice spends just under the budget.
 
@@ -603,9 +641,9 @@ class _Dual:
         the other prices fixed, so a bracketing secant search is safe.
 
         Returns:
-            ``(theta, exact dual value there, best exact dual value seen, iterations)`` at the
-            best price found that fits; the starting point (value ``inf`` if it overspends)
-            when none does.
+            ``(theta, exact dual value there, best exact dual value seen, steps)`` at the best
+            price found that fits; the starting point (value ``inf`` if it overspends) when
+            none does.
         """
         budget, target = self.capacity[0], self.capacity[0] - 0.5 * slack[0]
         spend = float(usage[0])
@@ -613,6 +651,7 @@ class _Dual:
         best = (theta, hard, spend) if spend <= budget else (theta, float(np.inf), -np.inf)
         low = high = None  # prices known to overspend / to fit
         price = float(theta[0])
+        steps = 0
         for _ in range(_TRIM_STEPS):
             if budget - slack[0] <= spend <= budget:
                 break
@@ -631,21 +670,18 @@ class _Dual:
             trial = theta.copy()
             trial[0] = price
             t_hard, t_usage = self.hard_pass(trial)
-            iterations += 1
+            steps += 1
             bound = min(bound, t_hard)
             spend = float(t_usage[0])
-            if _DEBUG:
-                print(f"fit price {price:.6g} spend-budget {spend - budget:.4g} slack {slack[0]:.3g} "
-                      f"{np.round(self.capacity - t_usage, 1)}")
             if best[2] < spend <= budget:
                 best = (trial, t_hard, spend)
-        return best[0], best[1], bound, iterations
+        return best[0], best[1], bound, steps
 
-    def _slack(self, usage: np.ndarray, tol: float) -> np.ndarray:
+    def _slack(self, tol: float) -> np.ndarray:
         """Return how far each usage may miss its cap and still count as met."""
-        unit = np.full(self.dim, _SLACK_UNITS)
+        unit = np.ones(self.dim)  # one customer for a count cap ...
         if self.has_budget:
-            unit[0] = _SLACK_UNITS * self.typical_cost
+            unit[0] = self.typical_cost  # ... and one typical customer's cost for the budget
         return np.maximum(unit, 10.0 * tol * self.capacity)
 
     # ----------------------------------------------------------------------------------------------
@@ -713,34 +749,58 @@ class _Dual:
         A move gives an unassigned customer an option, or switches an assigned one to an
         option worth more; moves that fit are taken best reduced gain first (at the final
         prices), one per customer. Switching matters when every coupon is used up but budget
-        is left: only a dearer, better option for someone already served can use it.
+        is left: only a dearer, better option for someone already served can use it. The pool
+        of moves is built once; each round keeps those that still fit and that belong to
+        customers who have not moved, since a moved customer's other moves are out of date.
         """
         local = local.copy()
-        for _ in range(_REFILL_ROUNDS):
-            moves = self._moves(local, theta)
-            if moves is None:
-                break
-            cust, col, dcost, new_coupon, old_coupon, new_channel, old_channel, left = moves
-            accepted = _greedy_fill(
-                cust, dcost, (new_coupon, new_channel), (old_coupon, old_channel), *left
-            )
-            local[cust[accepted]] = col[accepted]
-            if accepted.size == 0 or len(cust) < _REFILL_LIMIT:
-                break  # the list held every move that fitted, so the greedy scan saw them all
-        return local
-
-    def _moves(self, local: np.ndarray, theta: np.ndarray) -> tuple | None:
-        """List the best improving moves that fit on their own, sorted by reduced gain."""
-        lam, offset = self._split(theta)
+        pool = self._moves(local, theta)
+        if pool is None:
+            return local
+        cust, col, dcost, new_coupon, old_coupon, new_channel, old_channel = pool
         rows, cols = self._assigned(local)
         left_budget = self.budget - float(self.cost[cols, rows].astype(np.float64).sum())
         left_coupon = _left(self.coupon_cap, self.option_coupon[cols])
         left_channel = _left(self.channel_cap, self.option_channel[cols])
-        if left_budget < 0:
-            return None
-        coupon_room = _lookup(left_coupon, self.option_coupon) >= 1
-        channel_room = _lookup(left_channel, self.option_channel) >= 1
-        limit = _REFILL_LIMIT
+        moved = np.zeros(len(local), dtype=bool)
+        for _ in range(_REFILL_ROUNDS):
+            fits = ~moved[cust] & (dcost <= left_budget)
+            fits &= (_lookup(left_coupon, new_coupon) >= 1) | (new_coupon == old_coupon)
+            fits &= (_lookup(left_channel, new_channel) >= 1) | (new_channel == old_channel)
+            idx = np.flatnonzero(fits)
+            accepted = idx[
+                _greedy_fill(
+                    cust[idx],
+                    dcost[idx],
+                    (new_coupon[idx], new_channel[idx]),
+                    (old_coupon[idx], old_channel[idx]),
+                    left_budget,
+                    left_coupon,
+                    left_channel,
+                )
+            ]
+            if accepted.size == 0:
+                break
+            local[cust[accepted]] = col[accepted]
+            moved[cust[accepted]] = True
+            left_budget -= float(dcost[accepted].sum())
+            for new, old, left in (
+                (new_coupon, old_coupon, left_coupon),
+                (new_channel, old_channel, left_channel),
+            ):
+                left -= np.bincount(new[accepted][new[accepted] >= 0], minlength=len(left))
+                left += np.bincount(old[accepted][old[accepted] >= 0], minlength=len(left))
+        return local
+
+    def _moves(self, local: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """List the improving moves with the best reduced gain, best first.
+
+        Returns:
+            ``(customer, new option, cost change, new coupon, old coupon, new channel, old
+            channel)`` arrays (coupon/channel ``-1``: none), or None when no move improves.
+        """
+        lam, offset = self._split(theta)
+        limit = int(min(max(len(self.rows) // 4, 2048), _REFILL_LIMIT))
         found: list[tuple[np.ndarray, ...]] = []
         for a, b in _chunks(len(self.rows), self.chunk):
             cur = local[a:b].astype(np.int64)
@@ -749,27 +809,20 @@ class _Dual:
             pick = np.where(has, cur, 0)
             r = self._reduced(a, b, lam, offset)
             v = self.value[:, a:b]
-            c = self.cost[:, a:b]
-            cur_r = np.where(has, r[pick, idx], 0.0).astype(np.float32)
             cur_v = np.where(has, v[pick, idx], 0.0).astype(np.float32)
-            cur_c = np.where(has, c[pick, idx], 0.0).astype(np.float32)
-            cur_coupon = np.where(has, self.option_coupon[pick], -2)
-            cur_channel = np.where(has, self.option_channel[pick], -2)
-            ok = v > cur_v  # strictly better value; also excludes unusable entries and the current option
-            ok &= (c - cur_c) <= left_budget
-            ok &= coupon_room[:, None] | (self.option_coupon[:, None] == cur_coupon[None, :])
-            ok &= channel_room[:, None] | (self.option_channel[:, None] == cur_channel[None, :])
-            j, i = np.nonzero(ok)
+            j, i = np.nonzero(v > cur_v)  # strictly better value; excludes unusable and current
             if j.size == 0:
                 continue
+            cur_r = np.where(has, r[pick, idx], 0.0).astype(np.float32)
             key = r[j, i] - cur_r[i]
             if key.size > limit:
                 keep = np.argpartition(-key, limit)[:limit]
                 j, i, key = j[keep], i[keep], key[keep]
-            found.append((i + a, j, key, c[j, i].astype(np.float64) - cur_c[i], cur[i]))
+            cur_c = np.where(has[i], self.cost[pick[i], i + a], 0.0).astype(np.float64)
+            found.append((i + a, j, key, self.cost[j, i + a].astype(np.float64) - cur_c, cur[i]))
         if not found:
             return None
-        cust, col, key, dcost, old = (np.concatenate(x) for x in zip(*found))
+        cust, col, key, dcost, old = (np.concatenate(x) for x in zip(*found, strict=True))
         if key.size > limit:
             keep = np.argpartition(-key, limit)[:limit]
             cust, col, key, dcost, old = cust[keep], col[keep], key[keep], dcost[keep], old[keep]
@@ -777,16 +830,7 @@ class _Dual:
         cust, col, dcost, old = cust[order], col[order], dcost[order], old[order]
         old_coupon = np.where(old >= 0, self.option_coupon[np.maximum(old, 0)], -1)
         old_channel = np.where(old >= 0, self.option_channel[np.maximum(old, 0)], -1)
-        return (
-            cust,
-            col,
-            dcost,
-            self.option_coupon[col],
-            old_coupon,
-            self.option_channel[col],
-            old_channel,
-            (left_budget, left_coupon, left_channel),
-        )
+        return cust, col, dcost, self.option_coupon[col], old_coupon, self.option_channel[col], old_channel
 
     def expand(self, local: np.ndarray) -> np.ndarray:
         """Map a choice over kept rows and columns back to the original indices."""

@@ -80,7 +80,9 @@ def _assert_sound(problem: AllocationProblem, result) -> None:
     eligible_share=st.sampled_from([0.0, 0.3, 1.0]),
     negative_share=st.sampled_from([0.0, 0.3, 1.0]),
 )
-def test_never_breaks_a_constraint(seed, n, m, n_coupons, n_channels, budget, capacity, eligible_share, negative_share):
+def test_never_breaks_a_constraint(
+    seed, n, m, n_coupons, n_channels, budget, capacity, eligible_share, negative_share
+):
     problem = _problem(
         seed,
         n,
@@ -146,18 +148,36 @@ def test_unconstrained_takes_each_customers_best_option():
 
 @pytest.mark.parametrize(
     ("budget", "capacity", "negative_share", "eligible_share"),
-    [(0.0, "tight", 0.2, 0.7), (np.inf, "zero", 0.2, 0.7), (np.inf, "inf", 1.0, 0.7), (10.0, "tight", 0.2, 0.0)],
+    [
+        (0.0, "tight", 0.2, 0.7),
+        (np.inf, "zero", 0.2, 0.7),
+        (np.inf, "inf", 1.0, 0.7),
+        (10.0, "tight", 0.2, 0.0),
+    ],
     ids=["zero-budget", "zero-capacity", "all-negative", "nothing-eligible"],
 )
 def test_degenerate_instances(budget, capacity, negative_share, eligible_share):
-    problem = _problem(11, 300, 4, 2, 2, budget=budget, capacity=capacity, negative_share=negative_share,
-                       eligible_share=eligible_share)
+    problem = _problem(
+        11,
+        300,
+        4,
+        2,
+        2,
+        budget=budget,
+        capacity=capacity,
+        negative_share=negative_share,
+        eligible_share=eligible_share,
+    )
     result = solve_lagrangian(problem)
     _assert_sound(problem, result)
     if capacity == "zero" or negative_share == 1.0 or eligible_share == 0.0:
-        assert np.all(result.choice == -1) or capacity == "zero" and np.all(
-            (problem.option_coupon[result.choice[result.choice >= 0]] < 0)
-            & (problem.option_channel[result.choice[result.choice >= 0]] < 0)
+        assert (
+            np.all(result.choice == -1)
+            or capacity == "zero"
+            and np.all(
+                (problem.option_coupon[result.choice[result.choice >= 0]] < 0)
+                & (problem.option_channel[result.choice[result.choice >= 0]] < 0)
+            )
         )
     if budget == 0.0:
         picked = np.flatnonzero(result.choice >= 0)
