@@ -67,6 +67,10 @@ CONTROL_ARM = "control"
 RESERVED_COLUMNS = frozenset({"customer_id", "arm", "converted", "revenue", "propensity", "log_name"})
 #: File written next to a quarantined log.
 QUARANTINE_RESULT_FILE = "validation_result.json"
+#: An undeclared column whose non-blank values are at least this share numbers is typed numeric, so a
+#: few stray strings ("abc", "n/a") in a numeric column fail the import instead of silently turning
+#: the column into a high-cardinality categorical.
+MOSTLY_NUMERIC = 0.9
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -222,8 +226,10 @@ def parse_log_spec(data: Any, source: str = "log spec") -> LogSpec:
         LogSpecError: A key is missing, unknown or has an invalid value; the message names it.
     """
     if not isinstance(data, dict):
-        raise LogSpecError(f"{source}: a log spec must be a YAML mapping with keys "
-                           f"{sorted(LogSpec.model_fields)}, got {type(data).__name__}")
+        raise LogSpecError(
+            f"{source}: a log spec must be a YAML mapping with keys "
+            f"{sorted(LogSpec.model_fields)}, got {type(data).__name__}"
+        )
     try:
         return LogSpec.model_validate(data)
     except ValidationError as err:
@@ -279,21 +285,30 @@ def read_log_file(path: Path) -> tuple[pd.DataFrame, int | None]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise _fail(path, [Failure("file_type", None, f"suffix {suffix!r} is not one of {SUPPORTED_SUFFIXES}",
-                                   1)], "unsupported file type")
+        raise _fail(
+            path,
+            [Failure("file_type", None, f"suffix {suffix!r} is not one of {SUPPORTED_SUFFIXES}", 1)],
+            "unsupported file type",
+        )
     if not path.is_file():
         raise FileNotFoundError(f"campaign log {path} does not exist")
     if path.stat().st_size == 0:
-        raise _fail(path, [Failure("not_empty", None, "file is empty (0 bytes); expected a header row", 0)],
-                    "file is empty (0 bytes)")
+        raise _fail(
+            path,
+            [Failure("not_empty", None, "file is empty (0 bytes); expected a header row", 0)],
+            "file is empty (0 bytes)",
+        )
     if suffix == ".csv":
         frame, line_offset = _read_csv(path, path.read_bytes())
     else:
         frame, line_offset = _read_parquet(path), None
     frame.columns = [str(c) for c in frame.columns]
     if frame.empty:
-        raise _fail(path, [Failure("not_empty", None, "file has a header but no data rows", 0)],
-                    "header only, no data rows")
+        raise _fail(
+            path,
+            [Failure("not_empty", None, "file has a header but no data rows", 0)],
+            "header only, no data rows",
+        )
     return frame.reset_index(drop=True), line_offset
 
 
@@ -315,8 +330,9 @@ def _texts(s: pd.Series) -> pd.Series:
     return s.astype("str").where(~blank, "")
 
 
-def _failure(name: str, column: str, text: str, mask: pd.Series, df: pd.DataFrame,
-             columns: Sequence[str]) -> list[Failure]:
+def _failure(
+    name: str, column: str, text: str, mask: pd.Series, df: pd.DataFrame, columns: Sequence[str]
+) -> list[Failure]:
     n = int(mask.sum())
     if not n:
         return []
@@ -326,7 +342,7 @@ def _failure(name: str, column: str, text: str, mask: pd.Series, df: pd.DataFram
 
 
 def _infer_features(df: pd.DataFrame, spec: LogSpec) -> tuple[list[str], list[str], list[Failure]]:
-    """Type every column the spec does not name: numeric if all its non-blank values are numbers."""
+    """Type every column the spec does not name: numeric if (nearly) all its non-blank values are numbers."""
     used = set(spec.outcome_columns())
     numeric: list[str] = []
     categorical: list[str] = []
@@ -335,12 +351,20 @@ def _infer_features(df: pd.DataFrame, spec: LogSpec) -> tuple[list[str], list[st
         if col in used:
             continue
         if col in RESERVED_COLUMNS:
-            warnings.append(Failure(
-                "reserved_column", col, f"column '{col}' is a reserved name of the model input frame and is "
-                "not used as a feature (declare features to be explicit)", 0))
+            warnings.append(
+                Failure(
+                    "reserved_column",
+                    col,
+                    f"column '{col}' is a reserved name of the model input frame and is "
+                    "not used as a feature (declare features to be explicit)",
+                    0,
+                )
+            )
             continue
         _, blank, bad = _numbers(df[col])
-        (numeric if not bad.any() and not blank.all() else categorical).append(col)
+        filled = int((~blank).sum())
+        mostly_numbers = filled > 0 and (filled - int(bad.sum())) / filled >= MOSTLY_NUMERIC
+        (numeric if mostly_numbers else categorical).append(col)
     return numeric, categorical, warnings
 
 
@@ -373,13 +397,20 @@ def check_campaign_log(
     missing = [(key, col) for key, col in spec.column_keys() if col not in columns]
     if missing:
         report.failures += [
-            Failure("spec_column_exists", col, f"column '{col}' named by spec key '{key}' is not in the file "
-                    f"(file has {columns})", 1)
+            Failure(
+                "spec_column_exists",
+                col,
+                f"column '{col}' named by spec key '{key}' is not in the file (file has {columns})",
+                1,
+            )
             for key, col in missing
         ]
         return report, [], []
-    outcomes = [spec.outcomes.conversion, *([spec.outcomes.revenue] if spec.outcomes.revenue else []),
-                *spec.outcomes.extra]
+    outcomes = [
+        spec.outcomes.conversion,
+        *([spec.outcomes.revenue] if spec.outcomes.revenue else []),
+        *spec.outcomes.extra,
+    ]
     base = validate_campaign_log(
         df,
         id_column=spec.id_column,
@@ -394,17 +425,25 @@ def check_campaign_log(
     report.warnings += base.warnings
     show = [spec.id_column, spec.treatment.column]
 
-    for col, rule, kind in [(spec.outcomes.conversion, "conversion_binary", "conversion"),
-                            *[(c, "outcome_binary", "extra outcome") for c in spec.outcomes.extra]]:
+    for col, rule, kind in [
+        (spec.outcomes.conversion, "conversion_binary", "conversion"),
+        *[(c, "outcome_binary", "extra outcome") for c in spec.outcomes.extra],
+    ]:
         num, _, _ = _numbers(df[col])
-        report.failures += _failure(rule, col, f"{kind} {col} must be 0 or 1",
-                                    num.notna() & ~num.isin([0.0, 1.0]), df, [*show, col])
+        report.failures += _failure(
+            rule, col, f"{kind} {col} must be 0 or 1", num.notna() & ~num.isin([0.0, 1.0]), df, [*show, col]
+        )
     if spec.outcomes.revenue:
         col = spec.outcomes.revenue
         num, _, _ = _numbers(df[col])
         report.failures += _failure(
-            "revenue_range", col, f"revenue {col} must be between 0 and {DEFAULT_REVENUE_CAP:g}",
-            num.notna() & ((num < 0) | (num > DEFAULT_REVENUE_CAP)), df, [*show, col])
+            "revenue_range",
+            col,
+            f"revenue {col} must be between 0 and {DEFAULT_REVENUE_CAP:g}",
+            num.notna() & ((num < 0) | (num > DEFAULT_REVENUE_CAP)),
+            df,
+            [*show, col],
+        )
 
     if spec.features is None:
         numeric, categorical, inferred_warnings = _infer_features(df, spec)
@@ -414,20 +453,41 @@ def check_campaign_log(
         named = {c for _, c in spec.column_keys()}
         for col in (c for c in columns if c not in named):
             text = f"column '{col}' is not named by the spec" + (
-                " (strict mode: rejected)" if strict else " (kept out of the import)")
+                " (strict mode: rejected)" if strict else " (kept out of the import)"
+            )
             found = Failure("unexpected_column", col, text, 1)
             (report.failures if strict else report.warnings).append(found)
+    how = (
+        (
+            "inferred numeric (nearly all its values are numbers; declare it under features.categorical "
+            "if it is not)"
+        )
+        if spec.features is None
+        else "declared numeric"
+    )
     for col in numeric:
         _, _, bad = _numbers(df[col])
-        report.failures += _failure("feature_numeric", col, f"numeric feature {col} must hold finite numbers "
-                                    "(blanks are allowed and imputed)", bad, df, [*show, col])
-    if line_offset is not None:
-        report.failures = [_with_lines(f, line_offset) for f in report.failures]
+        report.failures += _failure(
+            "feature_numeric",
+            col,
+            f"feature {col} is {how} and must hold finite numbers (blanks are allowed and imputed)",
+            bad,
+            df,
+            [*show, col],
+        )
+    report.failures = [_tidy_rows(f, show, line_offset) for f in report.failures]
     return report, numeric, categorical
 
 
-def _with_lines(failure: Failure, line_offset: int) -> Failure:
-    rows = [{**r, "_line": r["_row"] + line_offset} if "_row" in r else r for r in failure.sample_rows]
+def _tidy_rows(failure: Failure, show: list[str], line_offset: int | None) -> Failure:
+    """Keep the id, treatment and failing column of sample rows (a wide log would bury them); add lines."""
+    keep = {"_row", "_line", *show, failure.column}
+    rows = []
+    for r in failure.sample_rows:
+        row = {k: v for k, v in r.items() if k in keep}
+        if line_offset is not None and "_row" in row:
+            row["_line"] = row["_row"] + line_offset
+        rows.append(row)
     return dataclasses.replace(failure, sample_rows=rows)
 
 
@@ -468,15 +528,19 @@ def _reject(file: Path, spec: LogSpec, settings: Settings, report: ValidationRep
     }
     dest, moved = _quarantine(file, spec, settings, payload)
     action = "Moved" if moved else "Copied (original left in place)"
-    head = (f"Campaign log '{spec.name}' from {file} rejected by its data contract: "
-            f"{len(report.failures)} rule(s) failed; nothing was written to the warehouse. "
-            f"{action} to {dest} (see {QUARANTINE_RESULT_FILE}).")
-    return DataContractError(f"{head}\n{report.message()}", failures=report.failures, reports=[report],
-                             quarantine_path=dest)
+    head = (
+        f"Campaign log '{spec.name}' from {file} rejected by its data contract: "
+        f"{len(report.failures)} rule(s) failed; nothing was written to the warehouse. "
+        f"{action} to {dest} (see {QUARANTINE_RESULT_FILE})."
+    )
+    return DataContractError(
+        f"{head}\n{report.message()}", failures=report.failures, reports=[report], quarantine_path=dest
+    )
 
 
-def import_campaign_log(engine: Engine, file: Path, spec: LogSpec, settings: Settings, *,
-                        now: datetime) -> dict:
+def import_campaign_log(
+    engine: Engine, file: Path, spec: LogSpec, settings: Settings, *, now: datetime
+) -> dict:
     """Validate a campaign log against its spec and write it to the warehouse in one transaction.
 
     Args:
@@ -532,11 +596,23 @@ def import_campaign_log(engine: Engine, file: Path, spec: LogSpec, settings: Set
             status = "imported" if existing is None else "replaced"
             # Replacing a log is delete + insert inside this one transaction: atomic for readers.
             q.delete_rows(session, m.CampaignLogRow, log_name=spec.name)
-            q.upsert_rows(session, m.CampaignLog, [dict(
-                name=spec.name, source=str(file), control_label=spec.treatment.control,
-                arm_costs=dict(spec.treatment.costs), spec=record,
-                assumed_randomized=not spec.propensity_column, n_rows=len(df), sent_at=None, imported_at=now,
-            )])
+            q.upsert_rows(
+                session,
+                m.CampaignLog,
+                [
+                    dict(
+                        name=spec.name,
+                        source=str(file),
+                        control_label=spec.treatment.control,
+                        arm_costs=dict(spec.treatment.costs),
+                        spec=record,
+                        assumed_randomized=not spec.propensity_column,
+                        n_rows=len(df),
+                        sent_at=None,
+                        imported_at=now,
+                    )
+                ],
+            )
             q.upsert_rows(session, m.CampaignLogRow, rows)
     counts = arm.value_counts()
     arms = [CONTROL_ARM, *spec.treatment.costs]
@@ -550,16 +626,25 @@ def import_campaign_log(engine: Engine, file: Path, spec: LogSpec, settings: Set
         "arm_costs": {a: float(c) for a, c in spec.treatment.costs.items()},
         "control_label": spec.treatment.control,
         "control_rows": int(counts.get(CONTROL_ARM, 0)),
-        "propensity": (f"logged ({spec.propensity_column})" if spec.propensity_column
-                       else "estimated (assumed randomized)"),
+        "propensity": (
+            f"logged ({spec.propensity_column})"
+            if spec.propensity_column
+            else "estimated (assumed randomized)"
+        ),
         "assumed_randomized": not spec.propensity_column,
         "features": {"numeric": numeric, "categorical": categorical, "inferred": spec.features is None},
         "warnings": [w.describe() for w in report.warnings],
     }
 
 
-def _log_rows(df: pd.DataFrame, spec: LogSpec, arm: pd.Series, propensity: pd.Series,
-              numeric: list[str], categorical: list[str]) -> list[dict[str, Any]]:
+def _log_rows(
+    df: pd.DataFrame,
+    spec: LogSpec,
+    arm: pd.Series,
+    propensity: pd.Series,
+    numeric: list[str],
+    categorical: list[str],
+) -> list[dict[str, Any]]:
     ids = _texts(df[spec.id_column]).to_numpy()
     converted = _numbers(df[spec.outcomes.conversion])[0].astype("int64").to_numpy()
     if spec.outcomes.revenue:
@@ -594,8 +679,10 @@ def _log(session: Any, name: str) -> m.CampaignLog:
     log = session.get(m.CampaignLog, name)
     if log is None:
         known = sorted(session.execute(select(m.CampaignLog.name)).scalars())
-        raise LookupError(f"the warehouse holds no campaign log named {name!r} (known: {known}); "
-                          "import one with `couponops import-log FILE --spec SPEC.yaml`")
+        raise LookupError(
+            f"the warehouse holds no campaign log named {name!r} (known: {known}); "
+            "import one with `couponops import-log FILE --spec SPEC.yaml`"
+        )
     return log
 
 
@@ -650,8 +737,10 @@ def training_columns(engine: Engine, frame: pd.DataFrame) -> tuple[list[str], li
     first = columns[names[0]]
     differ = [n for n in names if columns[n] != first]
     if differ:
-        raise ValueError(f"campaign logs {names[0]!r} and {differ} have different feature columns "
-                         f"({first} vs {columns[differ[0]]}); pick logs of one kind with --log")
+        raise ValueError(
+            f"campaign logs {names[0]!r} and {differ} have different feature columns "
+            f"({first} vs {columns[differ[0]]}); pick logs of one kind with --log"
+        )
     declared = {a for n in names for a in log_arms_and_costs(engine, n)[0]}
     present = set(frame["arm"].astype("str").unique())
     undeclared = sorted(present - declared)

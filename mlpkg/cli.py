@@ -186,6 +186,27 @@ def allocate(
 
 
 @app.command()
+def plan(
+    campaign: Annotated[str, typer.Option(help="Campaign id (names the output folder)")],
+    as_of: Annotated[
+        str | None, typer.Option(help="Point in time for features (default: the shop's now)")
+    ] = None,
+    objective: Annotated[str | None, typer.Option(help="conversions | revenue | profit")] = None,
+    budget: Annotated[
+        list[float] | None, typer.Option(help="Budgets to evaluate (repeat); default: a grid")
+    ] = None,
+) -> None:
+    """Print and plot expected incremental value versus budget (the what-if curve)."""
+    settings = get_settings()
+    when = as_of or stages.load_world(settings).now.isoformat()
+    result = _run(
+        stages.plan, settings, campaign_id=campaign, as_of=when, objective=objective, budgets=budget
+    )
+    _show("budget what-if curve", result["table"])
+    console.print(f"table: {result['csv']}\nplot:  {result['plot']}")
+
+
+@app.command()
 def deliver(campaign: Annotated[str, typer.Option(help="Campaign id")]) -> None:
     """Send a campaign's messages through the outbox."""
     _show("delivery", _run(stages.deliver, get_settings(), campaign))

@@ -402,6 +402,48 @@ def allocate(
     )
 
 
+def plan(
+    settings: Settings,
+    *,
+    campaign_id: str,
+    as_of: datetime | str,
+    objective: str | None = None,
+    budgets: list[float] | None = None,
+) -> dict:
+    """Tabulate and plot expected value vs budget with the champion (the what-if curve)."""
+    from mlpkg.allocation.plan import budget_curve, plot_budget_curve
+    from mlpkg.db.queries import as_utc
+    from mlpkg.registry import CHAMPION, alias_version, make_client
+
+    version = alias_version(
+        make_client(settings.resolved_tracking_uri), settings.registered_model_name, CHAMPION
+    )
+    if version is None:
+        raise LookupError(
+            f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias to plan with"
+        )
+    objective = objective or settings.campaign.objective
+    table = budget_curve(
+        _engine(settings),
+        settings,
+        as_of=as_utc(as_of).to_pydatetime(),
+        model_uri=f"models:/{settings.registered_model_name}/{version}",
+        objective=objective,
+        budgets=budgets,
+    )
+    out = settings.reports_dir / f"plan-{campaign_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "budget_curve.csv", index=False)
+    plot = plot_budget_curve(
+        table, out / "budget_curve.png", objective=objective, current_budget=settings.campaign.budget
+    )
+    return {
+        "table": table.round(4).to_dict("records"),
+        "csv": str(out / "budget_curve.csv"),
+        "plot": str(plot),
+    }
+
+
 def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None) -> dict:
     """Enqueue a campaign's messages in the outbox and send them exactly-once in effect."""
     from mlpkg.delivery.dispatch import deliver_campaign

@@ -261,12 +261,29 @@ def allocate_campaign(
     return summary
 
 
-def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now):  # noqa: ANN001, ANN202
+@dataclass
+class ScoredPopulation:
+    """Every customer's options for one campaign: economics per option and eligibility."""
+
+    ids: np.ndarray
+    catalog: ArmCatalog
+    value: np.ndarray
+    cost: np.ndarray
+    uplift: np.ndarray
+    eligible: np.ndarray
+
+
+def score_population(
+    engine: Engine, settings: Settings, *, as_of: datetime, model_uri: str | None, objective: str
+) -> ScoredPopulation:
+    """Score every customer's options as of ``as_of`` and apply consent, min-basket and cooldown.
+
+    With ``model_uri=None`` (cold start) a flat prior stands in for the model.
+    """
     from mlpkg.data import customer_features
     from mlpkg.train import load_uplift_model
 
     cfg = settings.campaign
-    started = time.perf_counter()
     feats = customer_features(engine, as_of).sort_values("customer_id").reset_index(drop=True)
     with engine.connect() as conn:
         coupons = pd.read_sql(select(m.Coupon), conn)
@@ -274,10 +291,9 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         consent = pd.read_sql(select(m.Consent).where(m.Consent.opted_in.is_(True)), conn)
     with session_scope(engine) as session:
         cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days))
-
     if model_uri is None:
-        # Cold start: no model yet. Every live coupon x channel is an arm, scored with a flat prior
-        # (only used for expected costs); the exploration share grows to use the budget.
+        # Cold start: every live coupon x channel is an arm, scored with a flat prior (only used
+        # for expected costs); the exploration share grows to use the budget.
         scorer = PriorScorer(coupons, channels)
     else:
         scorer = load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
@@ -289,15 +305,31 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     )
     ids = feats["customer_id"].to_numpy()
     n, k = value.shape
-    consented = set(zip(consent["customer_id"], consent["channel"], strict=True))
+    consented = consent.groupby("channel")["customer_id"].agg(set).to_dict()
     eligible = np.zeros((n, k), dtype=bool)
     for j, arm in enumerate(catalog.arms):
-        channel = arm.split("@")[1]
-        eligible[:, j] = [(cid, channel) in consented for cid in ids]
+        eligible[:, j] = np.isin(ids, list(consented.get(arm.split("@")[1], ())))
     eligible &= basket >= catalog.min_basket[None, :]
     if cooldown:
         eligible &= ~np.isin(ids, list(cooldown))[:, None]
+    return ScoredPopulation(
+        ids=ids, catalog=catalog, value=value, cost=cost, uplift=uplift, eligible=eligible
+    )
 
+
+def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now):  # noqa: ANN001, ANN202
+    cfg = settings.campaign
+    started = time.perf_counter()
+    pop = score_population(engine, settings, as_of=as_of, model_uri=model_uri, objective=objective)
+    ids, catalog, value, cost, uplift, eligible = (
+        pop.ids,
+        pop.catalog,
+        pop.value,
+        pop.cost,
+        pop.uplift,
+        pop.eligible,
+    )
+    n = len(ids)
     n_elig = eligible.sum(axis=1)
     control_share, explore_share = cfg.control_share, cfg.exploration_share
     if model_uri is None:

@@ -8,12 +8,13 @@ The coupling constraints are few (``1 + n_coupons + n_channels``) while customer
 they are priced instead: given prices ``λ`` (budget), ``μ_c`` (coupon) and ``ν_h`` (channel) each
 customer independently takes ``argmax_j value - λ·cost - μ_c(j) - ν_h(j)``, or nothing when that
 is not positive. The dual function (the priced objective plus ``prices · caps``) bounds every
-allocation from above; it is minimised over the prices with damped Newton steps on an entropy
-smoothing of it (the Hessian is only ``d × d`` for ``d`` caps), then polished on the exact
-choice. The choice at the final prices is made feasible by a repair (drop the assignments with
-the worst reduced profit from each violated cap) and completed by a greedy refill of whatever
-budget and capacity is left. Every pass over the ``[n, m]`` matrices runs in chunks of
-customers, in float32, so memory stays at about two float32 copies of the inputs.
+allocation from above. It is minimised over the prices with damped Newton steps on an entropy
+smoothing of it (the Hessian is only ``d × d`` for ``d`` caps), first on a sample of customers,
+then on the customers whose choice is still open, and polished on the exact choice. The choice
+at the final prices is made feasible by a repair (drop the assignments with the worst reduced
+profit from each violated cap) and completed by a greedy refill of whatever budget and capacity
+is left. Every pass over the ``[n, m]`` matrices runs in chunks of customers, in float32, so
+memory stays at about two float32 copies of the inputs.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ _DAMPING_START = 1.0
 _POLISH_STEPS = 4
 _POLISH_MAX_DAMPING = 4.0
 _TRIM_STEPS = 4
+# A customer whose best option beats the runner-up by this many typical values is set aside
+# (its choice taken as fixed) once the sample has found prices near the optimum.
+_MARGIN = 1.0
 _REFILL_ROUNDS = 3
 _REFILL_LIMIT = 65_536
 # Relative slack when comparing a float64 sum of float32 costs against the budget: the same
@@ -212,13 +216,17 @@ def solve_lagrangian(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
     # Unusable entries hold -FLT_MAX; pricing them may overflow to -inf, which is harmless.
     with np.errstate(over="ignore"):
         dual = _Dual(problem, chunk_size)
-        theta, bound, iterations = dual.minimise(tol=tol, max_iter=max_iter)
-        local = dual.choose(theta)
-        local = dual.repair(local, theta)
-        local = dual.refill(local, theta)
+        theta, bound, iterations, raw, lead = dual.minimise(tol=tol, max_iter=max_iter)
+        local = dual.repair(raw, theta)
+        # Moves of customers far ahead of their runner-up rank below everyone else's; those
+        # the repair dropped are looked at whatever their lead.
+        consider = (lead < _MARGIN * dual.typical_value) | (local != raw)
+        local = dual.refill(local, theta, consider)
     choice = dual.expand(local)
     objective, spend = dual.score(local)
     bound = max(bound, objective)  # rounding in float32 passes must not report a negative gap
@@ -436,15 +444,6 @@ class _Dual:
         second[1:, 1:] = count_second
         return usage, second
 
-    def hard_bound(self, theta: np.ndarray) -> float:
-        """Return the exact dual value at ``theta``, an upper bound on the optimum."""
-        lam, offset = self._split(theta)
-        total = 0.0
-        for a, b in _chunks(len(self.rows), self.chunk):
-            top = self._reduced(a, b, lam, offset).max(axis=0, initial=0.0)
-            total += float(top.sum(dtype=np.float64))
-        return total + float(theta @ self.capacity)
-
     def hard_pass(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Take each customer's best option at prices ``theta``.
 
@@ -471,19 +470,52 @@ class _Dual:
             usage = np.concatenate(([col_c.sum()], usage))
         return total + float(theta @ self.capacity), usage
 
+    def _subset(self, index: slice | np.ndarray, capacity: np.ndarray) -> _Dual:
+        """Return the same dual restricted to some customers, with the caps they may use."""
+        part = copy.copy(self)
+        part.value = np.ascontiguousarray(self.value[:, index])
+        part.cost = np.ascontiguousarray(self.cost[:, index])
+        part.rows = self.rows[index]
+        part.capacity = np.asarray(capacity, dtype=np.float64)
+        return part
+
     def _sample(self) -> _Dual | None:
         """Return the same dual on an evenly spaced sample of customers with scaled caps."""
         k = len(self.rows)
         size = max(_SAMPLE_MIN, min(k // _SAMPLE_DIVISOR, _SAMPLE_MAX))
         if k < 4 * size:
             return None
-        step = k // size
-        sample = copy.copy(self)
-        sample.value = np.ascontiguousarray(self.value[:, ::step])
-        sample.cost = np.ascontiguousarray(self.cost[:, ::step])
-        sample.rows = self.rows[::step]
-        sample.capacity = self.capacity * (sample.value.shape[1] / k)
-        return sample
+        index = slice(None, None, k // size)
+        return self._subset(index, self.capacity * (len(range(k)[index]) / k))
+
+    def _working_set(self, theta: np.ndarray) -> tuple[_Dual, float, np.ndarray]:
+        """Split off the customers whose choice is clear at prices near the optimum.
+
+        A customer whose best option beats the runner-up (or nothing) by more than the typical
+        value keeps that choice under any small change of the prices, so its usage is a
+        constant: the remaining customers can be priced against what it leaves of each cap.
+
+        Returns:
+            ``(dual over the undecided customers, or self when that is not worth it, exact dual
+            value at theta, what the decided customers use of each cap)``.
+        """
+        local, exact, lead = self.choose(theta, lead=True)
+        decided = lead >= _MARGIN * self.typical_value
+        if np.count_nonzero(decided) < 0.5 * len(decided):
+            return self, exact, np.zeros(self.dim)
+        rows = np.flatnonzero(decided & (local >= 0))
+        usage = self._usage(rows, local[rows].astype(np.int64))
+        left = self.capacity - usage
+        if np.any(left < 0):
+            return self, exact, np.zeros(self.dim)  # the prices are far off: set nobody aside
+        return self._subset(np.flatnonzero(~decided), left), exact, usage
+
+    def _usage(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Return what the assignments ``(rows, cols)`` use of each dual coordinate."""
+        usage = self.indicator.astype(np.float64) @ np.bincount(cols, minlength=len(self.cols))
+        if self.has_budget:
+            usage = np.concatenate(([float(self.cost[cols, rows].astype(np.float64).sum())], usage))
+        return usage
 
     def smoothed(
         self, theta: np.ndarray, tau: float, slack: np.ndarray, max_iter: int, bound: float
@@ -519,45 +551,84 @@ class _Dual:
                 damping = min(damping * 4, 1e8)
         return theta, hess, bound, iterations
 
-    def minimise(self, *, tol: float, max_iter: int) -> tuple[np.ndarray, float, int]:
+    def minimise(
+        self, *, tol: float, max_iter: int
+    ) -> tuple[np.ndarray, float, int, np.ndarray, np.ndarray]:
         """Minimise the dual: damped Newton on an entropy smoothing, then an exact polish.
 
         Phase one minimises the smoothed dual at a temperature of a tenth of the typical value:
         the smoothing still averages over many customers, so its Hessian is a good model of how
         usage responds to prices. On large instances it first runs on an evenly spaced sample of
-        customers with proportionally scaled caps, which lands close to the full problem's
-        prices for a fraction of the work. Phase two works on the exact (unsmoothed) choice:
-        Newton steps on that Hessian towards ``usage(θ) = capacity``, then a search on the
-        budget price alone, then a slide along price directions that change no choice.
+        customers with proportionally scaled caps, which lands close to the optimal prices for
+        a fraction of the work; customers whose choice is then clear are set aside and the rest
+        priced against what they leave. Phase two works on the exact (unsmoothed) choice:
+        Newton steps on that Hessian towards ``usage(θ) = capacity``, a search on the budget
+        price alone, and a slide along price directions that change no choice. A last pass
+        over everyone takes the choices and the exact dual bound, and checks that the customers
+        set aside kept their choice (else the polish is redone over everyone).
 
         Returns:
-            ``(theta, best exact dual bound seen, iterations)``.
+            ``(theta, best exact dual bound seen, iterations, choice over kept customers, lead
+            of each customer's best option over its runner-up)``.
         """
         theta = np.zeros(self.dim)
         if self.dim == 0 or len(self.rows) == 0:
-            return theta, self.hard_bound(theta), 0
+            local, bound, lead = self.choose(theta, lead=True)
+            return theta, bound, 0, local, lead
         bound, usage = self.hard_pass(theta)
-        if np.all(usage <= self.capacity):
-            return theta, bound, 0  # nothing binds: everyone takes their best option
+        if np.all(usage <= self.capacity):  # nothing binds: everyone takes their best option
+            local, bound, lead = self.choose(theta, lead=True)
+            return theta, bound, 0, local, lead
         slack = self._slack(tol)
         tau = self.typical_value * _TAU
         iterations = 0
+        work = self
         sample = self._sample()
         if sample is not None:
             # The sample is solved to the full problem's accuracy (its caps are a fraction of the
-            # full ones, and its smoothed usage is not whole customers), so that one or two full
-            # passes are left to do.
+            # full ones, and its smoothed usage is not whole customers).
             share = sample.capacity / np.maximum(self.capacity, _EPS)
             theta, _, _, iterations = sample.smoothed(theta, tau, slack * share, max_iter, np.inf)
-        theta, hess, bound, steps = self.smoothed(theta, tau, slack, max_iter - iterations, bound)
+            work, seen, fixed = self._working_set(theta)
+            bound = min(bound, seen)
+        theta, hess, steps, usage = work.settle(theta, tau, slack, max_iter - iterations)
         iterations += steps
-        theta, hard, usage, seen, steps = self._polish(theta, hess, slack, max_iter - iterations)
-        bound, iterations = min(bound, seen), iterations + steps
-        if self.has_budget and iterations < max_iter:
-            theta, hard, seen, steps = self._fit_budget(theta, hard, usage, hess, slack)
-            bound, iterations = min(bound, seen), iterations + steps
-        theta, hard = self._slide(theta, hard)
-        return theta, float(min(bound, hard)), iterations
+        if work is not self:
+            # The set-aside customers were assumed to keep their choice: check on everyone, and
+            # polish over everyone if their moves shifted the usage by more than a slack.
+            seen, full_usage = self.hard_pass(theta)
+            bound = min(bound, seen)
+            if np.any(np.abs(full_usage - usage - fixed) > slack):
+                theta, steps, seen, _ = self.finish(theta, hess, slack, max(max_iter - iterations, 1))
+                bound, iterations = min(bound, seen), iterations + steps
+        local, seen, lead = self.choose(theta, lead=True)
+        return theta, float(min(bound, seen)), iterations, local, lead
+
+    def settle(
+        self, theta: np.ndarray, tau: float, slack: np.ndarray, max_iter: int
+    ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+        """Run the smoothed phase, then :meth:`finish`, from ``theta``.
+
+        Returns:
+            ``(theta, Hessian of the smoothed dual, iterations, usage at theta)``.
+        """
+        theta, hess, _, iterations = self.smoothed(theta, tau, slack, max_iter, np.inf)
+        theta, steps, _, usage = self.finish(theta, hess, slack, max_iter - iterations)
+        return theta, hess, iterations + steps, usage
+
+    def finish(
+        self, theta: np.ndarray, hess: np.ndarray, slack: np.ndarray, max_iter: int
+    ) -> tuple[np.ndarray, int, float, np.ndarray]:
+        """Polish on the exact choice, fit the budget, slide along choice-neutral directions.
+
+        Returns:
+            ``(theta, steps, best exact dual value seen, usage at theta)``.
+        """
+        theta, hard, usage, bound, steps = self._polish(theta, hess, slack, max_iter)
+        if self.has_budget and steps < max_iter:
+            theta, _, usage, seen, more = self._fit_budget(theta, hard, usage, hess, slack)
+            bound, steps = min(bound, seen), steps + more
+        return self._slide(theta), steps, bound, usage
 
     def _polish(
         self, theta: np.ndarray, hess: np.ndarray, slack: np.ndarray, max_iter: int
@@ -594,16 +665,13 @@ class _Dual:
                 damping = max(4 * damping, 0.25)
         return theta, shifted + 0.5 * float(theta @ slack), usage, bound, steps
 
-    def _slide(self, theta: np.ndarray, hard: float) -> tuple[np.ndarray, float]:
-        """Move the prices along directions that change no reduced value, as far as they help.
+    def _slide(self, theta: np.ndarray) -> np.ndarray:
+        """Move the prices along directions that change no reduced value, as far as that helps.
 
         When every option uses one coupon and one channel, raising all coupon prices and
         lowering all channel prices by the same amount leaves every choice as it is; the dual
         is then linear along that direction and Newton steps, which see no curvature there,
-        barely move. The exact minimum lies where a price reaches zero.
-
-        Returns:
-            ``(theta, exact dual value at theta)``.
+        barely move. The exact minimum along it lies where a price reaches a bound.
         """
         first = 1 if self.has_budget else 0
         for direction in self.null_directions:
@@ -614,15 +682,13 @@ class _Dual:
                 full, slope = -full, -slope
             if slope == 0:
                 continue
-            # Go as far as every price stays within [0, upper].
             with np.errstate(divide="ignore", invalid="ignore"):
                 to_zero = np.where(full < 0, -theta / full, np.inf)
                 to_top = np.where(full > 0, (self.upper - theta) / full, np.inf)
             t = float(min(to_zero.min(), to_top.min()))
             if np.isfinite(t) and t > 0:
                 theta = np.clip(theta + t * full, 0.0, self.upper)
-                hard += t * slope
-        return theta, hard
+        return theta
 
     def _fit_budget(
         self,
@@ -631,7 +697,7 @@ class _Dual:
         usage: np.ndarray,
         hess: np.ndarray,
         slack: np.ndarray,
-    ) -> tuple[np.ndarray, float, float, int]:
+    ) -> tuple[np.ndarray, float, np.ndarray, float, int]:
         """Move the budget price alone until the exact choice spends just under the budget.
 
         Undoing an overspend means dropping whole customers, and an underspend is hard to
@@ -641,14 +707,15 @@ class _Dual:
         the other prices fixed, so a bracketing secant search is safe.
 
         Returns:
-            ``(theta, exact dual value there, best exact dual value seen, steps)`` at the best
-            price found that fits; the starting point (value ``inf`` if it overspends) when
-            none does.
+            ``(theta, exact dual value there, usage there, best exact dual value seen, steps)``
+            at the best price found that fits; the starting point (value ``inf`` if it
+            overspends) when none does.
         """
         budget, target = self.capacity[0], self.capacity[0] - 0.5 * slack[0]
         spend = float(usage[0])
         bound = hard
-        best = (theta, hard, spend) if spend <= budget else (theta, float(np.inf), -np.inf)
+        best = (theta, hard, usage) if spend <= budget else (theta, float(np.inf), usage)
+        best_spend = spend if spend <= budget else -np.inf
         low = high = None  # prices known to overspend / to fit
         price = float(theta[0])
         steps = 0
@@ -673,9 +740,9 @@ class _Dual:
             steps += 1
             bound = min(bound, t_hard)
             spend = float(t_usage[0])
-            if best[2] < spend <= budget:
-                best = (trial, t_hard, spend)
-        return best[0], best[1], bound, steps
+            if best_spend < spend <= budget:
+                best, best_spend = (trial, t_hard, t_usage), spend
+        return best[0], best[1], best[2], bound, steps
 
     def _slack(self, tol: float) -> np.ndarray:
         """Return how far each usage may miss its cap and still count as met."""
@@ -686,19 +753,33 @@ class _Dual:
 
     # ----------------------------------------------------------------------------------------------
     # primal
-    def choose(self, theta: np.ndarray) -> np.ndarray:
-        """Return each kept customer's best option at prices ``theta`` (``-1``: nothing)."""
+    def choose(self, theta: np.ndarray, *, lead: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
+        """Take each kept customer's best option at prices ``theta``.
+
+        Returns:
+            ``(choice (-1: nothing), exact dual value at theta, lead)``; ``lead`` is by how much
+            each customer's best beats its runner-up (nothing counts as an option worth 0; ties
+            give 0), computed only when asked for (else empty).
+        """
         lam, offset = self._split(theta)
-        local = np.full(len(self.rows), -1, dtype=np.int32)
-        for a, b in _chunks(len(self.rows), self.chunk):
+        k = len(self.rows)
+        local = np.full(k, -1, dtype=np.int32)
+        margin = np.empty(k if lead else 0, dtype=np.float32)
+        total = 0.0
+        for a, b in _chunks(k, self.chunk):
             r = self._reduced(a, b, lam, offset)
             best = np.zeros(b - a, dtype=np.float32)  # "nothing" wins ties: never pick a zero gain
+            second = np.full(b - a, -np.inf, dtype=np.float32)
             pick = local[a:b]
             for j in range(r.shape[0]):
-                better = r[j] > best
-                best[better] = r[j][better]
-                pick[better] = j
-        return local
+                if lead:
+                    np.maximum(second, np.minimum(best, r[j]), out=second)
+                pick[r[j] > best] = j
+                np.maximum(best, r[j], out=best)
+            total += float(best.sum(dtype=np.float64))
+            if lead:
+                margin[a:b] = best - second
+        return local, total + float(theta @ self.capacity), margin
 
     def _assigned(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.flatnonzero(local >= 0)
@@ -743,7 +824,7 @@ class _Dual:
                     rest = rest[1:]
         return local
 
-    def refill(self, local: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    def refill(self, local: np.ndarray, theta: np.ndarray, consider: np.ndarray) -> np.ndarray:
         """Spend what the caps leave on the best moves, greedily by reduced gain.
 
         A move gives an unassigned customer an option, or switches an assigned one to an
@@ -752,9 +833,11 @@ class _Dual:
         is left: only a dearer, better option for someone already served can use it. The pool
         of moves is built once; each round keeps those that still fit and that belong to
         customers who have not moved, since a moved customer's other moves are out of date.
+        Only customers in ``consider`` are looked at: the others lead their runner-up by a wide
+        margin at these prices, so any move of theirs would rank below all the rest.
         """
         local = local.copy()
-        pool = self._moves(local, theta)
+        pool = self._moves(local, theta, consider)
         if pool is None:
             return local
         cust, col, dcost, new_coupon, old_coupon, new_channel, old_channel = pool
@@ -792,8 +875,10 @@ class _Dual:
                 left += np.bincount(old[accepted][old[accepted] >= 0], minlength=len(left))
         return local
 
-    def _moves(self, local: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, ...] | None:
-        """List the improving moves with the best reduced gain, best first.
+    def _moves(
+        self, local: np.ndarray, theta: np.ndarray, consider: np.ndarray
+    ) -> tuple[np.ndarray, ...] | None:
+        """List the improving moves of the customers in ``consider`` with the best reduced gain.
 
         Returns:
             ``(customer, new option, cost change, new coupon, old coupon, new channel, old
@@ -802,13 +887,18 @@ class _Dual:
         lam, offset = self._split(theta)
         limit = int(min(max(len(self.rows) // 4, 2048), _REFILL_LIMIT))
         found: list[tuple[np.ndarray, ...]] = []
-        for a, b in _chunks(len(self.rows), self.chunk):
-            cur = local[a:b].astype(np.int64)
+        customers = np.flatnonzero(consider)
+        for a, b in _chunks(len(customers), self.chunk):
+            who = customers[a:b]
+            cur = local[who].astype(np.int64)
             has = cur >= 0
             idx = np.arange(b - a)
             pick = np.where(has, cur, 0)
-            r = self._reduced(a, b, lam, offset)
-            v = self.value[:, a:b]
+            v = self.value[:, who]
+            c = self.cost[:, who]
+            r = c * np.float32(-lam)
+            r += v
+            r -= offset[:, None]
             cur_v = np.where(has, v[pick, idx], 0.0).astype(np.float32)
             j, i = np.nonzero(v > cur_v)  # strictly better value; excludes unusable and current
             if j.size == 0:
@@ -818,8 +908,8 @@ class _Dual:
             if key.size > limit:
                 keep = np.argpartition(-key, limit)[:limit]
                 j, i, key = j[keep], i[keep], key[keep]
-            cur_c = np.where(has[i], self.cost[pick[i], i + a], 0.0).astype(np.float64)
-            found.append((i + a, j, key, self.cost[j, i + a].astype(np.float64) - cur_c, cur[i]))
+            cur_c = np.where(has[i], c[pick[i], i], 0.0).astype(np.float64)
+            found.append((who[i], j, key, c[j, i].astype(np.float64) - cur_c, cur[i]))
         if not found:
             return None
         cust, col, key, dcost, old = (np.concatenate(x) for x in zip(*found, strict=True))

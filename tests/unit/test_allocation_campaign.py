@@ -85,3 +85,26 @@ def test_logged_propensities_are_the_mixture_probabilities(world):
     assert (model_treated["propensity"] >= 1 - c - e).all()
     control = ledger[(ledger.policy == "control") & (ledger.model_arm == "control")]
     assert np.allclose(control["propensity"], c + (1 - c - e), atol=1e-9) or len(control) == 0
+
+
+def test_budget_curve_is_monotone_and_never_overspends(world, tmp_path):
+    from mlpkg.allocation.plan import budget_curve, plot_budget_curve
+
+    settings, engine, shop = world
+    table = budget_curve(engine, settings, as_of=shop.now.to_pydatetime(), model_uri="oracle",
+                         objective="conversions", budgets=[5, 10, 20, 40, 80])
+    assert (table["spend"] <= table["budget"] + 1e-6).all()
+    assert table["expected_objective"].is_monotonic_increasing
+    png = plot_budget_curve(table, tmp_path / "curve.png", objective="conversions", current_budget=20)
+    assert png.stat().st_size > 5_000
+
+
+def test_cold_start_explores_within_budget_with_exact_propensities(world):
+    settings, engine, shop = world
+    now = shop.now.to_pydatetime()
+    summary = allocate_campaign(engine, settings, campaign_id="cold", as_of=now, run_key="r", model_uri=None,
+                                model_version=None, now=now, budget=30.0, objective="conversions")
+    ledger = _ledger(engine, "cold")
+    assert summary["treated"] > 0 and ledger["expected_cost"].sum() <= 30.0 + 1e-6
+    assert set(ledger.loc[ledger.arm != "control", "policy"]) == {"explore"}
+    assert (ledger["model_arm"] == "control").all()

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlpkg.allocation import solver
 from mlpkg.allocation.reference import solve_highs_lp, solve_highs_milp
 from mlpkg.allocation.solver import AllocationProblem, check_feasible, solve_lagrangian
 
@@ -123,6 +124,18 @@ def test_large_instances_reach_99_percent_of_the_lp_bound(seed, n, m, n_coupons,
     lp_bound, _, _ = solve_highs_lp(problem)
     assert result.objective >= 0.99 * lp_bound - 1e-9
     assert result.dual_bound >= lp_bound * (1 - 1e-6) - 1e-9  # a Lagrangian bound is never below the LP
+
+
+def test_sample_and_working_set_match_the_plain_solve(monkeypatch):
+    # 12,000 customers: large enough for the sampled start and for setting decided customers aside.
+    problem = _problem(1, 12_000, 6, 3, 2)
+    fast = solve_lagrangian(problem)
+    _assert_sound(problem, fast)
+    assert fast.gap < 1e-3
+    monkeypatch.setattr(solver, "_SAMPLE_MIN", 10**9)  # no sample, hence no working set either
+    plain = solve_lagrangian(problem)
+    assert fast.objective == pytest.approx(plain.objective, rel=1e-3)
+    assert fast.dual_bound == pytest.approx(plain.dual_bound, rel=1e-3)
 
 
 def test_repair_makes_an_infeasible_raw_choice_feasible():

@@ -132,17 +132,34 @@ RAW_CASES = {
     "missing-required-column": (_orders_without_revenue, "orders.csv", "revenue", "required_column"),
     "wrong-type-abc-in-numeric": (_orders_with("revenue", "abc"), "orders.csv", "revenue", "parse_float"),
     "null-id": (_orders_with("order_id", ""), "orders.csv", "order_id", "order_id must not be null"),
-    "duplicate-event-ids": (_events_with(_duplicate_event_id), "events.parquet", "event_id",
-                            "event_id must be unique"),
+    "duplicate-event-ids": (
+        _events_with(_duplicate_event_id),
+        "events.parquet",
+        "event_id",
+        "event_id must be unique",
+    ),
     "negative-revenue": (_orders_with("revenue", "-12.5"), "orders.csv", "revenue", "revenue must be"),
     "negative-face-value": (_negative_face_value, "coupons.csv", "face_value", "face_value must be"),
     "future-timestamp": (_events_with(_future_event), "events.parquet", "ts", "ts must lie between"),
-    "unknown-customer": (_orders_with("customer_id", "C_GHOST"), "orders.csv", "customer_id",
-                         "referential_integrity"),
-    "unknown-coupon": (_orders_with("coupon_id", "NOPE50"), "orders.csv", "coupon_id", "referential_integrity"),
+    "unknown-customer": (
+        _orders_with("customer_id", "C_GHOST"),
+        "orders.csv",
+        "customer_id",
+        "referential_integrity",
+    ),
+    "unknown-coupon": (
+        _orders_with("coupon_id", "NOPE50"),
+        "orders.csv",
+        "coupon_id",
+        "referential_integrity",
+    ),
     "empty-file": (_orders_bytes(lambda b: b""), "orders.csv", None, "file is empty"),
-    "header-only": (_orders_bytes(lambda b: b.split(b"\n")[0] + b"\n"), "orders.csv", None,
-                    "header but no data rows"),
+    "header-only": (
+        _orders_bytes(lambda b: b.split(b"\n")[0] + b"\n"),
+        "orders.csv",
+        None,
+        "header but no data rows",
+    ),
     "truncated-last-line": (_orders_bytes(_truncate_last_line), "orders.csv", None, "csv_field_count"),
     "non-utf8-bytes": (_orders_bytes(_non_utf8), "orders.csv", None, "utf8_encoding"),
     "revenue-outlier-1e12": (_orders_with("revenue", "1e12"), "orders.csv", "revenue", "revenue must be"),
@@ -197,8 +214,11 @@ def test_extra_column_warns_and_loads_but_fails_in_strict_mode(bad_batch):
     assert counts["ingested_files"] == before[0]["ingested_files"] + 1
 
 
-@pytest.mark.xfail(strict=True, reason="ingest_batch reports only batch-level warnings; a table's "
-                   "extra-column warning stays in the GX report and never reaches the caller")
+@pytest.mark.xfail(
+    strict=True,
+    reason="ingest_batch reports only batch-level warnings; a table's "
+    "extra-column warning stays in the GX report and never reaches the caller",
+)
 def test_extra_column_warning_reaches_the_ingest_report(bad_batch):
     from mlpkg import stages
 
@@ -223,17 +243,19 @@ BASE_SPEC = {
 
 def _base_log(n: int = 36) -> pd.DataFrame:
     arms = ["holdout", "10pct_sms", "5usd_sms"]
-    return pd.DataFrame({
-        "user_ref": [f"u{i:03d}" for i in range(n)],
-        "variant": [arms[i % 3] for i in range(n)],
-        "purchased": [int(i % 4 == 0) for i in range(n)],
-        "order_value": [round(20.0 + i, 2) if i % 4 == 0 else 0.0 for i in range(n)],
-        "clicked": [int(i % 2 == 0) for i in range(n)],
-        "days_since_last_order": [float(i % 30) for i in range(n)],
-        "lifetime_value": [100.0 + 3 * i for i in range(n)],
-        "region": [["north", "south"][i % 2] for i in range(n)],
-        "device": [["ios", "android", "desktop"][i % 3] for i in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "user_ref": [f"u{i:03d}" for i in range(n)],
+            "variant": [arms[i % 3] for i in range(n)],
+            "purchased": [int(i % 4 == 0) for i in range(n)],
+            "order_value": [round(20.0 + i, 2) if i % 4 == 0 else 0.0 for i in range(n)],
+            "clicked": [int(i % 2 == 0) for i in range(n)],
+            "days_since_last_order": [float(i % 30) for i in range(n)],
+            "lifetime_value": [100.0 + 3 * i for i in range(n)],
+            "region": [["north", "south"][i % 2] for i in range(n)],
+            "device": [["ios", "android", "desktop"][i % 3] for i in range(n)],
+        }
+    )
 
 
 def _log_edit(column: str, value, row: int = 4):  # noqa: ANN001, ANN202
@@ -259,6 +281,11 @@ def _spec_names_missing_column(df: pd.DataFrame, spec: dict) -> None:
     spec["features"]["numeric"].append("basket_size")
 
 
+def _abc_in_inferred_numeric(df: pd.DataFrame, spec: dict) -> None:
+    spec.pop("features")  # types are inferred: a column of numbers with one stray string is numeric
+    _log_edit("lifetime_value", "abc", row=7)(df, spec)
+
+
 def _duplicate_id(df: pd.DataFrame, spec: dict) -> None:
     df.loc[9, "user_ref"] = df.loc[8, "user_ref"]
 
@@ -270,14 +297,14 @@ def _raw(transform: Callable[[bytes], bytes]):  # noqa: ANN202
 # (edit of frame/spec or raw-bytes transform, column, rule words)
 LOG_CASES = {
     "spec-names-missing-column": (_spec_names_missing_column, "basket_size", "spec_column_exists"),
-    "treatment-label-not-in-spec": (_log_edit("variant", "20pct_push"), "variant",
-                                    "treatment_in_spec"),
+    "treatment-label-not-in-spec": (_log_edit("variant", "20pct_push"), "variant", "treatment_in_spec"),
     "single-arm-no-control": (_single_arm, "variant", "control_present"),
     "propensity-outside-0-1": (_bad_propensity, "p", "propensity_in_range"),
     "revenue-outlier-1e12": (_log_edit("order_value", 1e12), "order_value", "revenue_range"),
     "negative-revenue": (_log_edit("order_value", -3.5), "order_value", "revenue_range"),
     "conversion-not-binary": (_log_edit("purchased", 2), "purchased", "conversion_binary"),
     "wrong-type-abc-in-numeric": (_log_edit("lifetime_value", "abc"), "lifetime_value", "feature_numeric"),
+    "abc-in-inferred-numeric": (_abc_in_inferred_numeric, "lifetime_value", "inferred numeric"),
     "null-id": (_log_edit("user_ref", ""), "user_ref", "ids_not_null"),
     "duplicate-id": (_duplicate_id, "user_ref", "ids_unique"),
     "empty-file": (_raw(lambda b: b""), None, "file is empty"),
@@ -326,8 +353,14 @@ def test_bad_campaign_log_is_rejected_through_the_cli(case, log_store):
     result = _cli("import-log", path, "--spec", spec)
 
     assert result.exit_code == 2, result.output
-    _assert_names(result.output, f"Campaign log '{LOG_NAME}'", "rejected by its data contract", str(path),
-                  column and f"'{column}'", rule)
+    _assert_names(
+        result.output,
+        f"Campaign log '{LOG_NAME}'",
+        "rejected by its data contract",
+        str(path),
+        column and f"'{column}'",
+        rule,
+    )
     assert _snapshot(engine) == before  # the earlier good import of the same name is intact too
     assert path.read_bytes() == original  # the user's export outside the state folder is only copied
     [quarantined] = _quarantined(settings)

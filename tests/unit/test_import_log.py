@@ -54,8 +54,13 @@ def shop_export(tmp_path_factory):
     raw = shop.export_batch(out / "raw")
     customers = pd.read_csv(raw["customers"])
     orders = pd.read_csv(raw["orders"], keep_default_na=False).astype({"revenue": float})
-    feats = build_features(customers, pd.read_parquet(raw["events"]), orders, shop.campaign_sent_at,
-                           consent=pd.read_csv(raw["consent"]))
+    feats = build_features(
+        customers,
+        pd.read_parquet(raw["events"]),
+        orders,
+        shop.campaign_sent_at,
+        consent=pd.read_csv(raw["consent"]),
+    )
     log = shop.past_campaign()
     log["variant"] = log["coupon_id"].map(KIND_TO_ARM).fillna("holdout")
     frame = (
@@ -83,9 +88,12 @@ def store(tmp_path, monkeypatch):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("COUPONOPS_STATE_DIR", str(tmp_path / "state"))
     get_settings.cache_clear()
-    settings = Settings(_env_file=None, state_dir=tmp_path / "state",
-                        trainer={"max_epochs": 2, "batch_size": 256, "hidden_dim": 16, "head_dim": 8},
-                        gate={"min_test_rows": 20})
+    settings = Settings(
+        _env_file=None,
+        state_dir=tmp_path / "state",
+        trainer={"max_epochs": 2, "batch_size": 256, "hidden_dim": 16, "head_dim": 8},
+        gate={"min_test_rows": 20},
+    )
     settings.ensure_dirs()
     migrate(settings.resolved_warehouse_url)
     engine = make_engine(settings.resolved_warehouse_url)
@@ -176,25 +184,31 @@ def test_parquet_with_declared_features_and_logged_propensities(store, tmp_path)
     settings, engine = store
     rng = np.random.default_rng(0)
     n = 60
-    df = pd.DataFrame({
-        "uid": np.arange(n),  # integer ids are stored as text
-        "grp": rng.choice(["A", "B", "C"], n),
-        "p": np.full(n, 1 / 3),
-        "bought": rng.integers(0, 2, n),
-        "spend": rng.uniform(0, 50, n).round(2),
-        "age": rng.integers(18, 80, n).astype(float),
-        "city": rng.choice(["x", "y"], n),
-        "note": "ignored",
-    })
+    df = pd.DataFrame(
+        {
+            "uid": np.arange(n),  # integer ids are stored as text
+            "grp": rng.choice(["A", "B", "C"], n),
+            "p": np.full(n, 1 / 3),
+            "bought": rng.integers(0, 2, n),
+            "spend": rng.uniform(0, 50, n).round(2),
+            "age": rng.integers(18, 80, n).astype(float),
+            "city": rng.choice(["x", "y"], n),
+            "note": "ignored",
+        }
+    )
     df.loc[3, "age"] = np.nan  # a blank numeric feature is stored as null and imputed later
     path = tmp_path / "ab.parquet"
     df.to_parquet(path, index=False)
-    spec = parse_log_spec({
-        "name": "ab-test", "id_column": "uid",
-        "treatment": {"column": "grp", "control": "A", "costs": {"B": 1, "C": 2.5}},
-        "propensity_column": "p", "outcomes": {"conversion": "bought", "revenue": "spend"},
-        "features": {"numeric": ["age"], "categorical": ["city"]},
-    })
+    spec = parse_log_spec(
+        {
+            "name": "ab-test",
+            "id_column": "uid",
+            "treatment": {"column": "grp", "control": "A", "costs": {"B": 1, "C": 2.5}},
+            "propensity_column": "p",
+            "outcomes": {"conversion": "bought", "revenue": "spend"},
+            "features": {"numeric": ["age"], "categorical": ["city"]},
+        }
+    )
 
     result = import_campaign_log(engine, path, spec, settings, now=NOW)
 
@@ -239,8 +253,17 @@ def test_a_log_inside_the_state_folder_is_moved_to_quarantine(store, tmp_path):
         (lambda s: s.update(features={"numeric": ["revenue"]}), "features", "reserved"),
         (lambda s: s.update(name="../escape"), "name", "letters, digits"),
     ],
-    ids=["missing-key", "unknown-key", "negative-cost", "control-in-costs", "no-arms", "column-twice",
-         "feature-typed-twice", "reserved-feature", "unsafe-name"],
+    ids=[
+        "missing-key",
+        "unknown-key",
+        "negative-cost",
+        "control-in-costs",
+        "no-arms",
+        "column-twice",
+        "feature-typed-twice",
+        "reserved-feature",
+        "unsafe-name",
+    ],
 )
 def test_spec_errors_name_the_key(change, key, words):
     import yaml
@@ -268,8 +291,14 @@ def test_import_log_cli_prints_a_summary(store, shop_export):
 def test_logs_with_different_features_are_not_trained_together(ingested, tmp_path):
     settings, engine = ingested
     path = tmp_path / "tiny.csv"
-    pd.DataFrame({"user_ref": [f"u{i}" for i in range(8)], "variant": ["holdout", "pct_off"] * 4,
-                  "purchased": [0, 1] * 4, "score": range(8)}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "user_ref": [f"u{i}" for i in range(8)],
+            "variant": ["holdout", "pct_off"] * 4,
+            "purchased": [0, 1] * 4,
+            "score": range(8),
+        }
+    ).to_csv(path, index=False)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC_YAML.replace("  revenue: order_value\n", "").replace("  extra: [clicked]\n", ""))
     stages.import_log(settings, path, spec, now=NOW)
@@ -284,7 +313,8 @@ def test_train_on_an_imported_log_registers_a_model(store, shop_export):
     stages.init_stores(settings)
     stages.import_log(settings, path, spec, now=NOW)
 
-    result = stages.train(settings, stages.RunContext(dag_id="test", run_id="byo-1"), log_names=["spring_test"])
+    ctx = stages.RunContext(dag_id="test", run_id="byo-1")
+    result = stages.train(settings, ctx, log_names=["spring_test"])
 
     assert result["model_version"] == "1"
     assert {"test/qini/pct_off", "test/qini/5usd", "test/qini/freeship"} <= set(result["metrics"])

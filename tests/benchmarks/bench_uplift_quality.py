@@ -1,0 +1,203 @@
+"""Benchmark: how much of the oracle's incremental conversions does each targeting policy get?
+
+For each seed a simulated shop with default magnitudes runs a randomized campaign over
+``N_CUSTOMERS`` customers (every customer is in it, so the campaign log has ``N_CUSTOMERS`` rows).
+:func:`mlpkg.evaluation.policy_quality.evaluate_policies` trains the uplift network (through
+the product's ``train_uplift_model``) and the T-learner on it, then allocates the held-out test
+split's customers (15 %, features as of ``shop.now``) with every policy through the product's
+allocator under one budget, and values each allocation exactly with the simulator's truth.
+
+Budget: enough to give ``TREAT_SHARE`` (25 %) of the evaluation population the arm with its
+highest true uplift, at the product's expected cost (see ``treat_share_budget``); coupon
+inventory and channel capacity are the shop's shares of the population.
+
+Results (mean over seeds, 95 % t-interval in ``ci95``):
+
+* ``uplift_policy_share_of_oracle``: the network's true incremental conversions / the oracle's.
+* ``tlearner_share_of_oracle``, ``response_model_share_of_oracle``, ``random_share_of_oracle``.
+* ``network_vs_tlearner_qini``: mean per-arm Qini coefficient on the test split, network over
+  T-learner (the best-arm Qini and the Qini of the true uplift are reported as extras).
+
+``COUPONOPS_BENCH_QUICK=1`` runs 40,000 customers and 2 seeds. Run:
+``python -m tests.benchmarks.run --only uplift_quality --out bench-results``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+QUICK = os.environ.get("COUPONOPS_BENCH_QUICK", "") not in ("", "0")
+N_CUSTOMERS = 40_000 if QUICK else 200_000
+SEEDS = (1, 2) if QUICK else (1, 2, 3, 4, 5)
+TREAT_SHARE = 0.25
+TORCH_THREADS = 2
+# The network's settings for this benchmark (the product's defaults are tuned for the small demo).
+TRAINER: dict[str, Any] = {
+    "accelerator": "cpu",
+    "max_epochs": 8,
+    "batch_size": 1024,
+    "learning_rate": 2e-3,
+    "weight_decay": 1e-5,
+    "hidden_dim": 64,
+    "head_dim": 32,
+    "embedding_dim": 4,
+    "dropout": 0.1,
+}
+POLICY_LABELS = {
+    "network": "uplift network",
+    "tlearner": "T-learner (HGB)",
+    "response": "response model",
+    "random": "random",
+    "oracle": "oracle",
+}
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Return the mean and a 95 % t-interval over seeds (the mean twice for a single value)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def print_seed(out: dict[str, Any]) -> None:
+    """Print one seed's policies as a table."""
+    print(
+        f"\nseed {out['seed']}: {out['n_training_rows']} training rows, {out['n_eval']} evaluated customers, "
+        f"budget {out['budget']:.0f} ({out['budget_per_customer']:.3f}/customer); "
+        f"data {out['data_seconds']:.0f} s, network {out['network_train_seconds']:.0f} s, "
+        f"T-learner {out['tlearner_train_seconds']:.0f} s"
+    )
+    print(f"  {'policy':<18} {'incr. conv':>10} {'share':>7} {'treated':>8} {'true spend':>11}")
+    for key, label in POLICY_LABELS.items():
+        print(
+            f"  {label:<18} {out[f'{key}_incremental_conversions']:>10.1f} {out[f'{key}_share']:>7.3f} "
+            f"{out[f'{key}_treated']:>8d} {out[f'{key}_true_spend']:>11.0f}"
+        )
+    print(
+        f"  Qini (mean per arm / best arm): network {out['network_qini_mean_arm']:.5f} / "
+        f"{out['network_qini_best_arm']:.5f}, T-learner {out['tlearner_qini_mean_arm']:.5f} / "
+        f"{out['tlearner_qini_best_arm']:.5f}, true uplift {out['truth_qini_mean_arm']:.5f} / "
+        f"{out['truth_qini_best_arm']:.5f}"
+    )
+    print(
+        f"  uplift vs truth (rmse / corr / best-arm rank corr): network {out['network_uplift_rmse']:.4f} / "
+        f"{out['network_uplift_corr']:.3f} / {out['network_best_arm_corr']:.3f}, T-learner "
+        f"{out['tlearner_uplift_rmse']:.4f} / {out['tlearner_uplift_corr']:.3f} / "
+        f"{out['tlearner_best_arm_corr']:.3f}",
+        flush=True,
+    )
+
+
+def _share_result(name: str, key: str, runs: list[dict[str, Any]], target: str) -> dict[str, Any]:
+    shares = [r[f"{key}_share"] for r in runs]
+    mean, low, high = mean_ci(shares)
+    return {
+        "name": name,
+        "value": mean,
+        "unit": "share",
+        "reference": "oracle",
+        "reference_value": 1.0,
+        "ratio": mean,
+        "ci95": [low, high],
+        "per_seed": shares,
+        "incremental_conversions": statistics.fmean(r[f"{key}_incremental_conversions"] for r in runs),
+        "oracle_incremental_conversions": statistics.fmean(r["oracle_incremental_conversions"] for r in runs),
+        "treated": statistics.fmean(r[f"{key}_treated"] for r in runs),
+        "target": target,
+        "n_customers": N_CUSTOMERS,
+        "seeds": list(SEEDS),
+        "treat_share": TREAT_SHARE,
+    }
+
+
+def run(out_dir: Path) -> list[dict[str, Any]]:
+    """Run every seed, print the tables and return the results (see the module docstring)."""
+    _quiet()
+    import torch
+
+    from mlpkg.config import Settings, TrainerSettings
+    from mlpkg.evaluation.policy_quality import POLICIES, evaluate_policies
+    from mlpkg.simulator import Shop, ShopConfig
+
+    torch.set_num_threads(TORCH_THREADS)
+    print(f"uplift quality: {N_CUSTOMERS} customers, seeds {list(SEEDS)}, trainer {TRAINER}", flush=True)
+    runs = []
+    for seed in SEEDS:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench-uplift-") as tmp:
+            settings = Settings(
+                _env_file=None,
+                state_dir=Path(tmp) / "state",
+                trainer=TrainerSettings(**TRAINER, seed=seed),
+            )
+            shop = Shop(ShopConfig(seed=seed, n_customers=N_CUSTOMERS, campaign_share=1.0))
+            out = evaluate_policies(
+                shop, settings, Path(tmp) / "work", treat_share=TREAT_SHARE, seed=seed, n_threads=TORCH_THREADS
+            )
+        out["seconds"] = time.perf_counter() - started
+        runs.append(out)
+        print_seed(out)
+
+    print(f"\nshare of the oracle's incremental conversions over {len(runs)} seeds (mean, 95% CI):")
+    for key in POLICIES:
+        mean, low, high = mean_ci([r[f"{key}_share"] for r in runs])
+        print(f"  {POLICY_LABELS[key]:<18} {mean:.3f}  [{low:.3f}, {high:.3f}]")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "uplift_quality_per_seed.json").write_text(json.dumps(runs, indent=2, default=float))
+
+    net_qini = statistics.fmean(r["network_qini_mean_arm"] for r in runs)
+    tl_qini = statistics.fmean(r["tlearner_qini_mean_arm"] for r in runs)
+    qini_ratios = [r["network_qini_mean_arm"] / r["tlearner_qini_mean_arm"] for r in runs]
+    results = [
+        _share_result("uplift_policy_share_of_oracle", "network", runs, ">= 0.80 and >= tlearner"),
+        _share_result("tlearner_share_of_oracle", "tlearner", runs, "reference"),
+        _share_result("response_model_share_of_oracle", "response", runs, "reference"),
+        _share_result("random_share_of_oracle", "random", runs, "reference"),
+        {
+            "name": "network_vs_tlearner_qini",
+            "value": net_qini,
+            "unit": "qini",
+            "reference": "tlearner",
+            "reference_value": tl_qini,
+            "ratio": net_qini / tl_qini if tl_qini else math.nan,
+            "ratio_per_seed": qini_ratios,
+            "network_best_arm_qini": statistics.fmean(r["network_qini_best_arm"] for r in runs),
+            "tlearner_best_arm_qini": statistics.fmean(r["tlearner_qini_best_arm"] for r in runs),
+            "true_uplift_qini": statistics.fmean(r["truth_qini_mean_arm"] for r in runs),
+            "true_uplift_best_arm_qini": statistics.fmean(r["truth_qini_best_arm"] for r in runs),
+            "network_train_seconds": statistics.fmean(r["network_train_seconds"] for r in runs),
+            "tlearner_train_seconds": statistics.fmean(r["tlearner_train_seconds"] for r in runs),
+            "target": ">= 1",
+            "n_customers": N_CUSTOMERS,
+            "seeds": list(SEEDS),
+        },
+    ]
+    return results
+
+
+if __name__ == "__main__":
+    from tests.benchmarks.run import main
+
+    raise SystemExit(main(["--only", "uplift_quality"]))
