@@ -457,14 +457,9 @@ def check_campaign_log(
             )
             found = Failure("unexpected_column", col, text, 1)
             (report.failures if strict else report.warnings).append(found)
-    how = (
-        (
-            "inferred numeric (nearly all its values are numbers; declare it under features.categorical "
-            "if it is not)"
-        )
-        if spec.features is None
-        else "declared numeric"
-    )
+    how = "declared numeric"
+    if spec.features is None:
+        how = "inferred numeric (nearly all its values are numbers; else declare it in features.categorical)"
     for col in numeric:
         _, _, bad = _numbers(df[col])
         report.failures += _failure(
@@ -543,6 +538,10 @@ def import_campaign_log(
 ) -> dict:
     """Validate a campaign log against its spec and write it to the warehouse in one transaction.
 
+    The same file and spec again is a no-op (``status == "unchanged"``). A different file or spec
+    under an existing name replaces that log: old rows are deleted and new ones inserted in the
+    same transaction, so no reader ever sees a mix of the two.
+
     Args:
         engine: The warehouse.
         file: The log (UTF-8 CSV with a header row, or Parquet).
@@ -551,10 +550,11 @@ def import_campaign_log(
         now: Import time, stored as ``imported_at``.
 
     Returns:
-        A summary: name, source, status (``imported``, ``replaced`` or ``unchanged``), rows, rows and
-        propensity per arm, control label and rows, how propensities were obtained, whether the log
-        is ``assumed_randomized``, the feature columns (and whether their types were inferred) and
-        warnings.
+        A summary: name, source, status (``imported``, ``replaced`` or ``unchanged``), rows, rows,
+        share and cost per arm (control first, as ``"control"``), control label and rows, how
+        propensities were obtained (``"logged (<column>)"`` or ``"estimated (assumed randomized)"``),
+        ``assumed_randomized``, the feature columns (and whether their types were inferred) and
+        warnings (e.g. columns the spec does not name).
 
     Raises:
         FileNotFoundError: ``file`` does not exist.

@@ -226,7 +226,9 @@ def ingest_batch(engine: Engine, batch_dir: Path, settings: Settings, *, now: da
         quarantine_dir=settings.quarantine_dir,
         data_docs_dir=settings.data_docs_dir,
     )
-    report.warnings = result.warnings
+    report.warnings = list(result.warnings) + [
+        f"{table}: {w.describe(1)}" for table, rep in result.reports.items() for w in rep.warnings
+    ]
     report.data_docs = str(result.data_docs_index) if result.data_docs_index else None
     with session_scope(engine) as session:
         for table in RAW_FILES:

@@ -42,12 +42,7 @@ def settings(tmp_path, monkeypatch):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("COUPONOPS_STATE_DIR", str(tmp_path / "state"))
     get_settings.cache_clear()
-    s = Settings(
-        state_dir=tmp_path / "state",
-        simulator_customers=600,
-        trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16},
-    )
-    yield s
+    yield _small_settings(tmp_path / "state")
     get_settings.cache_clear()
 
 

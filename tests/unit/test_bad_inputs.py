@@ -214,11 +214,6 @@ def test_extra_column_warns_and_loads_but_fails_in_strict_mode(bad_batch):
     assert counts["ingested_files"] == before[0]["ingested_files"] + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest_batch reports only batch-level warnings; a table's "
-    "extra-column warning stays in the GX report and never reaches the caller",
-)
 def test_extra_column_warning_reaches_the_ingest_report(bad_batch):
     from mlpkg import stages
 
