@@ -37,6 +37,8 @@ venv: $(STAMP) ## Create .venv and install CouponOps with its pinned stack
 demo: $(STAMP) ## Run the whole loop once through Airflow on embedded stores and print the summary
 	$(BIN)/couponops init
 	$(BIN)/airflow db migrate > $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
+	# Register every DAG (and its asset schedule) so asset events queue the retrain DAG.
+	$(BIN)/airflow dags reserialize >> $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
 	@set -euo pipefail; \
 	DAY=$$($(BIN)/couponops world-clock --next-round); \
 	echo "== simulated shop clock: $$DAY"; \

@@ -38,7 +38,7 @@ def couponops_retrain():
         print(f"retrain={decision['retrain']} reasons={decision['reasons']}")
         return decision["retrain"]
 
-    should_retrain() >> train_and_gate()
+    train_and_gate(upstream=should_retrain())
 
 
 couponops_retrain()

@@ -141,6 +141,7 @@ def train(log: Annotated[list[str] | None, typer.Option(help="Campaign log(s) to
     decision = _run(
         stages.gate,
         settings,
+        model_name=result.get("model_name"),
         model_version=result["model_version"],
         test_frame=result["test_frame"],
         run_id=result["mlflow_run_id"],
@@ -160,15 +161,42 @@ def promote(
 
 @app.command()
 def allocate(
-    campaign: Annotated[str, typer.Option(help="Campaign id")],
+    campaign: Annotated[str | None, typer.Option(help="Campaign id (shop campaigns)")] = None,
     as_of: Annotated[
         str | None, typer.Option(help="Point in time for features (default: the shop's now)")
     ] = None,
     budget: Annotated[float | None, typer.Option(help="Expected-spend cap")] = None,
     objective: Annotated[str | None, typer.Option(help="conversions | revenue | profit")] = None,
+    log: Annotated[str | None, typer.Option(help="Imported campaign log whose arms to allocate")] = None,
+    customers: Annotated[
+        Path | None, typer.Option(help="With --log: customers file (id + feature columns)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="With --log: output CSV (customer_id,arm)")] = Path(
+        "allocations.csv"
+    ),
 ) -> None:
-    """Allocate a campaign with the champion and write the coupon ledger."""
+    """Allocate a shop campaign with the champion, or an imported log's arms to a customers file."""
     settings = get_settings()
+    if log:
+        if customers is None or budget is None:
+            console.print("[red]error:[/red] --log needs --customers FILE and --budget B")
+            raise typer.Exit(code=2)
+        _show(
+            "allocation",
+            _run(
+                stages.allocate_log,
+                settings,
+                log_name=log,
+                customers_file=customers,
+                budget=budget,
+                objective=objective or "conversions",
+                out=out,
+            ),
+        )
+        return
+    if not campaign:
+        console.print("[red]error:[/red] give --campaign ID (or --log NAME --customers FILE --budget B)")
+        raise typer.Exit(code=2)
     when = as_of or stages.load_world(settings).now.isoformat()
     ctx = stages.RunContext(dag_id="cli", run_id=f"allocate-{campaign}")
     _show(

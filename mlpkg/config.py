@@ -47,8 +47,8 @@ class TrainerSettings(BaseModel):
 class CampaignSettings(BaseModel):
     """Defaults for a campaign when the caller does not give them."""
 
-    budget: float = Field(1500.0, gt=0, description="Expected spend cap (coupon cost + send cost).")
-    objective: Literal["conversions", "revenue", "profit"] = "profit"
+    budget: float = Field(300.0, gt=0, description="Expected spend cap (coupon cost + send cost).")
+    objective: Literal["conversions", "revenue", "profit"] = "conversions"
     margin: float = Field(0.35, gt=0, le=1, description="Gross margin on incremental revenue.")
     control_share: float = Field(0.10, ge=0, lt=1)
     exploration_share: float = Field(0.05, ge=0, lt=1)

@@ -262,15 +262,18 @@ def decide_retrain(
         triggers.append("no model has been trained yet")
     if new_rows >= cfg.min_new_labelled_rows:
         triggers.append(f"{new_rows} new labelled rows >= {cfg.min_new_labelled_rows}")
-    if last_trained is not None:
-        before = customer_features(engine, last_trained)
-        after = customer_features(engine, now)
+    with session_scope(engine) as session:
+        recent = [c.as_of for c in q.campaigns(session, limit=2)]
+    if len(recent) == 2:
+        # Drift of the targeted population between the last two campaigns (point-in-time features).
+        before = customer_features(engine, recent[1])
+        after = customer_features(engine, recent[0])
         drift = {}
-        for col in ("recency_days", "frequency_90d", "monetary_90d"):
+        for col in ("recency_days", "frequency_90d", "monetary_90d", "coupon_page_views_30d"):
             if col in before.columns and col in after.columns:
                 drift[col] = round(float(psi(before[col].to_numpy(float), after[col].to_numpy(float))), 4)
         reasons["psi"] = drift
-        worst = max(drift.values(), default=0.0)
+        worst = max((v for v in drift.values() if np.isfinite(v)), default=0.0)
         if worst > cfg.psi_threshold:
             triggers.append(f"feature drift PSI {worst:.3f} > {cfg.psi_threshold}")
     if campaign_id:

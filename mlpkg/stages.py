@@ -236,6 +236,30 @@ def import_log(
     return import_campaign_log(_engine(settings), Path(file), spec, settings, now=now or utcnow())
 
 
+def model_name_for(settings: Settings, log_names: list[str] | None) -> str:
+    """Registered-model name: the shop's model, or ``<name>-<log>`` for one imported log's own arms."""
+    if not log_names:
+        return settings.registered_model_name
+    from mlpkg.db import models as m
+    from mlpkg.db.engine import session_scope
+
+    with session_scope(_engine(settings)) as session:
+        logs = [session.get(m.CampaignLog, name) for name in log_names]
+    missing = [n for n, log in zip(log_names, logs, strict=True) if log is None]
+    if missing:
+        raise LookupError(f"no campaign log named {missing} in the warehouse (couponops import-log first)")
+    imported = [
+        log.name
+        for log in logs
+        if (log.spec or {}).get("format") not in ("shop-export", "couponops-campaign")
+    ]
+    if not imported:
+        return settings.registered_model_name
+    if len(log_names) > 1:
+        raise ValueError(f"train an imported log on its own (its arms are its own): got {log_names}")
+    return f"{settings.registered_model_name}-{imported[0]}"
+
+
 def train(
     settings: Settings, ctx: RunContext, *, log_names: list[str] | None = None, now: datetime | None = None
 ) -> dict:
@@ -267,6 +291,7 @@ def train(
                 "test_frame": str(snap_dir / f"{done.snapshot_id}-test.parquet"),
                 "idempotent_rerun": True,
             }
+    model_name = model_name_for(settings, log_names)
     frame = training_frame(engine, log_names)
     # Each log names its own features and arms: an imported log's are not the shop's.
     numeric, categorical, arms = training_columns(engine, frame)
@@ -289,7 +314,7 @@ def train(
         experiment=settings.mlflow_experiment,
         run_name=f"train-{ctx.run_id}",
         tags=tags,
-        registered_model_name=settings.registered_model_name,
+        registered_model_name=model_name,
     )
     test_path = snap_dir / f"{snapshot_id}-test.parquet"
     pd.DataFrame(result.test_frame).to_parquet(test_path, index=False)
@@ -308,6 +333,7 @@ def train(
             )
         )
     return {
+        "model_name": model_name,
         "mlflow_run_id": result.mlflow_run_id,
         "model_version": result.registered_version,
         "snapshot_id": snapshot_id,
@@ -323,6 +349,7 @@ def gate(
     test_frame: str,
     run_id: str | None = None,
     now: datetime | None = None,
+    model_name: str | None = None,
 ) -> dict:
     """Compare the new version with the champion and promote it only if it is better."""
     import pandas as pd
@@ -332,7 +359,7 @@ def gate(
     decision = gate_challenger(
         make_client(settings.resolved_tracking_uri),
         _engine(settings),
-        name=settings.registered_model_name,
+        name=model_name or settings.registered_model_name,
         tracking_uri=settings.resolved_tracking_uri,
         challenger_version=str(model_version),
         test_frame=pd.read_parquet(test_frame),
@@ -442,6 +469,29 @@ def plan(
         "csv": str(out / "budget_curve.csv"),
         "plot": str(plot),
     }
+
+
+def allocate_log(
+    settings: Settings,
+    *,
+    log_name: str,
+    customers_file: str | Path,
+    budget: float,
+    objective: str = "conversions",
+    out: str | Path = "allocations.csv",
+) -> dict:
+    """Allocate an imported log's arms to a customers file within a budget; write ``customer_id,arm``."""
+    from mlpkg.allocation.imported import allocate_imported
+
+    return allocate_imported(
+        _engine(settings),
+        settings,
+        log_name=log_name,
+        customers_file=Path(customers_file),
+        budget=budget,
+        objective=objective,
+        out=Path(out),
+    )
 
 
 def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None) -> dict:

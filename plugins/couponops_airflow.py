@@ -73,8 +73,8 @@ def conf(key: str, default=None):  # noqa: ANN001, ANN201
     return default if value is None else value
 
 
-def train_and_gate(log_names: list[str] | None = None):  # noqa: ANN201 - returns the gate task's XComArg
-    """Wire the train -> gate tasks (shared by the train and the retrain DAGs)."""
+def train_and_gate(upstream=None, log_names: list[str] | None = None):  # noqa: ANN001, ANN201
+    """Wire ``upstream >> train -> gate`` (shared by the train and the retrain DAGs)."""
     from airflow.sdk import task
 
     @task(outlets=[MODEL])
@@ -96,6 +96,10 @@ def train_and_gate(log_names: list[str] | None = None):  # noqa: ANN201 - return
             model_version=trained["model_version"],
             test_frame=trained["test_frame"],
             run_id=trained["mlflow_run_id"],
+            model_name=trained.get("model_name"),
         )
 
-    return gate_model(train_model())
+    trained = train_model()
+    if upstream is not None:
+        upstream >> trained
+    return gate_model(trained)

@@ -72,3 +72,9 @@ def test_retrain_dag_is_scheduled_on_the_feedback_asset_or_a_cron(dagbag):
     feedback = dagbag.dags.get("couponops_feedback")
     outlets = {o.uri for t in feedback.tasks for o in t.outlets}
     assert "couponops://warehouse/feedback" in outlets
+
+
+def test_retraining_happens_only_after_the_condition_task(dagbag):
+    dag = dagbag.dags["couponops_retrain"]
+    assert "should_retrain" in dag.task_dict["train_model"].upstream_task_ids
+    assert "ShortCircuit" in dag.task_dict["should_retrain"].task_type

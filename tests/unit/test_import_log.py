@@ -324,3 +324,56 @@ def test_train_on_an_imported_log_registers_a_model(store, shop_export):
     with session_scope(engine) as s:
         run = s.execute(select(m.TrainingRun).where(m.TrainingRun.run_key == "test/byo-1")).scalar_one()
         assert run.model_version == "1" and run.n_rows == len(frame)
+
+
+@pytest.mark.model
+def test_allocate_an_imported_logs_arms_to_a_customers_file(store, shop_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlpkg.cli import app
+
+    settings, engine = store
+    path, spec, frame = shop_export
+    stages.init_stores(settings)
+    stages.import_log(settings, path, spec, now=NOW)
+    trained = stages.train(
+        settings, stages.RunContext(dag_id="test", run_id="byo-2"), log_names=["spring_test"]
+    )
+    assert trained["model_name"] == f"{settings.registered_model_name}-spring_test"
+    decision = stages.gate(
+        settings,
+        model_version=trained["model_version"],
+        test_frame=trained["test_frame"],
+        model_name=trained["model_name"],
+    )
+    assert decision["promoted"], decision
+    customers = tmp_path / "customers.csv"
+    frame.drop(columns=["variant", "purchased", "order_value", "clicked"]).head(500).to_csv(
+        customers, index=False
+    )
+    out = tmp_path / "allocations.csv"
+    result = CliRunner().invoke(
+        app,
+        [
+            "allocate",
+            "--log",
+            "spring_test",
+            "--customers",
+            str(customers),
+            "--budget",
+            "40",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    alloc = pd.read_csv(out)
+    assert list(alloc.columns) == ["customer_id", "arm"] and len(alloc) == 500
+    assert set(alloc["arm"]) <= {"holdout", *COSTS}
+    spend = alloc["arm"].map(COSTS).fillna(0).sum()
+    assert 0 < spend <= 40 + 1e-6
+    bad = CliRunner().invoke(
+        app,
+        ["allocate", "--log", "spring_test", "--customers", str(path.parent / "nope.csv"), "--budget", "40"],
+    )
+    assert bad.exit_code == 2 and "does not" in bad.output and "nope.csv" in bad.output

@@ -1,0 +1,120 @@
+"""Behaviour of the uplift model trained on the simulated shop, checked against its hidden types.
+
+The simulator plants four hidden customer types (``Shop.segment_truth``): persuadables (a coupon
+they click on adds an order; large positive uplift on every arm), sure things (buy anyway; a
+tiny nuisance on sms/push), lost causes (nothing changes) and sleeping dogs (never persuaded;
+being contacted cuts their baseline conversion by the channel's annoyance: 30 % on email, 65 %
+on sms and 45 % on push, so their true uplift is negative on every arm and most on sms/push).
+
+The network is trained with the product's ``train_uplift_model`` on the shop's randomized
+campaign and scored on its held-out test split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlpkg.config import Settings, TrainerSettings
+from mlpkg.evaluation.policy_quality import read_shop_history, training_frame_from_shop
+from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from mlpkg.simulator import Shop, ShopConfig
+from mlpkg.train import score_with_model, train_uplift_model
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+N_CUSTOMERS = 40_000
+TRAINER = TrainerSettings(
+    accelerator="cpu", max_epochs=12, batch_size=1024, learning_rate=2e-3, hidden_dim=64, head_dim=32, seed=3
+)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> dict:
+    """Train on a 40k-customer shop's campaign and score its held-out customers (built once)."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("behaviour")
+    threads = torch.get_num_threads()
+    # One thread: on a small shared machine extra intra-op threads mostly wait on each other.
+    torch.set_num_threads(1)
+    try:
+        shop = Shop(ShopConfig(seed=3, n_customers=N_CUSTOMERS, campaign_share=1.0))
+        frame = training_frame_from_shop(shop, read_shop_history(shop, tmp / "raw"))
+        settings = Settings(_env_file=None, state_dir=tmp / "state", trainer=TRAINER)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        result = train_uplift_model(
+            frame,
+            NUMERIC_FEATURES,
+            CATEGORICAL_FEATURES,
+            list(shop.arm_names),
+            settings=settings,
+            tracking_uri=uri,
+            experiment="behaviour",
+            run_name="behaviour",
+            registered_model_name=None,
+        )
+        test = result.test_frame
+        scores = score_with_model(result.model_uri, test, tracking_uri=uri)
+    finally:
+        torch.set_num_threads(threads)
+    ids = test["customer_id"].tolist()
+    arms = [str(a) for a in scores["arms"]]
+    treatment = arms[1:]
+    column = [shop.arm_names.index(a) - 1 for a in treatment]
+    return {
+        "arms": treatment,
+        "uplift": scores["uplift"][:, 1:].astype(np.float64),
+        "true_uplift": shop.true_uplift(ids)[:, column],
+        "deliverable": shop.deliverable(ids)[:, column],
+        "kind": shop.segment_truth(ids),
+    }
+
+
+def _mean_over_arms(scored: dict, values: np.ndarray, kind: str, channels: tuple[str, ...]) -> float:
+    """Mean of ``values`` over a kind's customers and their deliverable arms on ``channels``."""
+    on_channel = np.array([a.split("@")[1] in channels for a in scored["arms"]])
+    mask = (scored["kind"] == kind)[:, None] & scored["deliverable"] & on_channel[None, :]
+    return float(values[mask].mean())
+
+
+def _best_arm_uplift(scored: dict) -> pd.Series:
+    best = np.where(scored["deliverable"], scored["uplift"], -np.inf).max(axis=1)
+    reach = np.isfinite(best)
+    return pd.Series(best[reach]).groupby(scored["kind"][reach]).mean()
+
+
+def test_the_simulator_plants_what_the_assertions_assume(scored) -> None:
+    true = scored["true_uplift"]
+    assert _mean_over_arms(scored, true, "persuadable", ("email", "sms", "push")) > 0.03
+    assert abs(_mean_over_arms(scored, true, "sure_thing", ("email",))) < 0.005
+    for channel in ("sms", "push"):
+        assert _mean_over_arms(scored, true, "sleeping_dog", (channel,)) < -0.01
+        assert _mean_over_arms(scored, true, "sleeping_dog", (channel,)) < _mean_over_arms(
+            scored, true, "sleeping_dog", ("email",)
+        )
+
+
+def test_persuadables_rank_above_sure_things_and_lost_causes(scored) -> None:
+    best = _best_arm_uplift(scored)
+    assert best["persuadable"] > best["sure_thing"] + 0.02
+    assert best["persuadable"] > best["lost_cause"] + 0.02
+    # Per arm as well, not only through the best one.
+    for arm in scored["arms"]:
+        channel = arm.split("@")[1]
+        j = scored["arms"].index(arm)
+        only = np.zeros(len(scored["arms"]), dtype=bool)
+        only[j] = True
+        sub = {**scored, "deliverable": scored["deliverable"] & only[None, :]}
+        persuadable = _mean_over_arms(sub, scored["uplift"], "persuadable", (channel,))
+        sure_thing = _mean_over_arms(sub, scored["uplift"], "sure_thing", (channel,))
+        assert persuadable > sure_thing, arm
+
+
+@pytest.mark.parametrize("channel", ["sms", "push"])
+def test_sleeping_dogs_get_negative_uplift_on_sms_and_push(scored, channel) -> None:
+    uplift = scored["uplift"]
+    dogs = _mean_over_arms(scored, uplift, "sleeping_dog", (channel,))
+    assert dogs < 0
+    assert dogs < _mean_over_arms(scored, uplift, "persuadable", (channel,))
