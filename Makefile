@@ -20,7 +20,7 @@ export TQDM_DISABLE := 1
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-loop test lint format bench airflow mlflow-ui clean
+.PHONY: help venv demo demo-loop dag test lint format bench airflow mlflow-ui clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,8 @@ demo: $(STAMP) ## Run the whole loop once through Airflow on embedded stores and
 	$(BIN)/airflow db migrate > $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
 	# Register every DAG (and its asset schedule) so asset events queue the retrain DAG.
 	$(BIN)/airflow dags reserialize >> $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
+	# Asset-scheduled retraining only queues for an unpaused DAG; the clock-scheduled ones stay paused.
+	$(BIN)/airflow dags unpause couponops_retrain >> $(STATE)/airflow-migrate.log 2>&1
 	@set -euo pipefail; \
 	DAY=$$($(BIN)/couponops world-clock --next-round); \
 	echo "== simulated shop clock: $$DAY"; \
@@ -50,6 +52,10 @@ demo: $(STAMP) ## Run the whole loop once through Airflow on embedded stores and
 	done
 	$(BIN)/couponops report
 	$(BIN)/couponops history --limit 5
+
+DAG ?= couponops_retrain
+dag: $(STAMP) ## Run one DAG through Airflow at the shop's clock: make dag DAG=couponops_retrain
+	$(BIN)/airflow dags test $(DAG) "$$($(BIN)/couponops world-clock)"
 
 ROUNDS ?= 5
 demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (fresh state folder)

@@ -350,8 +350,17 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     # Exploration draws first: its spend and capacity come off what the optimiser may use.
     pick = np.floor(uniform_draws(campaign_id, ids, "explore") * np.maximum(n_elig, 1)).astype(int)
     explore_choice = np.full(n, -1)
+    coupon_left = catalog.coupon_capacity.astype(float).copy()
+    channel_left = catalog.channel_capacity.astype(float).copy()
     for i in np.flatnonzero((group == "explore") & (n_elig > 0)):
-        explore_choice[i] = np.flatnonzero(eligible[i])[pick[i]]
+        j = np.flatnonzero(eligible[i])[pick[i]]
+        c_idx, h_idx = catalog.option_coupon[j], catalog.option_channel[j]
+        # Inventory and channel capacity bind exploration too; a customer drawn for a sold-out
+        # coupon gets nothing (rare; their logged propensity is then slightly overstated).
+        if coupon_left[c_idx] >= 1 and channel_left[h_idx] >= 1:
+            explore_choice[i] = j
+            coupon_left[c_idx] -= 1
+            channel_left[h_idx] -= 1
     exp_rows = np.flatnonzero(explore_choice >= 0)
     exp_opts = explore_choice[exp_rows]
     exp_spend = float(cost[exp_rows, exp_opts].sum())

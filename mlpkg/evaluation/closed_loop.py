@@ -100,13 +100,14 @@ def run_closed_loop(
         truth = shop.oracle_value(deployed, margin=settings.campaign.margin)
         ids = ledger["customer_id"].tolist()
         oracle_alloc = allocate_by_scores(
+            ids,
             shop.true_conversion(ids),
             shop.true_revenue(ids),
             shop.arm_names,
             shop,
             budget,
             objective=objective,
-            customer_ids=ids,
+            margin=settings.campaign.margin,
         )
         oracle = shop.oracle_value(oracle_alloc, margin=settings.campaign.margin)
         model_group = ledger[ledger["policy"] == "model"][["customer_id", "arm"]]

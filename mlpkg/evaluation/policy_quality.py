@@ -364,13 +364,18 @@ def allocation_value(
 # --- ranking metrics -------------------------------------------------------------------------------
 
 
-def qini_summary(p_conv: np.ndarray, frame: pd.DataFrame, arms: Sequence[str]) -> dict[str, float]:
-    """Qini coefficients of per-arm scores on logged randomized rows.
+def qini_summary(
+    p_conv: np.ndarray, frame: pd.DataFrame, arms: Sequence[str], outcome: np.ndarray | None = None
+) -> dict[str, float]:
+    """Compute Qini coefficients of per-arm scores on logged randomized rows.
 
     Args:
         p_conv: ``[n, A]`` predicted P(conversion | arm) of the rows, ``arms[0]`` = control.
         frame: Logged rows with ``arm``, ``converted`` and ``propensity``.
         arms: Arm names in column order.
+        outcome: Outcome per row instead of ``converted``; evaluation code may pass the true
+            conversion probability of the logged arm, which removes the coin flips of the
+            outcomes (the noise that dominates a Qini on a few thousand conversions).
 
     Returns:
         ``qini_mean_arm``: mean over treatment arms of each arm's Qini on its own and control's
@@ -381,7 +386,7 @@ def qini_summary(p_conv: np.ndarray, frame: pd.DataFrame, arms: Sequence[str]) -
     if arms[0] != CONTROL:
         raise ValueError(f"arms[0] must be {CONTROL!r}")
     arm_idx = frame["arm"].astype(str).map({a: i for i, a in enumerate(arms)}).to_numpy(dtype=np.int64)
-    y = frame["converted"].to_numpy(dtype=np.float64)
+    y = frame["converted"].to_numpy(dtype=np.float64) if outcome is None else np.asarray(outcome, np.float64)
     prop = frame["propensity"].to_numpy(dtype=np.float64)
     per_arm = [v for v in multi_arm_qini(p_conv, arm_idx, y, prop, arms).values() if math.isfinite(v)]
     best = (p_conv[:, 1:] - p_conv[:, :1]).max(axis=1)
@@ -461,7 +466,8 @@ def evaluate_policies(
     Returns:
         A flat summary: per policy ``{policy}_incremental_conversions``, ``{policy}_share``
         (of the oracle), ``{policy}_treated``, ``{policy}_true_spend``; Qini of both models
-        (and of the true uplift) on the test split; uplift error against the truth on the
+        (and of the true uplift) on the test split, on the logged outcomes and (``*_expected_*``)
+        on the true conversion probability of the logged arm; uplift error against the truth on the
         evaluation population; timings and sizes.
     """
     from mlpkg.models.baseline import fit_t_learner
@@ -502,9 +508,14 @@ def evaluate_policies(
     net_test = score_with_model(result.model_uri, test, tracking_uri=tracking_uri)["p_conv"]
     true_test = shop.true_conversion(test["customer_id"].tolist())
     true_test = true_test[:, [shop.arm_names.index(a) for a in arms]]
+    logged = test["arm"].map({a: i for i, a in enumerate(arms)}).to_numpy(dtype=np.int64)
+    expected = true_test[np.arange(len(test)), logged]
     for name, p in (("network", net_test), ("tlearner", learner.predict_proba_arms(test)),
                     ("truth", true_test)):
-        out.update({f"{name}_{k}": v for k, v in qini_summary(np.asarray(p, np.float64), test, arms).items()})
+        p = np.asarray(p, np.float64)
+        out.update({f"{name}_{k}": v for k, v in qini_summary(p, test, arms).items()})
+        expected_qini = qini_summary(p, test, arms, outcome=expected)
+        out.update({f"{name}_expected_{k}": v for k, v in expected_qini.items()})
 
     population = eval_population(shop, eval_size, seed, candidates=test["customer_id"].tolist(),
                                  history=history)

@@ -107,8 +107,12 @@ def channels_frame(cfg: ShopConfig) -> pd.DataFrame:
     )
 
 
-def coupons_frame(cfg: ShopConfig, valid_from: int, valid_to: int) -> pd.DataFrame:
-    """Return ``coupons.csv`` with every coupon valid in ``[valid_from, valid_to]``."""
+def coupons_frame(cfg: ShopConfig, valid_from: int, valid_to: int, restocks: int = 0) -> pd.DataFrame:
+    """Return ``coupons.csv`` with every coupon valid in ``[valid_from, valid_to]``.
+
+    The shop restocks each coupon with its initial inventory every time the world advances
+    (``restocks``), so the inventory is cumulative, as a coupon catalogue's total issuable count.
+    """
     n = len(cfg.coupons)
     return pd.DataFrame(
         {
@@ -116,7 +120,7 @@ def coupons_frame(cfg: ShopConfig, valid_from: int, valid_to: int) -> pd.DataFra
             "kind": [c.kind for c in cfg.coupons],
             "face_value": [float(c.face_value) for c in cfg.coupons],
             "min_basket": [float(c.min_basket) for c in cfg.coupons],
-            "inventory": [round(c.inventory_share * cfg.n_customers) for c in cfg.coupons],
+            "inventory": [round(c.inventory_share * cfg.n_customers) * (1 + restocks) for c in cfg.coupons],
             "valid_from": np.repeat(iso(valid_from), n),
             "valid_to": np.repeat(iso(valid_to), n),
         }

@@ -416,7 +416,10 @@ class Shop:
             "channels": write_csv(channels_frame(cfg), out_dir / "channels.csv"),
             "coupons": write_csv(
                 coupons_frame(
-                    cfg, self._sent_at - self._sent_at % DAY, batch_end + _COUPON_VALIDITY_DAYS * DAY
+                    cfg,
+                    self._sent_at - self._sent_at % DAY,
+                    batch_end + _COUPON_VALIDITY_DAYS * DAY,
+                    restocks=last,
                 ),
                 out_dir / "coupons.csv",
             ),

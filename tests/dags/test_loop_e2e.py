@@ -10,17 +10,37 @@ import pytest
 pytestmark = [pytest.mark.dags, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-DAGS = ["couponops_ingest", "couponops_train", "couponops_allocate", "couponops_feedback", "couponops_retrain"]
+DAGS = [
+    "couponops_ingest",
+    "couponops_train",
+    "couponops_allocate",
+    "couponops_feedback",
+    "couponops_retrain",
+]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONOPS_", "AIRFLOW", "MLFLOW"))}
+    env.update(
+        COUPONOPS_SIMULATOR_CUSTOMERS="1500",
+        COUPONOPS_TRAINER__MAX_EPOCHS="4",
+        COUPONOPS_CAMPAIGN__BUDGET="120",
+        COUPONOPS_GATE__MIN_TEST_ROWS="50",
+    )
+    return env
 
 
 @pytest.fixture(scope="module")
 def demo_state(tmp_path_factory):
     state = tmp_path_factory.mktemp("demo") / "state"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONOPS_", "AIRFLOW", "MLFLOW"))}
-    env.update(COUPONOPS_SIMULATOR_CUSTOMERS="1500", COUPONOPS_TRAINER__MAX_EPOCHS="4",
-               COUPONOPS_CAMPAIGN__BUDGET="120", COUPONOPS_GATE__MIN_TEST_ROWS="50")
-    proc = subprocess.run(["make", "-s", "demo", f"STATE={state}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        ["make", "-s", "demo", f"STATE={state}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return state, proc.stdout
 
@@ -40,7 +60,8 @@ def test_ledger_respects_the_budget_and_covers_the_population(demo_state):
     spent = con.execute("SELECT SUM(expected_cost) FROM allocations").fetchone()[0]
     assert spent == pytest.approx(committed, rel=1e-6)
     n_alloc, n_customers = con.execute(
-        "SELECT (SELECT COUNT(*) FROM allocations), (SELECT COUNT(*) FROM customers)").fetchone()
+        "SELECT (SELECT COUNT(*) FROM allocations), (SELECT COUNT(*) FROM customers)"
+    ).fetchone()
     assert n_alloc == n_customers
     policies = dict(con.execute("SELECT policy, COUNT(*) FROM allocations GROUP BY policy").fetchall())
     assert set(policies) == {"model", "explore", "control"}
@@ -64,9 +85,64 @@ def test_feedback_was_delivered_loaded_and_measured(demo_state):
     sent = con.execute("SELECT COUNT(*) FROM deliveries WHERE status = 'sent'").fetchone()[0]
     treated = con.execute("SELECT COUNT(*) FROM allocations WHERE coupon_id IS NOT NULL").fetchone()[0]
     assert sent == treated > 0
-    counts = dict(con.execute("SELECT event_type, COUNT(*) FROM feedback_events GROUP BY event_type").fetchall())
+    counts = dict(
+        con.execute("SELECT event_type, COUNT(*) FROM feedback_events GROUP BY event_type").fetchall()
+    )
     assert counts.get("order", 0) > 0 and counts.get("delivered", 0) > 0
     metrics = con.execute("SELECT COUNT(*) FROM campaign_metrics WHERE breakdown = 'overall'").fetchone()[0]
     assert metrics == 2
     assert "observed after customers responded" in stdout
     assert (state / "data_docs" / "index.html").exists()
+
+
+def test_feedback_asset_event_queues_the_retrain_dag_and_the_decision_is_logged(demo_state):
+    state, _ = demo_state
+    con = sqlite3.connect(state / "airflow" / "airflow.db")
+    events = con.execute(
+        "SELECT COUNT(*) FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+        "WHERE a.uri = 'couponops://warehouse/feedback' AND e.source_dag_id = 'couponops_feedback'"
+    ).fetchone()[0]
+    assert events >= 1
+    queued = {d for (d,) in con.execute("SELECT target_dag_id FROM asset_dag_run_queue")}
+    assert "couponops_retrain" in queued, (
+        "the feedback asset event must queue couponops_retrain for the scheduler"
+    )
+    states = dict(
+        con.execute("SELECT task_id, state FROM task_instance WHERE dag_id = 'couponops_retrain'").fetchall()
+    )
+    wh = sqlite3.connect(state / "warehouse.db")
+    retrain, reasons = wh.execute(
+        "SELECT retrain, reasons FROM retrain_decisions ORDER BY id DESC"
+    ).fetchone()
+    assert states["should_retrain"] == "success"
+    assert states["train_model"] == ("success" if retrain else "skipped")
+    assert "triggers" in reasons
+
+
+def test_retrain_is_skipped_with_its_reason_when_nothing_new_arrived(demo_state):
+    state, _ = demo_state
+    proc = subprocess.run(
+        ["make", "-s", "dag", "DAG=couponops_retrain", f"STATE={state}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wh = sqlite3.connect(state / "warehouse.db")
+    retrain, reasons = wh.execute(
+        "SELECT retrain, reasons FROM retrain_decisions ORDER BY id DESC"
+    ).fetchone()
+    assert retrain == 0 and '"triggers": []' in reasons
+    con = sqlite3.connect(state / "airflow" / "airflow.db")
+    run_id = con.execute(
+        "SELECT run_id FROM dag_run WHERE dag_id = 'couponops_retrain' ORDER BY id DESC"
+    ).fetchone()[0]
+    states = dict(
+        con.execute(
+            "SELECT task_id, state FROM task_instance WHERE dag_id = 'couponops_retrain' AND run_id = ?",
+            (run_id,),
+        ).fetchall()
+    )
+    assert states == {"should_retrain": "success", "train_model": "skipped", "gate_model": "skipped"}
