@@ -87,9 +87,14 @@ def redis_url():
 def _small_settings(state: Path, **extra):
     from mlpkg.config import Settings
 
-    return Settings(_env_file=None, state_dir=state, simulator_customers=600,
-                    trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16},
-                    gate={"min_test_rows": 20}, **extra)
+    return Settings(
+        _env_file=None,
+        state_dir=state,
+        simulator_customers=600,
+        trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16},
+        gate={"min_test_rows": 20},
+        **extra,
+    )
 
 
 @pytest.fixture(scope="session")

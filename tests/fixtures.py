@@ -15,8 +15,10 @@ class OracleScorer:
 
     def score_arrays(self, df: pd.DataFrame, chunk_size: int | None = None) -> dict[str, np.ndarray]:
         ids = df["customer_id"].astype(str).tolist()
-        return {"p_conv": self.shop.true_conversion(ids).astype(np.float32),
-                "revenue": self.shop.true_revenue(ids).astype(np.float32)}
+        return {
+            "p_conv": self.shop.true_conversion(ids).astype(np.float32),
+            "revenue": self.shop.true_revenue(ids).astype(np.float32),
+        }
 
 
 def use_oracle(monkeypatch, shop) -> None:

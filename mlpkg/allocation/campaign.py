@@ -290,7 +290,7 @@ def score_population(
         channels = pd.read_sql(select(m.Channel), conn)
         consent = pd.read_sql(select(m.Consent).where(m.Consent.opted_in.is_(True)), conn)
     with session_scope(engine) as session:
-        cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days))
+        cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days), until=as_of)
     if model_uri is None:
         # Cold start: every live coupon x channel is an arm, scored with a flat prior (only used
         # for expected costs); the exploration share grows to use the budget.

@@ -215,11 +215,15 @@ def issue_coupons(session: Session, counts: Mapping[str, int]) -> None:
             )
 
 
-def customers_on_cooldown(session: Session, since: datetime) -> set[str]:
-    """Customers who received a coupon at or after ``since``."""
-    stmt = select(m.Allocation.customer_id).where(
-        m.Allocation.created_at >= since, m.Allocation.coupon_id.is_not(None)
+def customers_on_cooldown(session: Session, since: datetime, until: datetime | None = None) -> set[str]:
+    """Customers given a coupon by a campaign dated in ``[since, until)`` (campaign time, not wall time)."""
+    stmt = (
+        select(m.Allocation.customer_id)
+        .join(m.Campaign, m.Campaign.campaign_id == m.Allocation.campaign_id)
+        .where(m.Campaign.as_of >= since, m.Allocation.coupon_id.is_not(None))
     )
+    if until is not None:
+        stmt = stmt.where(m.Campaign.as_of < until)
     return set(session.execute(stmt).scalars())
 
 

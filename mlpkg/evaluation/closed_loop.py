@@ -98,7 +98,9 @@ def run_closed_loop(
         ledger = _ledger(settings, campaign)
         deployed = ledger[["customer_id", "arm"]]
         truth = shop.oracle_value(deployed, margin=settings.campaign.margin)
-        ids = ledger["customer_id"].tolist()
+        # The oracle faces the same eligibility as the product: nobody on coupon cooldown.
+        cooling = _on_cooldown(settings, shop.now)
+        ids = [c for c in ledger["customer_id"].tolist() if c not in cooling]
         oracle_alloc = allocate_by_scores(
             ids,
             shop.true_conversion(ids),
@@ -147,3 +149,14 @@ def run_closed_loop(
         if on_round:
             on_round(row)
     return rows
+
+
+def _on_cooldown(settings: Settings, now) -> set[str]:  # noqa: ANN001
+    """Customers who got a coupon from an earlier campaign within the cooldown period."""
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import session_scope
+
+    as_of = q.as_utc(now).to_pydatetime()
+    since = as_of - timedelta(days=settings.campaign.cooldown_days)
+    with session_scope(stages._engine(settings)) as session:
+        return q.customers_on_cooldown(session, since, until=as_of)

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 def pg_world(pg_url, tmp_path, monkeypatch):
     from mlpkg.config import Settings
 
-    settings = Settings(_env_file=None, state_dir=tmp_path / "state", warehouse_url=pg_url, simulator_customers=600)
+    settings = Settings(
+        _env_file=None, state_dir=tmp_path / "state", warehouse_url=pg_url, simulator_customers=600
+    )
     stages.init_stores(settings)
     stages.ingest(settings, stages.land_simulated_batch(settings, "initial")["batch_dir"])
     shop = stages.load_world(settings)
@@ -31,8 +33,18 @@ def pg_world(pg_url, tmp_path, monkeypatch):
 
 def _run(settings, engine, shop, campaign, run_key, budget=60.0):
     now = shop.now.to_pydatetime()
-    return allocate_campaign(engine, settings, campaign_id=campaign, as_of=now, run_key=run_key, model_uri="oracle",
-                             model_version="0", now=now, budget=budget, objective="conversions")
+    return allocate_campaign(
+        engine,
+        settings,
+        campaign_id=campaign,
+        as_of=now,
+        run_key=run_key,
+        model_uri="oracle",
+        model_version="0",
+        now=now,
+        budget=budget,
+        objective="conversions",
+    )
 
 
 def test_three_runs_of_the_same_dag_run_leave_an_identical_ledger(pg_world):
@@ -68,8 +80,10 @@ def _concurrently(*calls):
 
 def test_two_concurrent_runs_of_one_campaign_allocate_it_once(pg_world):
     settings, engine, shop = pg_world
-    results, errors = _concurrently(lambda: _run(settings, engine, shop, "c2", "run-a"),
-                                    lambda: _run(settings, engine, shop, "c2", "run-b"))
+    results, errors = _concurrently(
+        lambda: _run(settings, engine, shop, "c2", "run-a"),
+        lambda: _run(settings, engine, shop, "c2", "run-b"),
+    )
     assert len(results) == 1 and len(errors) == 1
     assert isinstance(errors[0], q.CampaignBusyError)
     with session_scope(engine) as s:
@@ -82,13 +96,18 @@ def test_concurrent_campaigns_never_over_issue_a_coupon(pg_world):
     settings, engine, shop = pg_world
     with session_scope(engine) as s:
         s.execute(update(m.Coupon).values(inventory=25))
-    results, errors = _concurrently(lambda: _run(settings, engine, shop, "c3", "r3", budget=500.0),
-                                    lambda: _run(settings, engine, shop, "c4", "r4", budget=500.0))
+    results, errors = _concurrently(
+        lambda: _run(settings, engine, shop, "c3", "r3", budget=500.0),
+        lambda: _run(settings, engine, shop, "c4", "r4", budget=500.0),
+    )
     assert all(isinstance(e, (LedgerLimitError, q.CampaignBusyError)) for e in errors), errors
     assert results, "at least one campaign must be allocated"
     with session_scope(engine) as s:
         for coupon in s.execute(select(m.Coupon)).scalars():
             assert coupon.issued <= coupon.inventory
-            given = s.execute(select(func.count()).select_from(m.Allocation)
-                              .where(m.Allocation.coupon_id == coupon.coupon_id)).scalar_one()
+            given = s.execute(
+                select(func.count())
+                .select_from(m.Allocation)
+                .where(m.Allocation.coupon_id == coupon.coupon_id)
+            ).scalar_one()
             assert given == coupon.issued

@@ -22,9 +22,18 @@ def world(ingested, monkeypatch):
 
 
 def _allocate(settings, engine, shop, run_key="dag/run-1", campaign="c1", budget=40.0, objective="profit"):
-    return allocate_campaign(engine, settings, campaign_id=campaign, as_of=shop.now.to_pydatetime(), run_key=run_key,
-                             model_uri="oracle", model_version="0", now=shop.now.to_pydatetime(), budget=budget,
-                             objective=objective)
+    return allocate_campaign(
+        engine,
+        settings,
+        campaign_id=campaign,
+        as_of=shop.now.to_pydatetime(),
+        run_key=run_key,
+        model_uri="oracle",
+        model_version="0",
+        now=shop.now.to_pydatetime(),
+        budget=budget,
+        objective=objective,
+    )
 
 
 def _ledger(engine, campaign="c1"):
@@ -41,7 +50,13 @@ def test_ledger_respects_budget_consent_and_one_row_per_customer(world):
     assert summary["spend"] == pytest.approx(ledger["expected_cost"].sum(), rel=1e-6)
     with engine.connect() as conn:
         consent = pd.read_sql(select(m.Consent), conn)
-    ok = set(zip(consent.loc[consent.opted_in, "customer_id"], consent.loc[consent.opted_in, "channel"], strict=True))
+    ok = set(
+        zip(
+            consent.loc[consent.opted_in, "customer_id"],
+            consent.loc[consent.opted_in, "channel"],
+            strict=True,
+        )
+    )
     treated = ledger[ledger["coupon_id"].notna()]
     assert all((c, h) in ok for c, h in zip(treated["customer_id"], treated["channel"], strict=True))
     assert (ledger.loc[ledger.policy == "control", "arm"] == "control").all()
@@ -91,8 +106,14 @@ def test_budget_curve_is_monotone_and_never_overspends(world, tmp_path):
     from mlpkg.allocation.plan import budget_curve, plot_budget_curve
 
     settings, engine, shop = world
-    table = budget_curve(engine, settings, as_of=shop.now.to_pydatetime(), model_uri="oracle",
-                         objective="conversions", budgets=[5, 10, 20, 40, 80])
+    table = budget_curve(
+        engine,
+        settings,
+        as_of=shop.now.to_pydatetime(),
+        model_uri="oracle",
+        objective="conversions",
+        budgets=[5, 10, 20, 40, 80],
+    )
     assert (table["spend"] <= table["budget"] + 1e-6).all()
     assert table["expected_objective"].is_monotonic_increasing
     png = plot_budget_curve(table, tmp_path / "curve.png", objective="conversions", current_budget=20)
@@ -102,9 +123,35 @@ def test_budget_curve_is_monotone_and_never_overspends(world, tmp_path):
 def test_cold_start_explores_within_budget_with_exact_propensities(world):
     settings, engine, shop = world
     now = shop.now.to_pydatetime()
-    summary = allocate_campaign(engine, settings, campaign_id="cold", as_of=now, run_key="r", model_uri=None,
-                                model_version=None, now=now, budget=30.0, objective="conversions")
+    summary = allocate_campaign(
+        engine,
+        settings,
+        campaign_id="cold",
+        as_of=now,
+        run_key="r",
+        model_uri=None,
+        model_version=None,
+        now=now,
+        budget=30.0,
+        objective="conversions",
+    )
     ledger = _ledger(engine, "cold")
     assert summary["treated"] > 0 and ledger["expected_cost"].sum() <= 30.0 + 1e-6
     assert set(ledger.loc[ledger.arm != "control", "policy"]) == {"explore"}
     assert (ledger["model_arm"] == "control").all()
+
+
+def test_cooldown_is_measured_in_campaign_time(world):
+    settings, engine, shop = world
+    t0 = shop.now.to_pydatetime()
+    kwargs = dict(model_uri="oracle", model_version="0", budget=40.0, objective="conversions")
+    allocate_campaign(engine, settings, campaign_id="w1", as_of=t0, run_key="a", now=t0, **kwargs)
+    first = set(_ledger(engine, "w1").query("coupon_id == coupon_id")["customer_id"])
+    week = t0 + pd.Timedelta(days=7)
+    allocate_campaign(engine, settings, campaign_id="w2", as_of=week, run_key="b", now=t0, **kwargs)
+    second = set(_ledger(engine, "w2").query("coupon_id == coupon_id")["customer_id"])
+    assert first and not (first & second), "a coupon within the cooldown (14 days) must block the next one"
+    later = t0 + pd.Timedelta(days=settings.campaign.cooldown_days + 1)
+    allocate_campaign(engine, settings, campaign_id="w3", as_of=later, run_key="c", now=t0, **kwargs)
+    third = set(_ledger(engine, "w3").query("coupon_id == coupon_id")["customer_id"])
+    assert first & third, "after the cooldown the same customers may be targeted again"

@@ -19,8 +19,18 @@ def measured(ingested, monkeypatch):
     shop = stages.load_world(settings)
     use_oracle(monkeypatch, shop)
     now = shop.now.to_pydatetime()
-    allocate_campaign(engine, settings, campaign_id="c1", as_of=now, run_key="t/1", model_uri="oracle",
-                      model_version="0", now=now, budget=80.0, objective="conversions")
+    allocate_campaign(
+        engine,
+        settings,
+        campaign_id="c1",
+        as_of=now,
+        run_key="t/1",
+        model_uri="oracle",
+        model_version="0",
+        now=now,
+        budget=80.0,
+        objective="conversions",
+    )
     stages.deliver(settings, "c1", now=now)
     batch = stages.collect_feedback(settings, "c1")
     later = now + pd.Timedelta(days=8)  # feedback lands after the attribution window closed
