@@ -146,3 +146,52 @@ def test_retrain_is_skipped_with_its_reason_when_nothing_new_arrived(demo_state)
         ).fetchall()
     )
     assert states == {"should_retrain": "success", "train_model": "skipped", "gate_model": "skipped"}
+
+
+def _checksums(state):
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import make_engine, session_scope
+
+    engine = make_engine(f"sqlite:///{state / 'warehouse.db'}")
+    with session_scope(engine) as s:
+        sums = q.table_checksums(s)
+    engine.dispose()
+    return sums
+
+
+def test_running_the_ingest_dag_again_on_the_same_batch_changes_nothing(demo_state):
+    state, _ = demo_state
+    before = _checksums(state)
+    proc = subprocess.run(
+        ["make", "-s", "dag", "DAG=couponops_ingest", f"STATE={state}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _checksums(state) == before
+
+
+def test_promote_moves_the_champion_and_history_shows_who_and_why(demo_state):
+    state, _ = demo_state
+    env = _env() | {"COUPONOPS_STATE_DIR": str(state)}
+    con = sqlite3.connect(state / "mlflow.db")
+    versions = [v for (v,) in con.execute("SELECT version FROM model_versions ORDER BY version")]
+    target = str(versions[-1])
+    cli = str(ROOT / ".venv" / "bin" / "couponops")
+    proc = subprocess.run(
+        [cli, "promote", target, "--reason", "e2e check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    alias = con.execute("SELECT version FROM registered_model_aliases WHERE alias = 'champion'").fetchone()[0]
+    assert str(alias) == target
+    hist = subprocess.run(
+        [cli, "history"], env=env | {"COLUMNS": "250"}, capture_output=True, text=True, timeout=300
+    )
+    assert "e2e check" in hist.stdout and "champion" in hist.stdout
