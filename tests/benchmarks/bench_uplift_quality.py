@@ -153,7 +153,12 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
             )
             shop = Shop(ShopConfig(seed=seed, n_customers=N_CUSTOMERS, campaign_share=1.0))
             out = evaluate_policies(
-                shop, settings, Path(tmp) / "work", treat_share=TREAT_SHARE, seed=seed, n_threads=TORCH_THREADS
+                shop,
+                settings,
+                Path(tmp) / "work",
+                treat_share=TREAT_SHARE,
+                seed=seed,
+                n_threads=TORCH_THREADS,
             )
         out["seconds"] = time.perf_counter() - started
         runs.append(out)
