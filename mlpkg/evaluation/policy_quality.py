@@ -18,6 +18,9 @@ Policies compared by :func:`evaluate_policies`:
   option instead of the uplift, i.e. "target who is most likely to buy with a coupon".
 * ``random``: a uniformly random deliverable arm for customers taken in random order until the
   budget (or a cap) is used up.
+* ``noisy_oracle``: the oracle's scores with Gaussian noise added to every treatment arm's
+  conversion probability, as large as the network's uplift RMSE against the truth (a reference: what
+  the network's error level alone would cost).
 * ``oracle``: the allocator run on the true conversion probabilities and basket values.
 
 Share of oracle = the policy's true incremental conversions / the oracle's.
@@ -46,7 +49,7 @@ from mlpkg.simulator import CONTROL, Shop
 DEFAULT_MARGIN = 0.35
 #: Default budget: enough to give a quarter of the population its truly best arm.
 DEFAULT_TREAT_SHARE = 0.25
-POLICIES = ("network", "tlearner", "response", "random", "oracle")
+POLICIES = ("network", "tlearner", "response", "random", "noisy_oracle", "oracle")
 #: Objectives of :func:`allocate_by_scores`: the product's three plus ``response`` (value = P(conv | arm)).
 OBJECTIVES = ("conversions", "revenue", "profit", "response")
 _HISTORY_TABLES = ("customers", "consent", "events", "orders")
@@ -352,6 +355,19 @@ def treat_share_budget(
     return treat_share * len(customer_ids) * unit
 
 
+def noisy_truth(shop: Shop, customer_ids: Sequence[str], noise_sd: float, seed: int) -> np.ndarray:
+    """Return the true P(conversion | arm) with Gaussian noise of ``noise_sd`` added to every treatment arm.
+
+    Allocating on these scores shows how much of the oracle a model whose uplift is off by
+    ``noise_sd`` (its RMSE against the truth) could get if its errors were pure noise: the
+    reference for "is the model as good as its error level allows?".
+    """
+    p_conv = shop.true_conversion(customer_ids)
+    rng = np.random.default_rng([int(seed), 31])
+    p_conv[:, 1:] += rng.normal(0.0, float(noise_sd), p_conv[:, 1:].shape)
+    return np.clip(p_conv, 1e-6, 1.0)
+
+
 def allocation_value(
     shop: Shop, allocation: pd.DataFrame, *, margin: float = DEFAULT_MARGIN
 ) -> dict[str, float]:
@@ -527,6 +543,14 @@ def evaluate_policies(
     rev_tl = np.broadcast_to(_arm_mean_revenue(fit_rows, arms), p_tl.shape)
     p_true, rev_true, true_arms = true_scores(shop, ids)
 
+    true_uplift = shop.true_uplift(ids)[:, [shop.arm_names.index(a) - 1 for a in arms[1:]]]
+    deliverable = shop.deliverable(ids)[:, [shop.arm_names.index(a) - 1 for a in arms[1:]]]
+    for name, p in (("network", net["p_conv"]), ("tlearner", p_tl)):
+        err = uplift_error(p[:, 1:] - p[:, :1], true_uplift, deliverable)
+        out.update({f"{name}_{k}": v for k, v in err.items()})
+    p_noisy = noisy_truth(shop, ids, out["network_uplift_rmse"], seed)
+    out["noisy_oracle_sd"] = out["network_uplift_rmse"]
+
     started = time.perf_counter()
     allocations = {
         "network": allocate_by_scores(ids, net["p_conv"], net["revenue"], arms, shop, budget, margin=margin),
@@ -534,6 +558,7 @@ def evaluate_policies(
         "response": allocate_by_scores(ids, net["p_conv"], net["revenue"], arms, shop, budget, "response",
                                        margin=margin),
         "random": allocate_randomly(ids, shop, budget, seed, margin=margin),
+        "noisy_oracle": allocate_by_scores(ids, p_noisy, rev_true, true_arms, shop, budget, margin=margin),
         "oracle": allocate_by_scores(ids, p_true, rev_true, true_arms, shop, budget, margin=margin),
     }
     out["allocation_seconds"] = time.perf_counter() - started
@@ -546,11 +571,5 @@ def evaluate_policies(
         out[f"{name}_treated"] = v["n_treated"]
         out[f"{name}_true_spend"] = v["true_spend"]
         out[f"{name}_incremental_profit"] = v["incremental_profit"]
-
-    true_uplift = shop.true_uplift(ids)[:, [shop.arm_names.index(a) - 1 for a in arms[1:]]]
-    deliverable = shop.deliverable(ids)[:, [shop.arm_names.index(a) - 1 for a in arms[1:]]]
-    for name, p in (("network", net["p_conv"]), ("tlearner", p_tl)):
-        err = uplift_error(p[:, 1:] - p[:, :1], true_uplift, deliverable)
-        out.update({f"{name}_{k}": v for k, v in err.items()})
     return out
 

@@ -14,7 +14,9 @@ inventory and channel capacity are the shop's shares of the population.
 Results (mean over seeds, 95 % t-interval in ``ci95``):
 
 * ``uplift_policy_share_of_oracle``: the network's true incremental conversions / the oracle's.
-* ``tlearner_share_of_oracle``, ``response_model_share_of_oracle``, ``random_share_of_oracle``.
+* ``tlearner_share_of_oracle``, ``response_model_share_of_oracle``, ``random_share_of_oracle``
+  (the ``noisy_oracle`` reference, the oracle's scores blurred by the network's uplift RMSE, is
+  an extra of the first result).
 * ``network_vs_tlearner_qini``: mean per-arm Qini coefficient on the test split, network over
   T-learner (the best-arm Qini and the Qini of the true uplift are reported as extras).
 
@@ -37,26 +39,33 @@ from typing import Any
 
 QUICK = os.environ.get("COUPONOPS_BENCH_QUICK", "") not in ("", "0")
 N_CUSTOMERS = 40_000 if QUICK else 200_000
-SEEDS = (1, 2) if QUICK else (1, 2, 3, 4, 5)
+# World seeds apart from the ones the trainer settings below were tuned on (1 and 2).
+SEEDS = (11, 12) if QUICK else (11, 12, 13, 14, 15)
 TREAT_SHARE = 0.25
-TORCH_THREADS = 2
-# The network's settings for this benchmark (the product's defaults are tuned for the small demo).
+# One thread for torch and the T-learner: on the shared 2-core machine a training step took
+# 12.6 ms with one thread and 272 ms with two (threads waiting on each other and on neighbours).
+THREADS = 1
+# The network's settings for this benchmark, chosen on seeds 1 and 2 (share of oracle 0.75-0.77
+# against 0.70-0.71 with the product's defaults, which are sized for the 4000-customer demo):
+# a narrow representation and small heads vary less between arms, and large batches average
+# the rare conversions (about 3.6 % of rows) into steadier gradients.
 TRAINER: dict[str, Any] = {
     "accelerator": "cpu",
-    "max_epochs": 8,
-    "batch_size": 1024,
-    "learning_rate": 2e-3,
+    "max_epochs": 20,
+    "batch_size": 4096,
+    "learning_rate": 3e-3,
     "weight_decay": 1e-5,
-    "hidden_dim": 64,
-    "head_dim": 32,
+    "hidden_dim": 32,
+    "head_dim": 8,
     "embedding_dim": 4,
-    "dropout": 0.1,
+    "dropout": 0.2,
 }
 POLICY_LABELS = {
     "network": "uplift network",
     "tlearner": "T-learner (HGB)",
     "response": "response model",
     "random": "random",
+    "noisy_oracle": "noisy oracle",
     "oracle": "oracle",
 }
 
@@ -86,7 +95,7 @@ def print_seed(out: dict[str, Any]) -> None:
         f"\nseed {out['seed']}: {out['n_training_rows']} training rows, {out['n_eval']} evaluated customers, "
         f"budget {out['budget']:.0f} ({out['budget_per_customer']:.3f}/customer); "
         f"data {out['data_seconds']:.0f} s, network {out['network_train_seconds']:.0f} s, "
-        f"T-learner {out['tlearner_train_seconds']:.0f} s"
+        f"T-learner {out['tlearner_train_seconds']:.0f} s; noisy oracle sd {out['noisy_oracle_sd']:.4f}"
     )
     print(f"  {'policy':<18} {'incr. conv':>10} {'share':>7} {'treated':>8} {'true spend':>11}")
     for key, label in POLICY_LABELS.items():
@@ -99,6 +108,11 @@ def print_seed(out: dict[str, Any]) -> None:
         f"{out['network_qini_best_arm']:.5f}, T-learner {out['tlearner_qini_mean_arm']:.5f} / "
         f"{out['tlearner_qini_best_arm']:.5f}, true uplift {out['truth_qini_mean_arm']:.5f} / "
         f"{out['truth_qini_best_arm']:.5f}"
+    )
+    print(
+        f"  Qini on expected outcomes (mean per arm): network {out['network_expected_qini_mean_arm']:.5f}, "
+        f"T-learner {out['tlearner_expected_qini_mean_arm']:.5f}, true uplift "
+        f"{out['truth_expected_qini_mean_arm']:.5f}"
     )
     print(
         f"  uplift vs truth (rmse / corr / best-arm rank corr): network {out['network_uplift_rmse']:.4f} / "
@@ -140,7 +154,7 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
     from mlpkg.evaluation.policy_quality import POLICIES, evaluate_policies
     from mlpkg.simulator import Shop, ShopConfig
 
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(THREADS)
     print(f"uplift quality: {N_CUSTOMERS} customers, seeds {list(SEEDS)}, trainer {TRAINER}", flush=True)
     runs = []
     for seed in SEEDS:
@@ -158,7 +172,7 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
                 Path(tmp) / "work",
                 treat_share=TREAT_SHARE,
                 seed=seed,
-                n_threads=TORCH_THREADS,
+                n_threads=THREADS,
             )
         out["seconds"] = time.perf_counter() - started
         runs.append(out)
@@ -176,7 +190,14 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
     tl_qini = statistics.fmean(r["tlearner_qini_mean_arm"] for r in runs)
     qini_ratios = [r["network_qini_mean_arm"] / r["tlearner_qini_mean_arm"] for r in runs]
     results = [
-        _share_result("uplift_policy_share_of_oracle", "network", runs, ">= 0.80 and >= tlearner"),
+        {
+            **_share_result("uplift_policy_share_of_oracle", "network", runs, ">= 0.80 and >= tlearner"),
+            "tlearner_share": statistics.fmean(r["tlearner_share"] for r in runs),
+            "noisy_oracle_share": statistics.fmean(r["noisy_oracle_share"] for r in runs),
+            "uplift_rmse": statistics.fmean(r["network_uplift_rmse"] for r in runs),
+            "trainer": TRAINER,
+            "network_train_seconds": statistics.fmean(r["network_train_seconds"] for r in runs),
+        },
         _share_result("tlearner_share_of_oracle", "tlearner", runs, "reference"),
         _share_result("response_model_share_of_oracle", "response", runs, "reference"),
         _share_result("random_share_of_oracle", "random", runs, "reference"),
@@ -192,6 +213,10 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
             "tlearner_best_arm_qini": statistics.fmean(r["tlearner_qini_best_arm"] for r in runs),
             "true_uplift_qini": statistics.fmean(r["truth_qini_mean_arm"] for r in runs),
             "true_uplift_best_arm_qini": statistics.fmean(r["truth_qini_best_arm"] for r in runs),
+            # The same Qini with the true P(conversion) of the logged arm as the outcome (no coin flips).
+            "network_expected_qini": statistics.fmean(r["network_expected_qini_mean_arm"] for r in runs),
+            "tlearner_expected_qini": statistics.fmean(r["tlearner_expected_qini_mean_arm"] for r in runs),
+            "true_uplift_expected_qini": statistics.fmean(r["truth_expected_qini_mean_arm"] for r in runs),
             "network_train_seconds": statistics.fmean(r["network_train_seconds"] for r in runs),
             "tlearner_train_seconds": statistics.fmean(r["tlearner_train_seconds"] for r in runs),
             "target": ">= 1",
