@@ -52,7 +52,6 @@ DEFAULT_TREAT_SHARE = 0.25
 POLICIES = ("network", "tlearner", "response", "random", "noisy_oracle", "oracle")
 #: Objectives of :func:`allocate_by_scores`: the product's three plus ``response`` (value = P(conv | arm)).
 OBJECTIVES = ("conversions", "revenue", "profit", "response")
-_HISTORY_TABLES = ("customers", "consent", "events", "orders")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -82,13 +81,15 @@ def read_shop_history(shop: Shop, out_dir: Path | None = None) -> dict[str, pd.D
         "consent": pd.read_csv(paths["consent"], dtype={"customer_id": str}),
         # Only the columns the features read: 200k customers have millions of events.
         "events": pd.read_parquet(paths["events"], columns=["customer_id", "ts", "event_type"]),
-        "orders": pd.read_csv(paths["orders"], dtype={"customer_id": str, "coupon_id": str},
-                              keep_default_na=False).astype({"revenue": float}),
+        "orders": pd.read_csv(
+            paths["orders"], dtype={"customer_id": str, "coupon_id": str}, keep_default_na=False
+        ).astype({"revenue": float}),
     }
 
 
-def _features(history: Mapping[str, pd.DataFrame], as_of: pd.Timestamp,
-              customer_ids: Sequence[str] | None = None) -> pd.DataFrame:
+def _features(
+    history: Mapping[str, pd.DataFrame], as_of: pd.Timestamp, customer_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
     tables = dict(history)
     if customer_ids is not None:
         # Building features for a sample is much cheaper once the big tables are cut down to it.
@@ -258,8 +259,9 @@ def allocate_by_scores(
         )
     catalog = shop_catalog(shop, arms, len(customer_ids))
     product_objective = "conversions" if objective == "response" else objective
-    value, cost, _, _ = option_economics(p_conv, revenue, arms, catalog, objective=product_objective,
-                                         margin=margin)
+    value, cost, _, _ = option_economics(
+        p_conv, revenue, arms, catalog, objective=product_objective, margin=margin
+    )
     if objective == "response":
         value = np.ascontiguousarray(p_conv[:, [arms.index(a) for a in catalog.arms]], dtype=np.float32)
     problem = AllocationProblem(
@@ -334,8 +336,8 @@ def treat_share_budget(
     arm. Expressed this way the budget means the same thing for any population size.
 
     Args:
-        customer_ids: The population.
         shop: The simulated shop.
+        customer_ids: The population.
         treat_share: Share of the population the budget should roughly cover, in (0, 1].
         margin: Gross margin (only passed through to the economics).
 
@@ -346,8 +348,9 @@ def treat_share_budget(
         raise ValueError(f"treat_share must lie in (0, 1], got {treat_share}")
     p_conv, revenue, arms = true_scores(shop, customer_ids)
     catalog = shop_catalog(shop, arms, len(customer_ids))
-    _, cost, uplift, _ = option_economics(p_conv, revenue, arms, catalog, objective="conversions",
-                                          margin=margin)
+    _, cost, uplift, _ = option_economics(
+        p_conv, revenue, arms, catalog, objective="conversions", margin=margin
+    )
     eligible = _eligibility(shop, customer_ids, catalog)
     reach = eligible.any(axis=1)
     best = np.argmax(np.where(eligible, uplift, -np.inf), axis=1)
@@ -517,8 +520,15 @@ def evaluate_policies(
     test = result.test_frame
     fit_rows = frame[~frame["customer_id"].isin(set(test["customer_id"]))]
     started = time.perf_counter()
-    learner = fit_t_learner(fit_rows, NUMERIC_FEATURES, CATEGORICAL_FEATURES, arms, seed=seed,
-                            params=dict(tlearner_params or {}), n_threads=n_threads)
+    learner = fit_t_learner(
+        fit_rows,
+        NUMERIC_FEATURES,
+        CATEGORICAL_FEATURES,
+        arms,
+        seed=seed,
+        params=dict(tlearner_params or {}),
+        n_threads=n_threads,
+    )
     out["tlearner_train_seconds"] = time.perf_counter() - started
 
     net_test = score_with_model(result.model_uri, test, tracking_uri=tracking_uri)["p_conv"]
@@ -526,15 +536,19 @@ def evaluate_policies(
     true_test = true_test[:, [shop.arm_names.index(a) for a in arms]]
     logged = test["arm"].map({a: i for i, a in enumerate(arms)}).to_numpy(dtype=np.int64)
     expected = true_test[np.arange(len(test)), logged]
-    for name, p in (("network", net_test), ("tlearner", learner.predict_proba_arms(test)),
-                    ("truth", true_test)):
+    for name, p in (
+        ("network", net_test),
+        ("tlearner", learner.predict_proba_arms(test)),
+        ("truth", true_test),
+    ):
         p = np.asarray(p, np.float64)
         out.update({f"{name}_{k}": v for k, v in qini_summary(p, test, arms).items()})
         expected_qini = qini_summary(p, test, arms, outcome=expected)
         out.update({f"{name}_expected_{k}": v for k, v in expected_qini.items()})
 
-    population = eval_population(shop, eval_size, seed, candidates=test["customer_id"].tolist(),
-                                 history=history)
+    population = eval_population(
+        shop, eval_size, seed, candidates=test["customer_id"].tolist(), history=history
+    )
     ids = population["customer_id"].tolist()
     budget = treat_share_budget(shop, ids, treat_share, margin=margin)
     out.update({"n_eval": len(ids), "budget": budget, "budget_per_customer": budget / len(ids)})
@@ -555,8 +569,9 @@ def evaluate_policies(
     allocations = {
         "network": allocate_by_scores(ids, net["p_conv"], net["revenue"], arms, shop, budget, margin=margin),
         "tlearner": allocate_by_scores(ids, p_tl, rev_tl, arms, shop, budget, margin=margin),
-        "response": allocate_by_scores(ids, net["p_conv"], net["revenue"], arms, shop, budget, "response",
-                                       margin=margin),
+        "response": allocate_by_scores(
+            ids, net["p_conv"], net["revenue"], arms, shop, budget, "response", margin=margin
+        ),
         "random": allocate_randomly(ids, shop, budget, seed, margin=margin),
         "noisy_oracle": allocate_by_scores(ids, p_noisy, rev_true, true_arms, shop, budget, margin=margin),
         "oracle": allocate_by_scores(ids, p_true, rev_true, true_arms, shop, budget, margin=margin),
@@ -572,4 +587,3 @@ def evaluate_policies(
         out[f"{name}_true_spend"] = v["true_spend"]
         out[f"{name}_incremental_profit"] = v["incremental_profit"]
     return out
-

@@ -73,6 +73,10 @@ POLICY_LABELS = {
 def _quiet() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Imported first: both configure their loggers at import, which would undo the levels below.
+    import mlflow  # noqa: F401
+    import pytorch_lightning  # noqa: F401
+
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
