@@ -383,8 +383,28 @@ def allocation_value(
 # --- ranking metrics -------------------------------------------------------------------------------
 
 
+def consent_eligibility(frame: pd.DataFrame, arms: Sequence[str]) -> np.ndarray:
+    """Return which treatment arms each logged row could have received, from its consent features.
+
+    The past campaign randomized each customer over control and the arms on channels they had
+    consented to, which is what the ``consent_{channel}`` features (as of the send) record.
+
+    Args:
+        frame: Rows with ``consent_email``, ``consent_sms`` and ``consent_push``.
+        arms: Arm names, ``arms[0]`` = control, the others ``"{coupon}@{channel}"``.
+
+    Returns:
+        ``bool [n, len(arms) - 1]``.
+    """
+    return np.column_stack([frame[f"consent_{a.split('@')[1]}"].to_numpy() > 0 for a in list(arms)[1:]])
+
+
 def qini_summary(
-    p_conv: np.ndarray, frame: pd.DataFrame, arms: Sequence[str], outcome: np.ndarray | None = None
+    p_conv: np.ndarray,
+    frame: pd.DataFrame,
+    arms: Sequence[str],
+    outcome: np.ndarray | None = None,
+    eligible: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Compute Qini coefficients of per-arm scores on logged randomized rows.
 
@@ -395,24 +415,46 @@ def qini_summary(
         outcome: Outcome per row instead of ``converted``; evaluation code may pass the true
             conversion probability of the logged arm, which removes the coin flips of the
             outcomes (the noise that dominates a Qini on a few thousand conversions).
+        eligible: ``bool [n, A - 1]``, which arms each row could have been logged in (see
+            :func:`consent_eligibility`); adds the ``qini_eligible_*`` values.
 
     Returns:
-        ``qini_mean_arm``: mean over treatment arms of each arm's Qini on its own and control's
-        rows (the product's ``test/qini``); ``qini_best_arm``: Qini of the best arm's uplift
-        against every treated row versus control.
+        ``qini_mean_arm``: :func:`~mlpkg.evaluation.uplift_metrics.multi_arm_qini` averaged over
+        treatment arms (the product's ``test/qini``: each arm's rows against every control row);
+        ``qini_best_arm``: Qini of the best arm's uplift, every treated row against control.
+        With ``eligible``: ``qini_eligible_mean_arm``, the same per-arm mean with control rows
+        limited to customers who could have received the arm (without that, control customers
+        who cannot be reached on the arm's channel enter the comparison and a ranking by the true
+        uplift scores lower than a model's), and ``qini_eligible_best_arm``, the best arm taken
+        over each row's eligible arms.
     """
     arms = list(arms)
     if arms[0] != CONTROL:
         raise ValueError(f"arms[0] must be {CONTROL!r}")
+    p_conv = np.asarray(p_conv, dtype=np.float64)
     arm_idx = frame["arm"].astype(str).map({a: i for i, a in enumerate(arms)}).to_numpy(dtype=np.int64)
     y = frame["converted"].to_numpy(dtype=np.float64) if outcome is None else np.asarray(outcome, np.float64)
     prop = frame["propensity"].to_numpy(dtype=np.float64)
     per_arm = [v for v in multi_arm_qini(p_conv, arm_idx, y, prop, arms).values() if math.isfinite(v)]
-    best = (p_conv[:, 1:] - p_conv[:, :1]).max(axis=1)
-    return {
+    uplift = p_conv[:, 1:] - p_conv[:, :1]
+    out = {
         "qini_mean_arm": float(np.mean(per_arm)) if per_arm else math.nan,
-        "qini_best_arm": qini_coefficient(best, arm_idx > 0, y, prop),
+        "qini_best_arm": qini_coefficient(uplift.max(axis=1), arm_idx > 0, y, prop),
     }
+    if eligible is None:
+        return out
+    eligible = np.asarray(eligible, dtype=bool)
+    values = []
+    for j in range(1, len(arms)):
+        rows = ((arm_idx == 0) | (arm_idx == j)) & eligible[:, j - 1]
+        treated = arm_idx[rows] == j
+        if treated.any() and not treated.all():
+            values.append(qini_coefficient(uplift[rows, j - 1], treated, y[rows], prop[rows]))
+    reach = eligible.any(axis=1)
+    best = np.where(eligible, uplift, -np.inf).max(axis=1)[reach]
+    out["qini_eligible_mean_arm"] = float(np.mean(values)) if values else math.nan
+    out["qini_eligible_best_arm"] = qini_coefficient(best, arm_idx[reach] > 0, y[reach], prop[reach])
+    return out
 
 
 def uplift_error(
@@ -536,14 +578,15 @@ def evaluate_policies(
     true_test = true_test[:, [shop.arm_names.index(a) for a in arms]]
     logged = test["arm"].map({a: i for i, a in enumerate(arms)}).to_numpy(dtype=np.int64)
     expected = true_test[np.arange(len(test)), logged]
+    eligible = consent_eligibility(test, arms)
     for name, p in (
         ("network", net_test),
         ("tlearner", learner.predict_proba_arms(test)),
         ("truth", true_test),
     ):
         p = np.asarray(p, np.float64)
-        out.update({f"{name}_{k}": v for k, v in qini_summary(p, test, arms).items()})
-        expected_qini = qini_summary(p, test, arms, outcome=expected)
+        out.update({f"{name}_{k}": v for k, v in qini_summary(p, test, arms, eligible=eligible).items()})
+        expected_qini = qini_summary(p, test, arms, outcome=expected, eligible=eligible)
         out.update({f"{name}_expected_{k}": v for k, v in expected_qini.items()})
 
     population = eval_population(

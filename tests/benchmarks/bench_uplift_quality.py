@@ -17,8 +17,11 @@ Results (mean over seeds, 95 % t-interval in ``ci95``):
 * ``tlearner_share_of_oracle``, ``response_model_share_of_oracle``, ``random_share_of_oracle``
   (the ``noisy_oracle`` reference, the oracle's scores blurred by the network's uplift RMSE, is
   an extra of the first result).
-* ``network_vs_tlearner_qini``: mean per-arm Qini coefficient on the test split, network over
-  T-learner (the best-arm Qini and the Qini of the true uplift are reported as extras).
+* ``network_vs_tlearner_qini``: Qini coefficient on the test split, network over T-learner:
+  per arm on the control and arm rows of customers consented to the arm's channel (the only
+  customers the arm could reach), averaged over arms. Extras: the best-arm Qini, the product's
+  ``test/qini`` definition (every control row), the same on expected outcomes (true
+  P(conversion) of the logged arm instead of the coin flip) and the Qini of the true uplift.
 
 ``COUPONOPS_BENCH_QUICK=1`` runs 40,000 customers and 2 seeds. Run:
 ``python -m tests.benchmarks.run --only uplift_quality --out bench-results``.
@@ -99,7 +102,8 @@ def print_seed(out: dict[str, Any]) -> None:
         f"\nseed {out['seed']}: {out['n_training_rows']} training rows, {out['n_eval']} evaluated customers, "
         f"budget {out['budget']:.0f} ({out['budget_per_customer']:.3f}/customer); "
         f"data {out['data_seconds']:.0f} s, network {out['network_train_seconds']:.0f} s, "
-        f"T-learner {out['tlearner_train_seconds']:.0f} s; noisy oracle sd {out['noisy_oracle_sd']:.4f}"
+        f"T-learner {out['tlearner_train_seconds']:.0f} s, seed total {out['seconds']:.0f} s; "
+        f"noisy oracle sd {out['noisy_oracle_sd']:.4f}"
     )
     print(f"  {'policy':<18} {'incr. conv':>10} {'share':>7} {'treated':>8} {'true spend':>11}")
     for key, label in POLICY_LABELS.items():
@@ -107,17 +111,14 @@ def print_seed(out: dict[str, Any]) -> None:
             f"  {label:<18} {out[f'{key}_incremental_conversions']:>10.1f} {out[f'{key}_share']:>7.3f} "
             f"{out[f'{key}_treated']:>8d} {out[f'{key}_true_spend']:>11.0f}"
         )
-    print(
-        f"  Qini (mean per arm / best arm): network {out['network_qini_mean_arm']:.5f} / "
-        f"{out['network_qini_best_arm']:.5f}, T-learner {out['tlearner_qini_mean_arm']:.5f} / "
-        f"{out['tlearner_qini_best_arm']:.5f}, true uplift {out['truth_qini_mean_arm']:.5f} / "
-        f"{out['truth_qini_best_arm']:.5f}"
-    )
-    print(
-        f"  Qini on expected outcomes (mean per arm): network {out['network_expected_qini_mean_arm']:.5f}, "
-        f"T-learner {out['tlearner_expected_qini_mean_arm']:.5f}, true uplift "
-        f"{out['truth_expected_qini_mean_arm']:.5f}"
-    )
+    for label, key in (("Qini, arms' eligible rows", "qini_eligible"), ("Qini, product's test/qini", "qini")):
+        for outcome, prefix in (("logged", ""), ("expected", "expected_")):
+            cells = ", ".join(
+                f"{who} {out[f'{name}_{prefix}{key}_mean_arm']:.5f} / "
+                f"{out[f'{name}_{prefix}{key}_best_arm']:.5f}"
+                for who, name in (("network", "network"), ("T-learner", "tlearner"), ("true uplift", "truth"))
+            )
+            print(f"  {label} ({outcome} outcomes; mean arm / best arm): {cells}")
     print(
         f"  uplift vs truth (rmse / corr / best-arm rank corr): network {out['network_uplift_rmse']:.4f} / "
         f"{out['network_uplift_corr']:.3f} / {out['network_best_arm_corr']:.3f}, T-learner "
@@ -190,9 +191,9 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "uplift_quality_per_seed.json").write_text(json.dumps(runs, indent=2, default=float))
 
-    net_qini = statistics.fmean(r["network_qini_mean_arm"] for r in runs)
-    tl_qini = statistics.fmean(r["tlearner_qini_mean_arm"] for r in runs)
-    qini_ratios = [r["network_qini_mean_arm"] / r["tlearner_qini_mean_arm"] for r in runs]
+    net_qini = statistics.fmean(r["network_qini_eligible_mean_arm"] for r in runs)
+    tl_qini = statistics.fmean(r["tlearner_qini_eligible_mean_arm"] for r in runs)
+    qini_ratios = [r["network_qini_eligible_mean_arm"] / r["tlearner_qini_eligible_mean_arm"] for r in runs]
     results = [
         {
             **_share_result("uplift_policy_share_of_oracle", "network", runs, ">= 0.80 and >= tlearner"),
@@ -213,14 +214,17 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
             "reference_value": tl_qini,
             "ratio": net_qini / tl_qini if tl_qini else math.nan,
             "ratio_per_seed": qini_ratios,
-            "network_best_arm_qini": statistics.fmean(r["network_qini_best_arm"] for r in runs),
-            "tlearner_best_arm_qini": statistics.fmean(r["tlearner_qini_best_arm"] for r in runs),
-            "true_uplift_qini": statistics.fmean(r["truth_qini_mean_arm"] for r in runs),
-            "true_uplift_best_arm_qini": statistics.fmean(r["truth_qini_best_arm"] for r in runs),
-            # The same Qini with the true P(conversion) of the logged arm as the outcome (no coin flips).
-            "network_expected_qini": statistics.fmean(r["network_expected_qini_mean_arm"] for r in runs),
-            "tlearner_expected_qini": statistics.fmean(r["tlearner_expected_qini_mean_arm"] for r in runs),
-            "true_uplift_expected_qini": statistics.fmean(r["truth_expected_qini_mean_arm"] for r in runs),
+            "definition": "mean over arms of the Qini on control + arm rows of customers consented to the "
+            "arm's channel (logged outcomes, IPW), test split",
+            **{
+                f"{name}_{prefix}{key}_{kind}": statistics.fmean(
+                    r[f"{name}_{prefix}{key}_{kind}"] for r in runs
+                )
+                for name in ("network", "tlearner", "truth")
+                for prefix in ("", "expected_")
+                for key in ("qini", "qini_eligible")
+                for kind in ("mean_arm", "best_arm")
+            },
             "network_train_seconds": statistics.fmean(r["network_train_seconds"] for r in runs),
             "tlearner_train_seconds": statistics.fmean(r["tlearner_train_seconds"] for r in runs),
             "target": ">= 1",
