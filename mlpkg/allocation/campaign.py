@@ -233,6 +233,7 @@ def allocate_campaign(
             now=now,
         )
         summary["model_version"] = model_version
+        _validate_ledger(rows, campaign_id, budget, now)
         with session_scope(engine) as session:
             q.upsert_rows(session, m.Allocation, rows)
             try:
@@ -259,6 +260,31 @@ def allocate_campaign(
                 session.delete(campaign)
         raise
     return summary
+
+
+def _validate_ledger(rows: list[dict], campaign_id: str, budget: float, now: datetime) -> None:
+    """Run the allocations suite on the ledger before it is written (the stage-output gate).
+
+    Raises:
+        mlpkg.validation.DataContractError: the ledger breaks its contract; nothing is written.
+    """
+    from mlpkg.validation import DataContractError, ValidationContext, validate_table
+
+    frame = pd.DataFrame(rows)
+    report = validate_table(
+        frame,
+        "allocations",
+        context=ValidationContext(now=now),
+        source=f"allocations of campaign {campaign_id}",
+    )
+    problems = [] if report.success else [report.message()]
+    spend = float(frame["expected_cost"].sum()) if len(frame) else 0.0
+    if spend > budget + 1e-6:
+        problems.append(
+            f"allocations of campaign {campaign_id}: expected spend {spend:.4f} exceeds budget {budget}"
+        )
+    if problems:
+        raise DataContractError("\n".join(problems), failures=list(report.failures), reports=[report])
 
 
 @dataclass

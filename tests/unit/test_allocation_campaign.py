@@ -155,3 +155,25 @@ def test_cooldown_is_measured_in_campaign_time(world):
     allocate_campaign(engine, settings, campaign_id="w3", as_of=later, run_key="c", now=t0, **kwargs)
     third = set(_ledger(engine, "w3").query("coupon_id == coupon_id")["customer_id"])
     assert first & third, "after the cooldown the same customers may be targeted again"
+
+
+def test_a_ledger_that_breaks_its_contract_is_refused_and_nothing_is_written(world, monkeypatch):
+    import mlpkg.allocation.campaign as campaign
+    from mlpkg.validation import DataContractError
+
+    settings, engine, shop = world
+    real_plan = campaign._plan
+
+    def broken_plan(*args, **kwargs):
+        summary, rows, spend, issued = real_plan(*args, **kwargs)
+        rows[1] = dict(rows[0], propensity=1.7)  # duplicate customer and an impossible propensity
+        return summary, rows, spend, issued
+
+    monkeypatch.setattr(campaign, "_plan", broken_plan)
+    with session_scope(engine) as s:
+        before = q.table_checksums(s)
+    with pytest.raises(DataContractError, match="allocations") as err:
+        _allocate(settings, engine, shop)
+    assert "propensity" in str(err.value)
+    with session_scope(engine) as s:
+        assert q.table_checksums(s) == before
