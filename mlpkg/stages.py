@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -544,6 +544,3 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
-
-
-__all__ = ["RunContext", "asdict"]
