@@ -30,6 +30,19 @@ def _env():
     return env
 
 
+def _run_dag(state, dag_id):
+    """Run one DAG through Airflow on the demo's state (`make dag`)."""
+    proc = subprocess.run(
+        ["make", "-s", "dag", f"DAG={dag_id}", f"STATE={state}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def demo_state(tmp_path_factory):
     state = tmp_path_factory.mktemp("demo") / "state"
@@ -121,15 +134,7 @@ def test_feedback_asset_event_queues_the_retrain_dag_and_the_decision_is_logged(
 
 def test_retrain_is_skipped_with_its_reason_when_nothing_new_arrived(demo_state):
     state, _ = demo_state
-    proc = subprocess.run(
-        ["make", "-s", "dag", "DAG=couponops_retrain", f"STATE={state}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_dag(state, "couponops_retrain")
     wh = sqlite3.connect(state / "warehouse.db")
     retrain, reasons = wh.execute(
         "SELECT retrain, reasons FROM retrain_decisions ORDER BY id DESC"
@@ -162,15 +167,7 @@ def _checksums(state):
 def test_running_the_ingest_dag_again_on_the_same_batch_changes_nothing(demo_state):
     state, _ = demo_state
     before = _checksums(state)
-    proc = subprocess.run(
-        ["make", "-s", "dag", "DAG=couponops_ingest", f"STATE={state}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_dag(state, "couponops_ingest")
     assert _checksums(state) == before
 
 
