@@ -30,6 +30,7 @@ import numpy as np
 
 from mlpkg.allocation.reference import solve_highs_lp
 from mlpkg.allocation.solver import AllocationProblem, check_feasible, solve_lagrangian
+from tests.benchmarks.run import write_result
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -353,8 +354,6 @@ def run(out_dir: Path, quick: bool | None = None) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = bench_vs_highs()
     results += bench_scale(1_000_000 if quick else 10_000_000)
-    for r in results:
-        (out_dir / f"{r['name']}.json").write_text(json.dumps(r, indent=2, default=float))
     _print_table(results)
     return results
 
@@ -372,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         _scale_worker(args.scale_worker, args.seed, args.worker_out)
         return 0
     results = run(args.out_dir, quick=True if args.quick else None)
+    for r in results:
+        write_result(args.out_dir, r)
     return 0 if all(r["passed"] for r in results) else 1
 
 

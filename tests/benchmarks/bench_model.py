@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ from mlpkg.config import TrainerSettings
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, uplift_losses
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
+from tests.benchmarks.run import write_result
 
 ARMS = ["control"] + [
     f"{c}@{ch}" for c in ("PCT10", "PCT20", "USD5", "FREESHIP") for ch in ("email", "sms", "push")
@@ -285,7 +285,6 @@ def run(
             f"{r['name']:<22} {r['value']:>14.4g} {r['unit']:<7} {r['reference']:<18} "
             f"{r['reference_value']:>14.4g} {r['ratio']:>7.3f}  {r['target']}"
         )
-        (out_dir / f"{r['name']}.json").write_text(json.dumps(r, indent=2))
     return results
 
 
@@ -297,10 +296,11 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    run(
+    for result in run(
         args.out_dir,
         threads=args.threads or None,
         train_rows=args.train_rows,
         epochs=args.epochs,
         repeats=args.repeats,
-    )
+    ):
+        write_result(args.out_dir, result)
