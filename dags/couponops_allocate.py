@@ -1,11 +1,13 @@
 """
 ### CouponOps — allocate and deliver
 
-Scores every eligible customer with the registry's `champion`, solves the budget-constrained
-allocation (budget, inventory, channel capacity, consent, cooldown, one coupon per customer),
-keeps a random control group and an exploration share with logged propensities, writes the
-coupon ledger in one transaction, then enqueues and sends the messages through the outbox.
-The campaign id defaults to `cmp-<logical date>`; re-running the same run changes nothing.
+Scores every eligible customer with the registry's `champion` in customer shards (one mapped
+`score` task each, `COUPONOPS_CAMPAIGN__SCORE_SHARDS`, all pinned to the same model version),
+merges them and solves the budget-constrained allocation once (budget, inventory, channel
+capacity, consent, cooldown, one coupon per customer), keeps a random control group and an
+exploration share with logged propensities, writes the coupon ledger in one transaction, then
+enqueues and sends the messages through the outbox. The campaign id defaults to
+`cmp-<logical date>`; re-running the same run changes nothing.
 """
 
 from __future__ import annotations
@@ -32,23 +34,30 @@ from plugins.couponops_airflow import DEFAULT_ARGS, LEDGER, conf, run_context, s
     },
 )
 def couponops_allocate():
-    @task(outlets=[LEDGER])
-    def allocate() -> str:
-        """Allocate the campaign with the champion and write the ledger."""
+    @task
+    def plan_scoring() -> list[dict]:
+        """Split scoring into customer shards, all pinned to the champion version of this run."""
         from mlpkg import stages
 
-        ctx = run_context()
-        campaign_id = conf("campaign_id") or stages.campaign_id_for(ctx.logical_date)
-        summary = stages.allocate(
-            settings(),
-            ctx,
-            campaign_id=campaign_id,
-            as_of=ctx.logical_date,
-            budget=conf("budget"),
-            objective=conf("objective"),
+        return stages.plan_scoring(
+            settings(), run_context(), campaign_id=conf("campaign_id"), objective=conf("objective")
         )
+
+    @task
+    def score(job: dict) -> dict:
+        """Score one shard's customers with the pinned champion (one mapped task per shard)."""
+        from mlpkg import stages
+
+        return stages.score_shard(settings(), job)
+
+    @task(outlets=[LEDGER])
+    def allocate(shards: list[dict]) -> str:
+        """Merge the shards, solve the allocation once and write the ledger."""
+        from mlpkg import stages
+
+        summary = stages.allocate_scored(settings(), run_context(), list(shards), budget=conf("budget"))
         print(summary)
-        return campaign_id
+        return summary["campaign_id"]
 
     @task
     def deliver(campaign_id: str) -> dict:
@@ -57,7 +66,7 @@ def couponops_allocate():
 
         return stages.deliver(settings(), campaign_id)
 
-    deliver(allocate())
+    deliver(allocate(score.expand(job=plan_scoring())))
 
 
 couponops_allocate()

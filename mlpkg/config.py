@@ -55,6 +55,12 @@ class CampaignSettings(BaseModel):
     cooldown_days: int = Field(14, ge=0)
     attribution_window_days: int = Field(7, ge=1)
     score_chunk_size: int = Field(65_536, ge=1024)
+    score_shards: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description="Customer shards scored in parallel (one Airflow mapped task each) before one solve.",
+    )
 
     @model_validator(mode="after")
     def _shares_leave_room(self) -> CampaignSettings:

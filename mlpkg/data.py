@@ -269,25 +269,49 @@ def _previous_counts(session) -> dict[str, int]:  # noqa: ANN001
 # --- frames for modelling ---------------------------------------------------------------------------
 
 
-def read_history(engine: Engine, as_of: datetime) -> dict[str, pd.DataFrame]:
-    """Read customers, consent, events and orders strictly before ``as_of`` (point in time)."""
+def read_history(
+    engine: Engine, as_of: datetime, customer_ids: list[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Read customers, consent, events and orders strictly before ``as_of`` (point in time).
+
+    Args:
+        engine: The warehouse.
+        as_of: The point in time; rows at or after it are not read.
+        customer_ids: Only these customers' rows (one scoring shard); all customers when ``None``.
+    """
+    tables = {
+        "customers": (select(m.Customer), m.Customer.customer_id),
+        "consent": (select(m.Consent).where(m.Consent.updated_at < as_of), m.Consent.customer_id),
+        "events": (select(m.Event).where(m.Event.ts < as_of), m.Event.customer_id),
+        "orders": (select(m.Order).where(m.Order.ts < as_of), m.Order.customer_id),
+    }
+    out: dict[str, pd.DataFrame] = {}
     with engine.connect() as conn:
-        customers = pd.read_sql(select(m.Customer), conn)
-        consent = pd.read_sql(select(m.Consent).where(m.Consent.updated_at < as_of), conn)
-        events = pd.read_sql(select(m.Event).where(m.Event.ts < as_of), conn)
-        orders = pd.read_sql(select(m.Order).where(m.Order.ts < as_of), conn)
-    for df in (events, orders, consent):
+        for name, (stmt, id_col) in tables.items():
+            if customer_ids is None:
+                out[name] = pd.read_sql(stmt, conn)
+                continue
+            # Bounded IN lists: SQLite caps bound parameters, and PostgreSQL plans short lists well.
+            parts = [
+                pd.read_sql(stmt.where(id_col.in_(customer_ids[i : i + _ID_CHUNK])), conn)
+                for i in range(0, len(customer_ids), _ID_CHUNK)
+            ]
+            out[name] = pd.concat(parts, ignore_index=True) if parts else pd.read_sql(stmt.limit(0), conn)
+    for df in (out["events"], out["orders"], out["consent"]):
         for col in ("ts", "updated_at"):
             if col in df.columns:
                 df[col] = pd.to_datetime(df[col], utc=True)
-    return {"customers": customers, "consent": consent, "events": events, "orders": orders}
+    return out
 
 
-def customer_features(engine: Engine, as_of: datetime) -> pd.DataFrame:
-    """Build the point-in-time feature table of every customer as of ``as_of``."""
+_ID_CHUNK = 5_000
+
+
+def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] | None = None) -> pd.DataFrame:
+    """Build the point-in-time feature table as of ``as_of`` of every customer, or of ``customer_ids``."""
     from mlpkg.features import build_features
 
-    hist = read_history(engine, as_of)
+    hist = read_history(engine, as_of, customer_ids)
     return build_features(
         hist["customers"], hist["events"], hist["orders"], pd.Timestamp(as_of), consent=hist["consent"]
     )

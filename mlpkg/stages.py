@@ -388,6 +388,22 @@ def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dic
     return {"model": settings.registered_model_name, "champion": str(version), "previous": previous}
 
 
+def _champion(settings: Settings, *, cold_start: bool) -> tuple[str | None, str | None]:
+    """Return the champion's (version, pinned model URI); ``(None, None)`` for an allowed cold start."""
+    from mlpkg.registry import CHAMPION, alias_version, make_client
+
+    version = alias_version(
+        make_client(settings.resolved_tracking_uri), settings.registered_model_name, CHAMPION
+    )
+    if version is None and not cold_start:
+        raise LookupError(
+            f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias; train a model "
+            "(couponops train) or promote a version (couponops promote VERSION) first, or allow a cold "
+            "start (pure exploration)"
+        )
+    return version, (f"models:/{settings.registered_model_name}/{version}" if version else None)
+
+
 def allocate(
     settings: Settings,
     ctx: RunContext,
@@ -399,34 +415,108 @@ def allocate(
     now: datetime | None = None,
     cold_start: bool = False,
 ) -> dict:
-    """Allocate a campaign with the current champion and write the ledger.
+    """Allocate a campaign with the current champion and write the ledger, scoring in-process.
 
     With ``cold_start`` and no champion yet, the campaign is pure exploration within the budget.
     """
     from mlpkg.allocation.campaign import allocate_campaign
     from mlpkg.db.queries import as_utc
-    from mlpkg.registry import CHAMPION, alias_version, make_client
 
-    client = make_client(settings.resolved_tracking_uri)
-    version = alias_version(client, settings.registered_model_name, CHAMPION)
-    if version is None and not cold_start:
-        raise LookupError(
-            f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias; train a model "
-            "(couponops train) or promote a version (couponops promote VERSION) first, or allow a cold "
-            "start (pure exploration)"
-        )
+    version, model_uri = _champion(settings, cold_start=cold_start)
     return allocate_campaign(
         _engine(settings),
         settings,
         campaign_id=campaign_id,
         as_of=as_utc(as_of).to_pydatetime(),
         run_key=ctx.run_key,
-        model_uri=f"models:/{settings.registered_model_name}/{version}" if version else None,
+        model_uri=model_uri,
         model_version=version,
         now=now or utcnow(),
         budget=budget,
         objective=objective,
     )
+
+
+def plan_scoring(
+    settings: Settings,
+    ctx: RunContext,
+    *,
+    campaign_id: str | None = None,
+    as_of: datetime | str | None = None,
+    objective: str | None = None,
+    n_shards: int | None = None,
+    cold_start: bool = False,
+) -> list[dict]:
+    """Split a campaign's scoring into shard jobs (one Airflow mapped task each), pinned to the champion.
+
+    The campaign id and point in time default to the run's logical date.
+    """
+    from mlpkg.allocation.shards import plan_scoring_jobs
+    from mlpkg.db.queries import as_utc
+
+    version, model_uri = _champion(settings, cold_start=cold_start)
+    jobs = plan_scoring_jobs(
+        campaign_id=campaign_id or campaign_id_for(ctx.logical_date),
+        run_key=ctx.run_key,
+        as_of=as_utc(as_of or ctx.logical_date).to_pydatetime(),
+        model_uri=model_uri,
+        model_version=version,
+        objective=objective or settings.campaign.objective,
+        n_shards=n_shards or settings.campaign.score_shards,
+    )
+    return [job.as_dict() for job in jobs]
+
+
+def score_shard(settings: Settings, job: dict) -> dict:
+    """Score one shard of a campaign (a job from :func:`plan_scoring`); returns the job and its file."""
+    from mlpkg.allocation.shards import ScoringJob
+    from mlpkg.allocation.shards import score_shard as _score_shard
+
+    return {**job, **_score_shard(_engine(settings), settings, ScoringJob.from_dict(job))}
+
+
+def allocate_scored(
+    settings: Settings,
+    ctx: RunContext,
+    shards: list[dict],
+    *,
+    budget: float | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Merge a run's scored shards, solve once and write the ledger; the shard files are removed after.
+
+    Raises:
+        mlpkg.allocation.shards.ShardMismatchError: the shards are not exactly this run's.
+    """
+    import shutil
+
+    from mlpkg.allocation.campaign import allocate_campaign
+    from mlpkg.allocation.shards import ScoringJob, ShardMismatchError, merge_shards, shard_dir
+    from mlpkg.db.queries import as_utc
+
+    if not shards:
+        raise ShardMismatchError(f"run {ctx.run_key}: no scoring shards to allocate from")
+    job = ScoringJob.from_dict(shards[0])
+    if job.run_key != ctx.run_key:
+        raise ShardMismatchError(
+            f"scoring shards of run {job.run_key!r} cannot be allocated by run {ctx.run_key!r}"
+        )
+    engine = _engine(settings)
+    summary = allocate_campaign(
+        engine,
+        settings,
+        campaign_id=job.campaign_id,
+        as_of=as_utc(job.as_of).to_pydatetime(),
+        run_key=ctx.run_key,
+        model_uri=job.model_uri,
+        model_version=job.model_version,
+        now=now or utcnow(),
+        budget=budget,
+        objective=job.objective,
+        scored=lambda: merge_shards(engine, [s["path"] for s in shards], job),
+    )
+    shutil.rmtree(shard_dir(settings, job), ignore_errors=True)
+    return {**summary, "campaign_id": job.campaign_id, "shards": len(shards)}
 
 
 def plan(
@@ -440,21 +530,14 @@ def plan(
     """Tabulate and plot expected value vs budget with the champion (the what-if curve)."""
     from mlpkg.allocation.plan import budget_curve, plot_budget_curve
     from mlpkg.db.queries import as_utc
-    from mlpkg.registry import CHAMPION, alias_version, make_client
 
-    version = alias_version(
-        make_client(settings.resolved_tracking_uri), settings.registered_model_name, CHAMPION
-    )
-    if version is None:
-        raise LookupError(
-            f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias to plan with"
-        )
+    _, model_uri = _champion(settings, cold_start=False)
     objective = objective or settings.campaign.objective
     table = budget_curve(
         _engine(settings),
         settings,
         as_of=as_utc(as_of).to_pydatetime(),
-        model_uri=f"models:/{settings.registered_model_name}/{version}",
+        model_uri=model_uri,
         objective=objective,
         budgets=budgets,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -195,8 +196,14 @@ def allocate_campaign(
     now: datetime,
     budget: float | None = None,
     objective: str | None = None,
+    scored: Callable[[], ScoredPopulation] | None = None,
 ) -> dict:
     """Allocate one campaign and write its ledger (idempotent per ``run_key``).
+
+    ``scored`` returns the campaign's customers already scored (merged from scoring shards, see
+    :func:`mlpkg.allocation.shards.merge_shards`); it is called only once the run holds the
+    campaign, so a re-run of a finished run needs no scores. Without it every customer is scored
+    here.
 
     Returns:
         A summary dict: counts per arm and policy, budget used, expected increments, solver gap.
@@ -231,6 +238,7 @@ def allocate_campaign(
             budget=budget,
             objective=objective,
             now=now,
+            population=scored() if scored is not None else None,
         )
         summary["model_version"] = model_version
         _validate_ledger(rows, campaign_id, budget, now)
@@ -287,6 +295,12 @@ def _validate_ledger(rows: list[dict], campaign_id: str, budget: float, now: dat
         raise DataContractError("\n".join(problems), failures=list(report.failures), reports=[report])
 
 
+def read_offer(engine: Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the coupon catalogue (with what is already issued) and the channels."""
+    with engine.connect() as conn:
+        return pd.read_sql(select(m.Coupon), conn), pd.read_sql(select(m.Channel), conn)
+
+
 @dataclass
 class ScoredPopulation:
     """Every customer's options for one campaign: economics per option and eligibility."""
@@ -300,20 +314,26 @@ class ScoredPopulation:
 
 
 def score_population(
-    engine: Engine, settings: Settings, *, as_of: datetime, model_uri: str | None, objective: str
+    engine: Engine,
+    settings: Settings,
+    *,
+    as_of: datetime,
+    model_uri: str | None,
+    objective: str,
+    customer_ids: list[str] | None = None,
 ) -> ScoredPopulation:
-    """Score every customer's options as of ``as_of`` and apply consent, min-basket and cooldown.
+    """Score customers' options as of ``as_of`` and apply consent, min-basket and cooldown.
 
-    With ``model_uri=None`` (cold start) a flat prior stands in for the model.
+    With ``model_uri=None`` (cold start) a flat prior stands in for the model. ``customer_ids``
+    limits scoring to those customers (one shard, see :mod:`mlpkg.allocation.shards`).
     """
     from mlpkg.data import customer_features
     from mlpkg.train import load_uplift_model
 
     cfg = settings.campaign
-    feats = customer_features(engine, as_of).sort_values("customer_id").reset_index(drop=True)
+    feats = customer_features(engine, as_of, customer_ids).sort_values("customer_id").reset_index(drop=True)
+    coupons, channels = read_offer(engine)
     with engine.connect() as conn:
-        coupons = pd.read_sql(select(m.Coupon), conn)
-        channels = pd.read_sql(select(m.Channel), conn)
         consent = pd.read_sql(select(m.Consent).where(m.Consent.opted_in.is_(True)), conn)
     with session_scope(engine) as session:
         cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days), until=as_of)
@@ -343,10 +363,12 @@ def score_population(
     )
 
 
-def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now):  # noqa: ANN001, ANN202
+def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now, population):  # noqa: ANN001, ANN202
     cfg = settings.campaign
     started = time.perf_counter()
-    pop = score_population(engine, settings, as_of=as_of, model_uri=model_uri, objective=objective)
+    if population is None:
+        population = score_population(engine, settings, as_of=as_of, model_uri=model_uri, objective=objective)
+    pop = population
     ids, catalog, value, cost, uplift, eligible = (
         pop.ids,
         pop.catalog,

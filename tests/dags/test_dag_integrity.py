@@ -78,3 +78,14 @@ def test_retraining_happens_only_after_the_condition_task(dagbag):
     dag = dagbag.dags["couponops_retrain"]
     assert "should_retrain" in dag.task_dict["train_model"].upstream_task_ids
     assert "ShortCircuit" in dag.task_dict["should_retrain"].task_type
+
+
+def test_allocation_scores_customer_shards_as_mapped_tasks_before_one_solve(dagbag):
+    dag = dagbag.dags["couponops_allocate"]
+    score = dag.task_dict["score"]
+    assert type(score).__name__.endswith("MappedOperator"), "scoring fans out as one mapped task per shard"
+    assert score.upstream_task_ids == {"plan_scoring"}
+    assert dag.task_dict["allocate"].upstream_task_ids == {"score"}
+    assert dag.task_dict["deliver"].upstream_task_ids == {"allocate"}
+    outlets = {o.uri for o in dag.task_dict["allocate"].outlets}
+    assert outlets == {"couponops://warehouse/allocations"}

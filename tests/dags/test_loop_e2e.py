@@ -26,6 +26,7 @@ def _env():
         COUPONOPS_TRAINER__MAX_EPOCHS="4",
         COUPONOPS_CAMPAIGN__BUDGET="120",
         COUPONOPS_GATE__MIN_TEST_ROWS="50",
+        COUPONOPS_CAMPAIGN__SCORE_SHARDS="3",
     )
     return env
 
@@ -63,6 +64,16 @@ def test_every_dag_has_a_successful_run_in_the_airflow_metadata_db(demo_state):
     con = sqlite3.connect(state / "airflow" / "airflow.db")
     ok = {d for (d,) in con.execute("SELECT dag_id FROM dag_run WHERE state = 'success'")}
     assert set(DAGS) <= ok
+
+
+def test_allocation_scored_in_mapped_shards_and_left_no_score_files(demo_state):
+    state, _ = demo_state
+    con = sqlite3.connect(state / "airflow" / "airflow.db")
+    scored = con.execute(
+        "SELECT map_index, state FROM task_instance WHERE dag_id = 'couponops_allocate' AND task_id = 'score'"
+    ).fetchall()
+    assert sorted(scored) == [(0, "success"), (1, "success"), (2, "success")]
+    assert not list((state / "scores").rglob("*.npz")), "the allocate task removes its run's shard files"
 
 
 def test_ledger_respects_the_budget_and_covers_the_population(demo_state):
