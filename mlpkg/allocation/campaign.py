@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -276,21 +276,41 @@ def _validate_ledger(rows: list[dict], campaign_id: str, budget: float, now: dat
     Raises:
         mlpkg.validation.DataContractError: the ledger breaks its contract; nothing is written.
     """
+    frame = pd.DataFrame(rows)
+    spend = float(frame["expected_cost"].sum()) if len(frame) else 0.0
+    over = (
+        [f"allocations of campaign {campaign_id}: expected spend {spend:.4f} exceeds budget {budget}"]
+        if spend > budget + 1e-6
+        else []
+    )
+    _gate_output(frame, "allocations", f"allocations of campaign {campaign_id}", now, over)
+
+
+def _validate_scores(
+    ids: np.ndarray, scores: dict[str, np.ndarray], arms: list[str], source: str, now: datetime
+) -> None:
+    """Run the model_scores suite on a scorer's output before anything is allocated from it.
+
+    A model that emits NaN or out-of-range probabilities or revenues stops the run here, with the
+    arm's column named, instead of steering the solver.
+
+    Raises:
+        mlpkg.validation.DataContractError: the scores break their contract.
+    """
+    frame = pd.DataFrame({"customer_id": np.asarray(ids, dtype=str)})
+    columns = {f"p_conv__{a}": scores["p_conv"][:, j] for j, a in enumerate(arms)}
+    columns |= {f"revenue__{a}": scores["revenue"][:, j] for j, a in enumerate(arms)}
+    _gate_output(pd.concat([frame, pd.DataFrame(columns)], axis=1), "model_scores", source, now)
+
+
+def _gate_output(
+    frame: pd.DataFrame, table: str, source: str, now: datetime, problems: Sequence[str] = ()
+) -> None:
+    """Validate a stage's output frame against ``table``'s suite; raise with every problem found."""
     from mlpkg.validation import DataContractError, ValidationContext, validate_table
 
-    frame = pd.DataFrame(rows)
-    report = validate_table(
-        frame,
-        "allocations",
-        context=ValidationContext(now=now),
-        source=f"allocations of campaign {campaign_id}",
-    )
-    problems = [] if report.success else [report.message()]
-    spend = float(frame["expected_cost"].sum()) if len(frame) else 0.0
-    if spend > budget + 1e-6:
-        problems.append(
-            f"allocations of campaign {campaign_id}: expected spend {spend:.4f} exceeds budget {budget}"
-        )
+    report = validate_table(frame, table, context=ValidationContext(now=now), source=source)
+    problems = ([] if report.success else [report.message()]) + list(problems)
     if problems:
         raise DataContractError("\n".join(problems), failures=list(report.failures), reports=[report])
 
@@ -345,11 +365,12 @@ def score_population(
         scorer = load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
     scores = scorer.score_arrays(feats, chunk_size=cfg.score_chunk_size)
     model_arms = list(scorer.arms)
+    ids = feats["customer_id"].to_numpy()
+    _validate_scores(ids, scores, model_arms, f"model scores of {model_uri or 'the cold-start prior'}", as_of)
     catalog = build_catalog(model_arms, coupons, channels, as_of)
     value, cost, uplift, basket = option_economics(
         scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin
     )
-    ids = feats["customer_id"].to_numpy()
     n, k = value.shape
     consented = consent.groupby("channel")["customer_id"].agg(set).to_dict()
     eligible = np.zeros((n, k), dtype=bool)

@@ -23,6 +23,8 @@ DEFAULT_CHANNELS: frozenset[str] = frozenset({"email", "sms", "push"})
 DEFAULT_REVENUE_CAP = 1e6
 #: How many failing rows a failure keeps and a message shows.
 MAX_SAMPLE_ROWS = 5
+# Sources with these endings are files (named by file name in messages); others are stage outputs.
+_FILE_SUFFIXES = frozenset({".csv", ".parquet", ".json", ".jsonl", ".tsv", ".txt", ".gz", ".yaml", ".yml"})
 
 
 def _utc(value: Any) -> dt.datetime:
@@ -207,8 +209,10 @@ class ValidationReport:
 
     def message(self, max_rows: int = MAX_SAMPLE_ROWS) -> str:
         """Return a readable summary naming the source, each expectation, column and failing rows."""
-        name = Path(self.source).name if self.source else self.table
-        where = f"{name} (table {self.table}, {self.source})"
+        # A file is named by its file name; a stage output ("model scores of models:/m/3") as is.
+        is_file = bool(self.source) and Path(self.source).suffix.lower() in _FILE_SUFFIXES
+        name = Path(self.source).name if is_file else (self.source or self.table)
+        where = f"{name} (table {self.table}, {self.source})" if is_file else f"{name} (table {self.table})"
         if self.success:
             head = f"{where}: passed ({self.row_count} rows checked)"
         elif self.gx_result is None and self.row_count == 0:

@@ -134,3 +134,27 @@ def test_scoring_jobs_of_one_run_are_pinned_to_one_model_version(world):
     assert {(j["model_uri"], j["model_version"], j["run_key"], j["n_shards"]) for j in jobs} == {
         ("oracle", "0", CTX.run_key, 5)
     }
+
+
+def test_a_shard_whose_model_emits_impossible_scores_is_refused_with_the_arm_named(world, monkeypatch):
+    import mlpkg.train
+    from mlpkg.validation import DataContractError
+    from tests.fixtures import OracleScorer
+
+    settings, engine, shop = world
+
+    class BrokenScorer(OracleScorer):
+        def score_arrays(self, df, chunk_size=None):
+            out = super().score_arrays(df, chunk_size)
+            out["p_conv"][0, 1] = np.nan  # one customer, one arm
+            out["p_conv"][1:4, 2] = 1.7
+            return out
+
+    monkeypatch.setattr(mlpkg.train, "load_uplift_model", lambda uri, tracking_uri=None: BrokenScorer(shop))
+    job = _jobs(settings, shop, 1)[0]
+    arms = list(shop.arm_names)
+    with pytest.raises(DataContractError) as err:
+        stages.score_shard(settings, job)
+    assert f"p_conv__{arms[1]}" in str(err.value) and f"p_conv__{arms[2]}" in str(err.value)
+    assert "model scores of oracle" in str(err.value)
+    assert not list(sh.shard_dir(settings, sh.ScoringJob.from_dict(job)).glob("*.npz"))
