@@ -296,8 +296,11 @@ def loop(
     def show(row: dict) -> None:
         rows.append(row)
         console.print(
-            f"round {row['round']}: true {row['true_incremental']} vs oracle {row['oracle_incremental']} "
-            f"({row['share_of_oracle']:.0%}); measured {row['model_group_measured']} {row['measured_ci']}"
+            f"round {row['round']} (model {row['model_version']}): true {row['true_incremental']} vs "
+            f"oracle {row['oracle_incremental']} ({row['share_of_oracle']:.0%}); model group "
+            f"{row['model_group_true']} vs oracle on its customers and budget {row['model_group_oracle']} "
+            f"({row['model_group_share_of_oracle']:.0%}); measured {row['model_group_measured']} "
+            f"{row['measured_ci']}; gate: {row.get('gate', 'not retrained')}"
         )
 
     _run(run_closed_loop, settings, rounds, objective=objective, budget=budget, on_round=show)

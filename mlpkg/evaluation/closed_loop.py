@@ -68,7 +68,27 @@ def run_closed_loop(
     budget: float | None = None,
     on_round: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Run ``rounds`` weekly rounds from a cold start and return one row of numbers per round."""
+    """Run ``rounds`` weekly rounds from a cold start and return one row of numbers per round.
+
+    Two yardsticks come from the simulator's oracle, both at the same budget, eligibility and
+    cooldown as the product: ``oracle_incremental`` allocates the whole budget over every
+    eligible customer (``share_of_oracle`` compares the deployed campaign, control holdout and
+    exploration included, with it); ``model_group_oracle`` allocates only what the model was
+    given (the model-policy group and the budget left after exploration), so
+    ``model_group_share_of_oracle`` measures the model's targeting alone.
+
+    Args:
+        settings: CouponOps settings (the state folder should be fresh for a cold start).
+        rounds: Weekly rounds to run.
+        days_per_round: Days the simulated clock moves between rounds.
+        objective: Campaign objective (``conversions``, ``revenue`` or ``profit``).
+        budget: Budget per round; defaults to ``settings.campaign.budget``.
+        on_round: Called with each round's row as soon as it is done.
+
+    Returns:
+        One dict per round (true, measured and OPE increments, oracle yardsticks, retraining
+        and gate outcome).
+    """
     from mlpkg.evaluation.policy_quality import allocate_by_scores
 
     stages.init_stores(settings)
@@ -112,8 +132,26 @@ def run_closed_loop(
             margin=settings.campaign.margin,
         )
         oracle = shop.oracle_value(oracle_alloc, margin=settings.campaign.margin)
-        model_group = ledger[ledger["policy"] == "model"][["customer_id", "arm"]]
+        model_rows = ledger[ledger["policy"] == "model"]
+        model_group = model_rows[["customer_id", "arm"]]
         model_truth = shop.oracle_value(model_group, margin=settings.campaign.margin)
+        # The model's own yardstick: the oracle on the customers and budget the model was given
+        # (what is left once the control group is held out and exploration has spent its share).
+        model_ids = [c for c in model_rows["customer_id"].tolist() if c not in cooling]
+        model_spend = float(model_rows["expected_cost"].sum())
+        oracle_model = shop.oracle_value(
+            allocate_by_scores(
+                model_ids,
+                shop.true_conversion(model_ids),
+                shop.true_revenue(model_ids),
+                shop.arm_names,
+                shop,
+                max(model_spend, 1e-9),
+                objective=objective,
+                margin=settings.campaign.margin,
+            ),
+            margin=settings.campaign.margin,
+        )
         row = {
             "round": r,
             "campaign": campaign,
@@ -127,12 +165,10 @@ def run_closed_loop(
             "measured_ci": [round(float(x), 1) for x in measured["incremental_conversions_ci"]],
             **{k: round(v, 2) for k, v in _ope_incremental(settings, campaign).items()},
             "oracle_incremental": round(float(oracle["incremental_conversions"]), 2),
+            "model_group_oracle": round(float(oracle_model["incremental_conversions"]), 2),
         }
-        row["share_of_oracle"] = (
-            round(row["true_incremental"] / row["oracle_incremental"], 3)
-            if row["oracle_incremental"] > 0
-            else float("nan")
-        )
+        row["share_of_oracle"] = _share(row["true_incremental"], row["oracle_incremental"])
+        row["model_group_share_of_oracle"] = _share(row["model_group_true"], row["model_group_oracle"])
         decision = stages.decide_retrain(settings, ctx, campaign_id=campaign, now=later)
         row["retrained"] = decision["retrain"]
         if decision["retrain"]:
@@ -149,6 +185,11 @@ def run_closed_loop(
         if on_round:
             on_round(row)
     return rows
+
+
+def _share(value: float, reference: float) -> float:
+    """Return ``value / reference`` rounded, NaN when the reference is not positive."""
+    return round(value / reference, 3) if reference > 0 else float("nan")
 
 
 def _on_cooldown(settings: Settings, now) -> set[str]:  # noqa: ANN001
