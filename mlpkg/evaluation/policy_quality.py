@@ -41,7 +41,7 @@ import pandas as pd
 from mlpkg.allocation.campaign import ArmCatalog, build_catalog, option_economics
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
 from mlpkg.config import Settings
-from mlpkg.evaluation.uplift_metrics import multi_arm_qini, qini_coefficient
+from mlpkg.evaluation.uplift_metrics import consent_eligibility, multi_arm_qini, qini_coefficient
 from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, build_features
 from mlpkg.simulator import CONTROL, Shop
 
@@ -383,22 +383,6 @@ def allocation_value(
 # --- ranking metrics -------------------------------------------------------------------------------
 
 
-def consent_eligibility(frame: pd.DataFrame, arms: Sequence[str]) -> np.ndarray:
-    """Return which treatment arms each logged row could have received, from its consent features.
-
-    The past campaign randomized each customer over control and the arms on channels they had
-    consented to, which is what the ``consent_{channel}`` features (as of the send) record.
-
-    Args:
-        frame: Rows with ``consent_email``, ``consent_sms`` and ``consent_push``.
-        arms: Arm names, ``arms[0]`` = control, the others ``"{coupon}@{channel}"``.
-
-    Returns:
-        ``bool [n, len(arms) - 1]``.
-    """
-    return np.column_stack([frame[f"consent_{a.split('@')[1]}"].to_numpy() > 0 for a in list(arms)[1:]])
-
-
 def qini_summary(
     p_conv: np.ndarray,
     frame: pd.DataFrame,
@@ -416,17 +400,18 @@ def qini_summary(
             conversion probability of the logged arm, which removes the coin flips of the
             outcomes (the noise that dominates a Qini on a few thousand conversions).
         eligible: ``bool [n, A - 1]``, which arms each row could have been logged in (see
-            :func:`consent_eligibility`); adds the ``qini_eligible_*`` values.
+            :func:`~mlpkg.evaluation.uplift_metrics.consent_eligibility`); adds the
+            ``qini_eligible_*`` values.
 
     Returns:
         ``qini_mean_arm``: :func:`~mlpkg.evaluation.uplift_metrics.multi_arm_qini` averaged over
-        treatment arms (the product's ``test/qini``: each arm's rows against every control row);
-        ``qini_best_arm``: Qini of the best arm's uplift, every treated row against control.
-        With ``eligible``: ``qini_eligible_mean_arm``, the same per-arm mean with control rows
-        limited to customers who could have received the arm (without that, control customers
-        who cannot be reached on the arm's channel enter the comparison and a ranking by the true
-        uplift scores lower than a model's), and ``qini_eligible_best_arm``, the best arm taken
-        over each row's eligible arms.
+        treatment arms, each arm's rows against every control row; ``qini_best_arm``: Qini of the
+        best arm's uplift, every treated row against control. With ``eligible``:
+        ``qini_eligible_mean_arm``, the same per-arm mean with control rows limited to customers
+        who could have received the arm (the product's ``test/qini``; without that, control
+        customers who cannot be reached on the arm's channel enter the comparison and a ranking
+        by the true uplift scores lower than a model's), and ``qini_eligible_best_arm``, the best
+        arm taken over each row's eligible arms.
     """
     arms = list(arms)
     if arms[0] != CONTROL:
@@ -444,12 +429,8 @@ def qini_summary(
     if eligible is None:
         return out
     eligible = np.asarray(eligible, dtype=bool)
-    values = []
-    for j in range(1, len(arms)):
-        rows = ((arm_idx == 0) | (arm_idx == j)) & eligible[:, j - 1]
-        treated = arm_idx[rows] == j
-        if treated.any() and not treated.all():
-            values.append(qini_coefficient(uplift[rows, j - 1], treated, y[rows], prop[rows]))
+    per_arm = multi_arm_qini(p_conv, arm_idx, y, prop, arms, eligible=eligible)
+    values = [v for v in per_arm.values() if math.isfinite(v)]
     reach = eligible.any(axis=1)
     best = np.where(eligible, uplift, -np.inf).max(axis=1)[reach]
     out["qini_eligible_mean_arm"] = float(np.mean(values)) if values else math.nan

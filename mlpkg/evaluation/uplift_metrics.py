@@ -29,6 +29,7 @@ Definitions used here (``T``/``C`` = treated/control, ``Y`` = conversions, ``N``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -347,29 +348,42 @@ def ipw_policy_value(
     return estimate(match, propensity, y).value
 
 
-def multi_arm_qini(
+def consent_eligibility(frame: pd.DataFrame, arms: Sequence[str]) -> np.ndarray:
+    """Return which treatment arms each logged row could have received, from its consent features.
+
+    A randomized campaign draws each customer's arm among control and the arms on channels they
+    consented to, which the ``consent_{channel}`` features (as of the send) record. An arm
+    ``"{coupon}@{channel}"`` is open to rows whose ``consent_{channel}`` is positive; an arm
+    without a channel in its name, or whose channel has no consent column in ``frame``, is open
+    to every row (nothing says otherwise).
+
+    Args:
+        frame: Logged rows, with ``consent_{channel}`` columns where known.
+        arms: Arm names, ``arms[0]`` = control.
+
+    Returns:
+        ``bool [n, len(arms) - 1]``.
+    """
+    columns = []
+    for arm in list(arms)[1:]:
+        _, sep, channel = str(arm).partition("@")
+        column = f"consent_{channel}"
+        if sep and column in frame.columns:
+            columns.append(frame[column].to_numpy(dtype=np.float64) > 0)
+        else:
+            columns.append(np.ones(len(frame), dtype=bool))
+    return np.column_stack(columns) if columns else np.ones((len(frame), 0), dtype=bool)
+
+
+def _per_arm_metric(
+    metric: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float],
     p_conv: np.ndarray,
     logged_arm_idx: np.ndarray,
     y: np.ndarray,
     propensity: np.ndarray,
-    arms: list[str] | None = None,
+    arms: Sequence[str] | None,
+    eligible: np.ndarray | None,
 ) -> dict[str, float]:
-    """Compute a Qini coefficient per treatment arm of a multi-arm model.
-
-    For arm ``j`` the score is ``p_conv[:, j] - p_conv[:, 0]`` and only customers logged in
-    control (column 0) or in arm ``j`` are used, IPW-weighted by ``propensity``.
-
-    Args:
-        p_conv: ``[n, A]`` predicted conversion probability per arm; column 0 is control.
-        logged_arm_idx: Index of the logged arm per customer.
-        y: Observed outcome.
-        propensity: Probability of the logged arm, in (0, 1].
-        arms: Optional arm names (``arms[0]`` = control) used as keys.
-
-    Returns:
-        ``{arm name (or str(index)): qini coefficient}`` for arms 1..A-1; NaN where the arm or
-        control has no logged customers.
-    """
     probs = np.asarray(p_conv, dtype=np.float64)
     idx = np.asarray(logged_arm_idx, dtype=np.int64)
     yy = np.asarray(y, dtype=np.float64)
@@ -379,18 +393,82 @@ def multi_arm_qini(
     n_arms = probs.shape[1]
     if arms is not None and len(arms) != n_arms:
         raise ValueError(f"arms names {len(arms)} arms but p_conv has {n_arms} columns")
+    if eligible is not None:
+        eligible = np.asarray(eligible, dtype=bool)
+        if eligible.shape != (probs.shape[0], n_arms - 1):
+            raise ValueError(f"eligible must be [{probs.shape[0]}, {n_arms - 1}], got {eligible.shape}")
     names = list(arms) if arms is not None else [str(j) for j in range(n_arms)]
     result: dict[str, float] = {}
     in_control = idx == 0
     for j in range(1, n_arms):
         rows = in_control | (idx == j)
+        if eligible is not None:
+            rows &= eligible[:, j - 1]
         treated = idx[rows] == j
         if not treated.any() or treated.all():
             result[names[j]] = math.nan
             continue
         score = probs[rows, j] - probs[rows, 0]
-        result[names[j]] = qini_coefficient(score, treated, yy[rows], prop[rows])
+        result[names[j]] = metric(score, treated, yy[rows], prop[rows])
     return result
+
+
+def multi_arm_qini(
+    p_conv: np.ndarray,
+    logged_arm_idx: np.ndarray,
+    y: np.ndarray,
+    propensity: np.ndarray,
+    arms: Sequence[str] | None = None,
+    eligible: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Compute a Qini coefficient per treatment arm of a multi-arm model.
+
+    For arm ``j`` the score is ``p_conv[:, j] - p_conv[:, 0]`` and only customers logged in
+    control (column 0) or in arm ``j`` are used, IPW-weighted by ``propensity``. With
+    ``eligible``, only the customers who could have been logged in arm ``j`` count (control
+    customers the arm cannot reach, for instance without consent to its channel, would otherwise
+    enter the comparison: their outcome cannot respond to the arm, so a ranking by the true
+    uplift scores lower than one that merely separates reachable from unreachable customers).
+
+    Args:
+        p_conv: ``[n, A]`` predicted conversion probability per arm; column 0 is control.
+        logged_arm_idx: Index of the logged arm per customer.
+        y: Observed outcome.
+        propensity: Probability of the logged arm, in (0, 1].
+        arms: Optional arm names (``arms[0]`` = control) used as keys.
+        eligible: Optional ``bool [n, A - 1]``: which treatment arms each customer could have
+            been logged in (see :func:`consent_eligibility`).
+
+    Returns:
+        ``{arm name (or str(index)): qini coefficient}`` for arms 1..A-1; NaN where the arm or
+        control has no (eligible) logged customers.
+    """
+    return _per_arm_metric(qini_coefficient, p_conv, logged_arm_idx, y, propensity, arms, eligible)
+
+
+def multi_arm_auuc(
+    p_conv: np.ndarray,
+    logged_arm_idx: np.ndarray,
+    y: np.ndarray,
+    propensity: np.ndarray,
+    arms: Sequence[str] | None = None,
+    eligible: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Compute the AUUC (see :func:`auuc`) per treatment arm, on the rows :func:`multi_arm_qini` uses.
+
+    Args:
+        p_conv: ``[n, A]`` predicted conversion probability per arm; column 0 is control.
+        logged_arm_idx: Index of the logged arm per customer.
+        y: Observed outcome.
+        propensity: Probability of the logged arm, in (0, 1].
+        arms: Optional arm names (``arms[0]`` = control) used as keys.
+        eligible: Optional ``bool [n, A - 1]`` of the arms each customer could have been logged in.
+
+    Returns:
+        ``{arm name (or str(index)): AUUC}`` for arms 1..A-1; NaN where the arm or control has no
+        (eligible) logged customers.
+    """
+    return _per_arm_metric(auuc, p_conv, logged_arm_idx, y, propensity, arms, eligible)
 
 
 def _new_figure(figsize: tuple[float, float] = (6.0, 4.0)) -> Any:
