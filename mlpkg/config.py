@@ -33,6 +33,9 @@ class TrainerSettings(BaseModel):
     embedding_dim: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads while training; None leaves torch's default."
+    )
     seed: int = 7
 
     @field_validator("precision")

@@ -1,9 +1,19 @@
-"""The multi-arm uplift network: a shared representation with one head per arm.
+"""The multi-arm uplift network: a shared representation, a baseline head and a factorised effect head.
 
-TARNet/DragonNet style: every arm (control included) shares one representation of the customer,
-so arms with few logged rows borrow strength from the rest, and each arm gets its own small
-head, so the network can express a different response per arm (including a negative effect,
-the "sleeping dog").
+TARNet/DragonNet style, every arm (control included) shares one representation of the customer.
+On top of it the network predicts two things:
+
+* a **baseline** (control) conversion logit and log revenue, trained by every row: each arm's
+  prediction is the baseline plus that arm's effect, so the rare control conversions are not
+  the only data that pins the baseline down;
+* an **effect** per treatment arm, from one head shared by all arms and fed with an embedding
+  of the arm. An arm named ``"{coupon}@{channel}"`` is embedded as the sum of a coupon, a
+  channel and an arm-specific embedding, so the arms that share a coupon or a channel share
+  strength (the offer's appeal and the channel's reach show up in several arms), while the arm's
+  own embedding keeps every arm free to differ. Effects may be negative (the "sleeping dog").
+
+Uplift for arm ``k`` is then ``sigmoid(base + effect_k) - sigmoid(base)``: the effect head is
+what the uplift is learned from, rather than a difference between two separately noisy heads.
 """
 
 from __future__ import annotations
@@ -14,45 +24,77 @@ from typing import Any
 import torch
 from torch import nn
 
+#: Separator of coupon and channel in an arm name (``"PCT10@email"``).
+ARM_SEPARATOR = "@"
 
-class ArmHeads(nn.Module):
-    """One two-layer head per arm, evaluated for all arms in one batched matmul.
 
-    Head ``a`` maps the representation ``h`` to ``(conversion logit, log revenue)`` through
-    ``W2[a] · elu(W1[a] · h + b1[a]) + b2[a]``. Keeping the per-arm weights in stacked tensors
-    instead of a ``ModuleList`` turns 2·A small matmuls into two batched ones, which is what
-    makes scoring every arm for 65k customers cheap.
+def arm_factors(arms: Sequence[str]) -> tuple[list[int], list[int], int, int]:
+    """Return the coupon and channel index of each treatment arm, for the factorised embedding.
+
+    ``arms[0]`` is control and gets no factors. An arm ``"{coupon}@{channel}"`` takes the indices
+    of its coupon and its channel; an arm without the separator is a factor of its own (its
+    name as the "coupon") and shares no channel, index ``n_channels`` being a zero "no channel"
+    slot.
+
+    Args:
+        arms: Arm names, control first.
+
+    Returns:
+        ``(coupon_index, channel_index, n_coupons, n_channels)``; the index lists have one entry
+        per treatment arm.
+    """
+    parts = [str(a).split(ARM_SEPARATOR, 1) for a in list(arms)[1:]]
+    coupons = list(dict.fromkeys(p[0] for p in parts))
+    channels = list(dict.fromkeys(p[1] for p in parts if len(p) == 2))
+    coupon_index = [coupons.index(p[0]) for p in parts]
+    channel_index = [channels.index(p[1]) if len(p) == 2 else len(channels) for p in parts]
+    return coupon_index, channel_index, len(coupons), len(channels)
+
+
+class ArmEffectHead(nn.Module):
+    """One head shared by every treatment arm, conditioned on a factorised arm embedding.
+
+    Effect of arm ``a`` on a representation ``h``: ``W2 · elu(W1 · h + e[a]) + b2``, with
+    ``e[a] = coupon[c(a)] + channel[h(a)] + own[a]``. All arms are evaluated in one broadcast
+    add and one matmul, so scoring every arm for 65k customers stays cheap.
 
     Args:
         in_dim: Width of the shared representation.
-        head_dim: Hidden width of each head.
-        n_arms: Number of arms (heads).
+        head_dim: Hidden width of the head (and of the arm embeddings).
+        arms: Arm names, control first (see :func:`arm_factors`).
     """
 
-    def __init__(self, in_dim: int, head_dim: int, n_arms: int) -> None:
-        """Allocate and initialise the stacked head weights."""
+    def __init__(self, in_dim: int, head_dim: int, arms: Sequence[str]) -> None:
+        """Allocate the embeddings and the head; the effect starts near zero."""
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_arms, in_dim, head_dim))
-        self.b1 = nn.Parameter(torch.zeros(n_arms, head_dim))
-        self.w2 = nn.Parameter(torch.empty(n_arms, head_dim, 2))
-        self.b2 = nn.Parameter(torch.zeros(n_arms, 2))
-        for a in range(n_arms):
-            # Same initialisation as nn.Linear would give each head on its own.
-            nn.init.kaiming_uniform_(self.w1.data[a].T, a=5**0.5)
-            nn.init.kaiming_uniform_(self.w2.data[a].T, a=5**0.5)
+        coupon_index, channel_index, n_coupons, n_channels = arm_factors(arms)
+        self.register_buffer("coupon_index", torch.tensor(coupon_index, dtype=torch.long), persistent=False)
+        self.register_buffer("channel_index", torch.tensor(channel_index, dtype=torch.long), persistent=False)
+        self.coupon = nn.Parameter(torch.randn(n_coupons, head_dim) * 0.3)
+        self.channel = nn.Parameter(torch.randn(n_channels, head_dim) * 0.3)
+        # The arm's own part starts at zero: arms begin as pure coupon + channel combinations.
+        self.own = nn.Parameter(torch.zeros(len(coupon_index), head_dim))
+        self.hidden = nn.Linear(in_dim, head_dim)
+        self.out = nn.Linear(head_dim, 2)
+        with torch.no_grad():
+            # A small start: every arm begins close to "no effect" and has to earn its uplift.
+            self.out.weight.mul_(0.1)
+            self.out.bias.zero_()
+
+    def arm_embeddings(self) -> torch.Tensor:
+        """Return the embedding of every treatment arm, ``[A - 1, head_dim]``."""
+        # The extra zero row is the "no channel" slot of arms not named coupon@channel.
+        channel = torch.cat([self.channel, self.channel.new_zeros(1, self.channel.shape[1])])
+        return self.coupon[self.coupon_index] + channel[self.channel_index] + self.own
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Return per-arm outputs of shape ``[n, A, 2]`` for a representation ``[n, in_dim]``."""
-        # Arm-major [A, n, head_dim] intermediates: the expanded h is a stride-0 view, so neither
-        # batched matmul copies its inputs, and only the small [A, n, 2] result is transposed.
-        n_arms = self.w1.shape[0]
-        z = torch.baddbmm(self.b1.unsqueeze(1), h.unsqueeze(0).expand(n_arms, -1, -1), self.w1)
-        out = torch.baddbmm(self.b2.unsqueeze(1), nn.functional.elu(z), self.w2)
-        return out.transpose(0, 1)
+        """Return per-arm effects ``[n, A - 1, 2]`` (conversion logit, log revenue) of ``h`` ``[n, d]``."""
+        z = nn.functional.elu(self.hidden(h).unsqueeze(1) + self.arm_embeddings().unsqueeze(0))
+        return self.out(z)
 
 
 class MultiArmUpliftNet(nn.Module):
-    """Shared MLP over embedded categoricals and numerics, then one head per arm.
+    """Shared MLP over embedded categoricals and numerics, a baseline head and an arm-effect head.
 
     Args:
         n_numeric: Number of numeric inputs (columns of ``x_num``).
@@ -60,8 +102,11 @@ class MultiArmUpliftNet(nn.Module):
         n_arms: Number of arms, control included.
         embedding_dim: Width of each categorical embedding.
         hidden_dim: Width of the shared representation.
-        head_dim: Hidden width of each arm head.
+        head_dim: Hidden width of the baseline and effect heads.
         dropout: Dropout rate in the shared representation.
+        arms: Arm names in head order, control first; names ``"{coupon}@{channel}"`` let arms
+            that share a coupon or a channel share their embedding. ``None`` names the arms
+            ``arm0, arm1, ...`` (no shared factors).
     """
 
     def __init__(
@@ -74,16 +119,21 @@ class MultiArmUpliftNet(nn.Module):
         hidden_dim: int = 64,
         head_dim: int = 32,
         dropout: float = 0.1,
+        arms: Sequence[str] | None = None,
     ) -> None:
-        """Build the embeddings, the shared representation and the arm heads."""
+        """Build the embeddings, the shared representation and the two heads."""
         super().__init__()
         if n_arms < 2:
             raise ValueError(f"an uplift model needs at least two arms (control + one), got {n_arms}")
         if n_numeric + len(cat_cardinalities) == 0:
             raise ValueError("the network needs at least one numeric or categorical input")
+        arms = [f"arm{i}" for i in range(n_arms)] if arms is None else [str(a) for a in arms]
+        if len(arms) != n_arms:
+            raise ValueError(f"got {len(arms)} arm names for {n_arms} arms")
         self.n_numeric = int(n_numeric)
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
         self.n_arms = int(n_arms)
+        self.arms = arms
         self.embedding_dim = int(embedding_dim)
         self.hidden_dim = int(hidden_dim)
         self.head_dim = int(head_dim)
@@ -97,7 +147,8 @@ class MultiArmUpliftNet(nn.Module):
             nn.Linear(hidden_dim, hidden_dim),
             nn.ELU(),
         )
-        self.heads = ArmHeads(hidden_dim, head_dim, self.n_arms)
+        self.baseline = nn.Sequential(nn.Linear(hidden_dim, head_dim), nn.ELU(), nn.Linear(head_dim, 2))
+        self.effects = ArmEffectHead(hidden_dim, head_dim, arms)
 
     def config(self) -> dict[str, Any]:
         """Return the constructor arguments as a JSON-serialisable dict (``MultiArmUpliftNet(**cfg)``)."""
@@ -109,22 +160,24 @@ class MultiArmUpliftNet(nn.Module):
             "hidden_dim": self.hidden_dim,
             "head_dim": self.head_dim,
             "dropout": self.dropout,
+            "arms": list(self.arms),
         }
 
     @torch.no_grad()
     def init_output_bias(self, conversion_rate: float, mean_revenue: float) -> None:
-        """Start every head at the base conversion rate and mean order value.
+        """Start the baseline at the base conversion rate and mean order value.
 
         Starting from the marginal rates rather than 0.5 / 1.0 removes the first epochs the
-        network would otherwise spend learning two constants.
+        network would otherwise spend learning two constants; the effects start near zero.
 
         Args:
             conversion_rate: Training conversion rate, in (0, 1).
             mean_revenue: Mean revenue of converted training rows, > 0.
         """
         p = min(max(float(conversion_rate), 1e-4), 1 - 1e-4)
-        self.heads.b2[:, 0] = torch.logit(torch.tensor(p))
-        self.heads.b2[:, 1] = torch.log(torch.tensor(max(float(mean_revenue), 1e-3)))
+        bias = self.baseline[-1].bias
+        bias[0] = torch.logit(torch.tensor(p))
+        bias[1] = torch.log(torch.tensor(max(float(mean_revenue), 1e-3)))
 
     def representation_of(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         """Return the shared representation ``[n, hidden_dim]``."""
@@ -141,7 +194,10 @@ class MultiArmUpliftNet(nn.Module):
 
         Returns:
             ``(conv_logits, rev_log)``, both ``[n, A]``: the conversion logit of each arm and the
-            log of the expected revenue given conversion under each arm.
+            log of the expected revenue given conversion under each arm (column 0 = control =
+            the baseline; column ``k`` = baseline + arm ``k``'s effect).
         """
-        out = self.heads(self.representation_of(x_num, x_cat))
+        h = self.representation_of(x_num, x_cat)
+        base = self.baseline(h).unsqueeze(1)
+        out = torch.cat([base, base + self.effects(h)], dim=1)
         return out[..., 0], out[..., 1]

@@ -1,4 +1,4 @@
-"""Network shapes, per-arm heads, preprocessing round-trips and the pyfunc's output contract."""
+"""Network shapes, arm effects and their shared factors, preprocessing and the pyfunc's output contract."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlpkg.models.network import MultiArmUpliftNet
+from mlpkg.models.network import MultiArmUpliftNet, arm_factors
 from mlpkg.models.preprocessing import UNKNOWN_CODE, FeaturePreprocessor
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
 
@@ -53,26 +53,48 @@ def test_forward_returns_one_column_per_arm() -> None:
         assert torch.isfinite(conv_logits).all() and torch.isfinite(rev_log).all()
 
 
-def test_each_arm_has_its_own_head() -> None:
-    """Changing one arm's head weights moves that arm's outputs and no other arm's."""
-    torch.manual_seed(0)
-    net = MultiArmUpliftNet(3, [5], len(ARMS), hidden_dim=16, head_dim=8).eval()
-    x_num, x_cat = torch.randn(32, 3), torch.randint(0, 5, (32, 1))
+def _changed_arms(net: MultiArmUpliftNet, edit) -> list[bool]:
+    """Return, per arm, whether ``edit(net)`` moved that arm's conversion or revenue output."""
+    x_num, x_cat = torch.randn(32, net.n_numeric), torch.randint(0, 5, (32, 1))
     before_conv, before_rev = net(x_num, x_cat)
     with torch.no_grad():
-        net.heads.w1[2] += 0.5
+        edit(net)
     after_conv, after_rev = net(x_num, x_cat)
-    changed = (after_conv - before_conv).abs().amax(0) > 1e-6
-    assert changed.tolist() == [False, False, True, False]
-    assert ((after_rev - before_rev).abs().amax(0) > 1e-6).tolist() == [False, False, True, False]
+    conv = (after_conv - before_conv).abs().amax(0) > 1e-6
+    rev = (after_rev - before_rev).abs().amax(0) > 1e-6
+    assert conv.tolist() == rev.tolist()
+    return conv.tolist()
+
+
+def test_each_arm_has_its_own_embedding() -> None:
+    """Changing one arm's own embedding moves that arm's outputs and no other arm's."""
+    torch.manual_seed(0)
+    net = MultiArmUpliftNet(3, [5], len(ARMS), hidden_dim=16, head_dim=8, arms=ARMS).eval()
+    assert _changed_arms(net, lambda n: n.effects.own[1].add_(0.5)) == [False, False, True, False]
+
+
+def test_arms_share_their_coupon_and_channel() -> None:
+    """A coupon's embedding moves exactly the arms with that coupon, a channel's the arms on it."""
+    arms = ["control", "A@email", "A@sms", "B@email", "solo"]
+    coupon_index, channel_index, n_coupons, n_channels = arm_factors(arms)
+    assert (coupon_index, channel_index, n_coupons, n_channels) == ([0, 0, 1, 2], [0, 1, 0, 2], 3, 2)
+    torch.manual_seed(0)
+    net = MultiArmUpliftNet(3, [5], len(arms), hidden_dim=16, head_dim=8, arms=arms).eval()
+    assert _changed_arms(net, lambda n: n.effects.coupon[0].add_(0.5)) == [False, True, True, False, False]
+    assert _changed_arms(net, lambda n: n.effects.channel[0].add_(0.5)) == [False, True, False, True, False]
+    # Control is the baseline itself; every treatment arm is the baseline plus its effect.
+    assert _changed_arms(net, lambda n: n.baseline[-1].bias.add_(0.5)) == [True] * len(arms)
+    with pytest.raises(ValueError, match="arm names"):
+        MultiArmUpliftNet(3, [5], 3, arms=arms)
 
 
 def test_output_bias_starts_at_base_rates() -> None:
-    """init_output_bias makes an untrained head predict roughly the base rate and mean revenue."""
+    """init_output_bias makes an untrained network predict the base rate and mean revenue on every arm."""
     torch.manual_seed(0)
     net = MultiArmUpliftNet(2, [3], 2, hidden_dim=8, head_dim=4)
     with torch.no_grad():
-        net.heads.w2.zero_()
+        net.baseline[-1].weight.zero_()
+        net.effects.out.weight.zero_()
     net.init_output_bias(0.1, 40.0)
     conv_logits, rev_log = net(torch.randn(5, 2), torch.zeros(5, 1).long())
     assert torch.allclose(torch.sigmoid(conv_logits), torch.full((5, 2), 0.1), atol=1e-5)
@@ -81,7 +103,10 @@ def test_output_bias_starts_at_base_rates() -> None:
 
 def test_config_rebuilds_an_identical_network() -> None:
     """MultiArmUpliftNet(**net.config()) with the state_dict reproduces the outputs."""
-    net = MultiArmUpliftNet(2, [4, 3], 3, embedding_dim=2, hidden_dim=8, head_dim=4, dropout=0.2).eval()
+    arms = ["control", "PCT10@email", "USD5@sms"]
+    net = MultiArmUpliftNet(
+        2, [4, 3], 3, embedding_dim=2, hidden_dim=8, head_dim=4, dropout=0.2, arms=arms
+    ).eval()
     clone = MultiArmUpliftNet(**json.loads(json.dumps(net.config())))
     clone.load_state_dict(net.state_dict())
     x_num, x_cat = torch.randn(6, 2), torch.tensor([[0, 1], [3, 2]] * 3)
@@ -146,7 +171,7 @@ def test_pyfunc_output_contract(tmp_path) -> None:
     """predict gives float32 p_conv/uplift/revenue columns consistent with score_arrays and the net."""
     pre, frame = _fitted()
     torch.manual_seed(0)
-    net = MultiArmUpliftNet(2, pre.cardinalities, len(ARMS), hidden_dim=16, head_dim=8).eval()
+    net = MultiArmUpliftNet(2, pre.cardinalities, len(ARMS), hidden_dim=16, head_dim=8, arms=ARMS).eval()
     artifacts = write_model_artifacts(net, pre, ARMS, tmp_path)
     model = UpliftPyfunc(chunk_size=64).load_artifacts(artifacts["config"], artifacts["weights"])
     out = model.predict(None, frame)

@@ -112,7 +112,7 @@ def trained(world: pd.DataFrame) -> tuple[UpliftDataModule, MultiArmUpliftNet, p
     data = UpliftDataModule(world, NUMERIC, CATEGORICAL, ARMS, batch_size=512, seed=3)
     data.setup()
     net = MultiArmUpliftNet(
-        len(NUMERIC), data.preprocessor.cardinalities, len(ARMS), hidden_dim=32, head_dim=16
+        len(NUMERIC), data.preprocessor.cardinalities, len(ARMS), hidden_dim=32, head_dim=16, arms=data.arms
     )
     net.init_output_bias(*data.training_stats())
     module = UpliftLitModule(net, functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=1e-5))
@@ -242,7 +242,14 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
     assert result.registered_version == "1"
     run = client.get_run(result.mlflow_run_id)
     assert "val/loss" in run.data.metrics and "train/loss" in run.data.metrics
-    for key in ("test/auc", "test/ece", "test/qini", "test/policy_value_conv", "test/auc/PCT10.email"):
+    for key in (
+        "test/auc",
+        "test/ece",
+        "test/qini",
+        "test/policy_value_conv",
+        "test/auc/PCT10.email",
+        "test/auuc/PCT10.email",
+    ):
         assert key in run.data.metrics, key
     assert run.data.metrics["test/rows_seen_by_extra"] == len(result.test_frame)
     assert run.data.params["arms"] == ",".join(ARMS) and run.data.params["data.n_rows"] == "8000"
@@ -290,7 +297,7 @@ def test_gpu_mixed_precision_training_scores_on_cpu(world: pd.DataFrame, tmp_pat
     data = UpliftDataModule(world, NUMERIC, CATEGORICAL, ARMS, batch_size=1024, seed=3)
     data.setup()
     cards = data.preprocessor.cardinalities
-    net = MultiArmUpliftNet(len(NUMERIC), cards, len(ARMS), hidden_dim=32, head_dim=16)
+    net = MultiArmUpliftNet(len(NUMERIC), cards, len(ARMS), hidden_dim=32, head_dim=16, arms=data.arms)
     net.init_output_bias(*data.training_stats())
     module = UpliftLitModule(net, functools.partial(torch.optim.AdamW, lr=3e-3))
     trainer = pl.Trainer(

@@ -7,8 +7,10 @@ import pytest
 from mlpkg.evaluation.uplift_metrics import (
     auuc,
     calibration_table,
+    consent_eligibility,
     expected_calibration_error,
     ipw_policy_value,
+    multi_arm_auuc,
     multi_arm_qini,
     plot_calibration,
     plot_qini,
@@ -121,6 +123,85 @@ def test_ipw_policy_value_and_multi_arm_qini():
     assert per_arm["A"] > 0.01  # heterogeneous arm ranked by its true effect
     assert abs(per_arm["B"]) < 0.005  # constant effect: ranking carries no information
     assert set(multi_arm_qini(p_true, logged, y, prop)) == {"1", "2"}
+
+
+def _consent_campaign(n: int = 20_000) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """A campaign where only email-consented customers could get ``PCT10@email``; the rest are control.
+
+    The unconsented customers convert at 40 % (a different crowd), the consented ones at 10 %,
+    plus ``0.2 x`` under the coupon. The model's scores are the true probabilities.
+    """
+    rng = np.random.default_rng(5)
+    arms = ["control", "PCT10@email", "USD5"]
+    consent = rng.random(n) < 0.6
+    x = rng.uniform(0, 1, n)
+    # Consented customers draw among control and both arms, the others among control and USD5.
+    logged = np.where(consent, rng.integers(0, 3, n), 2 * rng.integers(0, 2, n))
+    propensity = np.where(consent, 1 / 3, 1 / 2)
+    base = np.where(consent, 0.1, 0.4)
+    p_conv = np.column_stack([base, base + 0.2 * x * consent, base + 0.05])
+    y = (rng.random(n) < p_conv[np.arange(n), logged]).astype(np.int64)
+    frame = pd.DataFrame(
+        {
+            "consent_email": consent.astype(np.int64),
+            "arm": np.asarray(arms, dtype=object)[logged],
+            "converted": y,
+            "revenue": np.where(y > 0, 50.0, 0.0),
+            "propensity": propensity,
+        }
+    )
+    return frame, p_conv, arms
+
+
+def test_consent_eligibility_reads_the_arms_channel():
+    """An arm on a channel is open to the customers consented to it; an arm without one to everybody."""
+    frame, _, arms = _consent_campaign(50)
+    eligible = consent_eligibility(frame, arms)
+    assert eligible.shape == (50, 2)
+    np.testing.assert_array_equal(eligible[:, 0], frame["consent_email"].to_numpy() > 0)
+    assert eligible[:, 1].all()
+    # A channel without a consent column says nothing about reach.
+    assert consent_eligibility(frame.drop(columns=["consent_email"]), arms).all()
+
+
+def test_test_qini_uses_only_control_rows_the_arm_could_reach():
+    """test/qini and per-arm Qini/AUUC ignore the control rows of customers without consent.
+
+    Re-scoring the unconsented customers (who were never logged in the email arm) must not move
+    the email arm's metrics; under the former definition (every control row) it does.
+    """
+    from mlpkg.train import compute_test_metrics, metric_key
+
+    frame, p_conv, arms = _consent_campaign()
+    logged = frame["arm"].map({a: i for i, a in enumerate(arms)}).to_numpy()
+    y, prop = frame["converted"].to_numpy(float), frame["propensity"].to_numpy()
+    consent = frame["consent_email"].to_numpy() > 0
+    revenue = np.full_like(p_conv, 50.0)
+    metrics = compute_test_metrics(frame, {"p_conv": p_conv, "revenue": revenue}, arms)
+
+    rows = consent & np.isin(logged, [0, 1])
+    score = p_conv[rows, 1] - p_conv[rows, 0]
+    key = metric_key("test/qini", "PCT10@email")
+    assert metrics[key] == pytest.approx(qini_coefficient(score, logged[rows] == 1, y[rows], prop[rows]))
+    assert metrics[metric_key("test/auuc", "PCT10@email")] == pytest.approx(
+        auuc(score, logged[rows] == 1, y[rows], prop[rows])
+    )
+    assert metrics["test/qini"] == pytest.approx(
+        np.mean([metrics[key], metrics[metric_key("test/qini", "USD5")]])
+    )
+    assert metrics[key] > 0.01
+
+    rescored = p_conv.copy()
+    rescored[~consent, 1] = 0.9  # a large predicted uplift where the arm cannot reach anyone
+    moved = compute_test_metrics(frame, {"p_conv": rescored, "revenue": revenue}, arms)
+    for name in ("test/qini", key, metric_key("test/auuc", "PCT10@email")):
+        assert moved[name] == pytest.approx(metrics[name])
+    everyone = multi_arm_qini(p_conv, logged, y, prop, arms)["PCT10@email"]
+    everyone_moved = multi_arm_qini(rescored, logged, y, prop, arms)["PCT10@email"]
+    assert abs(everyone_moved - everyone) > 0.01
+    # The per-arm AUUC helper takes the same rows as the Qini.
+    restricted = multi_arm_auuc(p_conv, logged, y, prop, arms, eligible=consent_eligibility(frame, arms))
+    assert restricted["PCT10@email"] == pytest.approx(metrics[metric_key("test/auuc", "PCT10@email")])
 
 
 def test_plots_write_png_files(experiment, tmp_path):
