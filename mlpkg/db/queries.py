@@ -205,8 +205,12 @@ def commit_spend(session: Session, campaign_id: str, amount: float) -> None:
 
 
 def issue_coupons(session: Session, counts: Mapping[str, int]) -> None:
-    """Count issued coupons; the database's CHECK rejects issuing beyond inventory."""
-    for coupon_id, n in counts.items():
+    """Count issued coupons; the database's CHECK rejects issuing beyond inventory.
+
+    Rows are updated in coupon-id order: two campaigns written at once then lock the coupons
+    they share in the same order, so one waits for the other instead of deadlocking.
+    """
+    for coupon_id, n in sorted(counts.items()):
         if n:
             session.execute(
                 update(m.Coupon)

@@ -66,6 +66,28 @@ def test_database_refuses_to_issue_beyond_inventory(engine):
         q.issue_coupons(s, {"X": 1})
 
 
+def test_coupons_are_issued_in_one_lock_order_whatever_the_counts_order(engine):
+    """Two campaigns written at once must lock shared coupon rows in the same order (no deadlock)."""
+    from sqlalchemy import event
+
+    coupon = dict(kind="fixed_amount", face_value=5, min_basket=0, inventory=9, valid_from=NOW, valid_to=NOW)
+    with session_scope(engine) as s:
+        q.upsert_rows(s, m.Coupon, [dict(coupon, coupon_id=c) for c in ("A", "B", "C")])
+    updated = []
+
+    def record(conn, cursor, statement, params, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE COUPONS"):
+            updated.append(params[-1] if isinstance(params, tuple | list) else params)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with session_scope(engine) as s:
+            q.issue_coupons(s, {"C": 1, "A": 2, "B": 1})  # most-issued first, as value_counts() orders
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert updated == ["A", "B", "C"]
+
+
 def test_a_second_run_cannot_take_a_campaign_held_by_another(engine):
     with session_scope(engine) as s:
         assert (
