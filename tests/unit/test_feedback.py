@@ -1,6 +1,6 @@
 import pandas as pd
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from mlpkg import stages
 from mlpkg.allocation.campaign import allocate_campaign
@@ -92,3 +92,22 @@ def test_retrain_decision_is_recorded_with_reasons(measured):
     with session_scope(engine) as s:
         rows = s.execute(select(m.RetrainDecision)).scalars().all()
         assert len(rows) == 1 and rows[0].reasons["triggers"]
+
+
+def test_replaying_the_same_events_in_another_file_changes_no_metric(measured):
+    """A resent export (same event ids, rows reordered) is loaded, not skipped by its checksum."""
+    settings, engine, shop, batch, _ = measured
+    before = campaign_metrics(engine, "c1")
+    with session_scope(engine) as s:
+        n_events = s.execute(select(func.count()).select_from(m.FeedbackEvent)).scalar_one()
+    events = pd.read_csv(batch["feedback_file"], dtype=str, keep_default_na=False)
+    replay = settings.raw_dir / "replay-reordered"
+    replay.mkdir()
+    events.iloc[::-1].to_csv(replay / "feedback.csv", index=False)
+    much_later = shop.now.to_pydatetime() + pd.Timedelta(days=20)
+    report = stages.ingest_feedback(settings, replay, now=much_later)
+    assert report["loaded"].get("feedback") == len(events)
+    stages.measure(settings, "c1", now=much_later)
+    pd.testing.assert_frame_equal(before, campaign_metrics(engine, "c1"))
+    with session_scope(engine) as s:
+        assert s.execute(select(func.count()).select_from(m.FeedbackEvent)).scalar_one() == n_events
