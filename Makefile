@@ -58,9 +58,12 @@ dag: $(STAMP) ## Run one DAG through Airflow at the shop's clock: make dag DAG=c
 	$(BIN)/airflow dags test $(DAG) "$$($(BIN)/couponops world-clock)"
 
 ROUNDS ?= 5
-demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (fresh state folder)
+CUSTOMERS ?=
+BUDGET ?=
+demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (optional CUSTOMERS=, BUDGET=)
 	rm -rf $(STATE)/loop
-	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops loop --rounds $(ROUNDS)
+	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops loop --rounds $(ROUNDS) \
+		$(if $(CUSTOMERS),--customers $(CUSTOMERS)) $(if $(BUDGET),--budget $(BUDGET))
 
 test: $(STAMP) ## Lint, then run the whole test suite (unit, dags, integration, model)
 	$(BIN)/ruff check .

@@ -286,11 +286,16 @@ def loop(
     rounds: Annotated[int, typer.Option(help="Weekly rounds to run")] = 5,
     objective: Annotated[str, typer.Option(help="conversions | revenue | profit")] = "conversions",
     budget: Annotated[float | None, typer.Option(help="Budget per round (default: settings)")] = None,
+    customers: Annotated[
+        int | None, typer.Option(help="Customers of the simulated shop (default: settings)", min=50)
+    ] = None,
 ) -> None:
     """Run the closed loop on the simulated shop from a cold start and print each round's numbers."""
     from mlpkg.evaluation.closed_loop import run_closed_loop
 
     settings = get_settings()
+    if customers is not None:
+        settings = settings.model_copy(update={"simulator_customers": customers})
     rows: list[dict] = []
 
     def show(row: dict) -> None:
