@@ -32,6 +32,9 @@ class TrainerSettings(BaseModel):
     head_dim: int = Field(32, ge=2)
     embedding_dim: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    arm_heads: Literal["per_arm", "factorised"] = Field(
+        "per_arm", description="per_arm: one head per arm; factorised: baseline + coupon/channel arm effects."
+    )
     num_workers: int = Field(0, ge=0)
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads while training; None leaves torch's default."

@@ -304,6 +304,7 @@ def train_uplift_model(
         head_dim=cfg.head_dim,
         dropout=cfg.dropout,
         arms=arms,
+        arm_heads=cfg.arm_heads,
     )
     net.init_output_bias(*data.training_stats())
     module = UpliftLitModule(

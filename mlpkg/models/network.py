@@ -1,19 +1,24 @@
-"""The multi-arm uplift network: a shared representation, a baseline head and a factorised effect head.
+"""The multi-arm uplift network: a shared representation of the customer and heads per arm.
 
-TARNet/DragonNet style, every arm (control included) shares one representation of the customer.
-On top of it the network predicts two things:
+TARNet/DragonNet style, every arm (control included) shares one representation of the customer,
+so arms with few logged rows borrow strength from the rest. Two kinds of heads sit on top of it
+(``arm_heads``):
 
-* a **baseline** (control) conversion logit and log revenue, trained by every row: each arm's
-  prediction is the baseline plus that arm's effect, so the rare control conversions are not
-  the only data that pins the baseline down;
-* an **effect** per treatment arm, from one head shared by all arms and fed with an embedding
-  of the arm. An arm named ``"{coupon}@{channel}"`` is embedded as the sum of a coupon, a
-  channel and an arm-specific embedding, so the arms that share a coupon or a channel share
-  strength (the offer's appeal and the channel's reach show up in several arms), while the arm's
-  own embedding keeps every arm free to differ. Effects may be negative (the "sleeping dog").
-
-Uplift for arm ``k`` is then ``sigmoid(base + effect_k) - sigmoid(base)``: the effect head is
-what the uplift is learned from, rather than a difference between two separately noisy heads.
+* ``"per_arm"``: one small two-layer head per arm (control included), so the network can express
+  any response per arm (including a negative effect, the "sleeping dog"). Uplift is the
+  difference between two heads, each fitted to its own arm's rows only.
+* ``"factorised"``: a **baseline** (control) head trained by every row, plus one **effect**
+  head shared by all treatment arms and fed with an embedding of the arm; arm ``k``'s logit is
+  the baseline plus arm ``k``'s effect. An arm named ``"{coupon}@{channel}"`` is embedded as the
+  sum of a coupon, a channel and an arm-specific embedding, so the arms that share a coupon or a
+  channel share strength (an offer's appeal and a channel's reach show up in several arms),
+  while the arm's own embedding keeps every arm free to differ. The rare control conversions are
+  then not the only data that pins the baseline down, and the uplift is learned as the effect
+  rather than as a difference between two separately noisy heads. The effects start near zero
+  and take more optimizer steps to grow than per-arm heads do, so this head pays off on large
+  campaigns (on 200,000-customer simulator campaigns it captured about 0.80 of the oracle's
+  incremental conversions against 0.74-0.76 with per-arm heads) and not on short fits of a few
+  thousand rows.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch import nn
 
 #: Separator of coupon and channel in an arm name (``"PCT10@email"``).
 ARM_SEPARATOR = "@"
+#: The kinds of arm heads (see the module docstring).
+ARM_HEADS = ("per_arm", "factorised")
 
 
 def arm_factors(arms: Sequence[str]) -> tuple[list[int], list[int], int, int]:
@@ -49,6 +56,42 @@ def arm_factors(arms: Sequence[str]) -> tuple[list[int], list[int], int, int]:
     coupon_index = [coupons.index(p[0]) for p in parts]
     channel_index = [channels.index(p[1]) if len(p) == 2 else len(channels) for p in parts]
     return coupon_index, channel_index, len(coupons), len(channels)
+
+
+class ArmHeads(nn.Module):
+    """One two-layer head per arm, evaluated for all arms in one batched matmul.
+
+    Head ``a`` maps the representation ``h`` to ``(conversion logit, log revenue)`` through
+    ``W2[a] · elu(W1[a] · h + b1[a]) + b2[a]``. Keeping the per-arm weights in stacked tensors
+    instead of a ``ModuleList`` turns 2·A small matmuls into two batched ones, which is what
+    makes scoring every arm for 65k customers cheap.
+
+    Args:
+        in_dim: Width of the shared representation.
+        head_dim: Hidden width of each head.
+        n_arms: Number of arms (heads).
+    """
+
+    def __init__(self, in_dim: int, head_dim: int, n_arms: int) -> None:
+        """Allocate and initialise the stacked head weights."""
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_arms, in_dim, head_dim))
+        self.b1 = nn.Parameter(torch.zeros(n_arms, head_dim))
+        self.w2 = nn.Parameter(torch.empty(n_arms, head_dim, 2))
+        self.b2 = nn.Parameter(torch.zeros(n_arms, 2))
+        for a in range(n_arms):
+            # Same initialisation as nn.Linear would give each head on its own.
+            nn.init.kaiming_uniform_(self.w1.data[a].T, a=5**0.5)
+            nn.init.kaiming_uniform_(self.w2.data[a].T, a=5**0.5)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Return per-arm outputs of shape ``[n, A, 2]`` for a representation ``[n, in_dim]``."""
+        # Arm-major [A, n, head_dim] intermediates: the expanded h is a stride-0 view, so neither
+        # batched matmul copies its inputs, and only the small [A, n, 2] result is transposed.
+        n_arms = self.w1.shape[0]
+        z = torch.baddbmm(self.b1.unsqueeze(1), h.unsqueeze(0).expand(n_arms, -1, -1), self.w1)
+        out = torch.baddbmm(self.b2.unsqueeze(1), nn.functional.elu(z), self.w2)
+        return out.transpose(0, 1)
 
 
 class ArmEffectHead(nn.Module):
@@ -94,7 +137,7 @@ class ArmEffectHead(nn.Module):
 
 
 class MultiArmUpliftNet(nn.Module):
-    """Shared MLP over embedded categoricals and numerics, a baseline head and an arm-effect head.
+    """Shared MLP over embedded categoricals and numerics, then per-arm or factorised heads.
 
     Args:
         n_numeric: Number of numeric inputs (columns of ``x_num``).
@@ -102,11 +145,13 @@ class MultiArmUpliftNet(nn.Module):
         n_arms: Number of arms, control included.
         embedding_dim: Width of each categorical embedding.
         hidden_dim: Width of the shared representation.
-        head_dim: Hidden width of the baseline and effect heads.
+        head_dim: Hidden width of the heads.
         dropout: Dropout rate in the shared representation.
-        arms: Arm names in head order, control first; names ``"{coupon}@{channel}"`` let arms
-            that share a coupon or a channel share their embedding. ``None`` names the arms
-            ``arm0, arm1, ...`` (no shared factors).
+        arms: Arm names in head order, control first; with factorised heads, names
+            ``"{coupon}@{channel}"`` let arms that share a coupon or a channel share their
+            embedding. ``None`` names the arms ``arm0, arm1, ...`` (no shared factors).
+        arm_heads: ``"per_arm"`` (one head per arm) or ``"factorised"`` (baseline + shared
+            arm-effect head); see the module docstring.
     """
 
     def __init__(
@@ -120,8 +165,9 @@ class MultiArmUpliftNet(nn.Module):
         head_dim: int = 32,
         dropout: float = 0.1,
         arms: Sequence[str] | None = None,
+        arm_heads: str = "per_arm",
     ) -> None:
-        """Build the embeddings, the shared representation and the two heads."""
+        """Build the embeddings, the shared representation and the heads."""
         super().__init__()
         if n_arms < 2:
             raise ValueError(f"an uplift model needs at least two arms (control + one), got {n_arms}")
@@ -130,6 +176,8 @@ class MultiArmUpliftNet(nn.Module):
         arms = [f"arm{i}" for i in range(n_arms)] if arms is None else [str(a) for a in arms]
         if len(arms) != n_arms:
             raise ValueError(f"got {len(arms)} arm names for {n_arms} arms")
+        if arm_heads not in ARM_HEADS:
+            raise ValueError(f"arm_heads must be one of {ARM_HEADS}, got {arm_heads!r}")
         self.n_numeric = int(n_numeric)
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
         self.n_arms = int(n_arms)
@@ -138,6 +186,7 @@ class MultiArmUpliftNet(nn.Module):
         self.hidden_dim = int(hidden_dim)
         self.head_dim = int(head_dim)
         self.dropout = float(dropout)
+        self.arm_heads = arm_heads
         self.embeddings = nn.ModuleList(nn.Embedding(c, embedding_dim) for c in self.cat_cardinalities)
         in_dim = self.n_numeric + embedding_dim * len(self.cat_cardinalities)
         self.representation = nn.Sequential(
@@ -147,8 +196,11 @@ class MultiArmUpliftNet(nn.Module):
             nn.Linear(hidden_dim, hidden_dim),
             nn.ELU(),
         )
-        self.baseline = nn.Sequential(nn.Linear(hidden_dim, head_dim), nn.ELU(), nn.Linear(head_dim, 2))
-        self.effects = ArmEffectHead(hidden_dim, head_dim, arms)
+        if arm_heads == "per_arm":
+            self.heads = ArmHeads(hidden_dim, head_dim, self.n_arms)
+        else:
+            self.baseline = nn.Sequential(nn.Linear(hidden_dim, head_dim), nn.ELU(), nn.Linear(head_dim, 2))
+            self.effects = ArmEffectHead(hidden_dim, head_dim, arms)
 
     def config(self) -> dict[str, Any]:
         """Return the constructor arguments as a JSON-serialisable dict (``MultiArmUpliftNet(**cfg)``)."""
@@ -161,23 +213,25 @@ class MultiArmUpliftNet(nn.Module):
             "head_dim": self.head_dim,
             "dropout": self.dropout,
             "arms": list(self.arms),
+            "arm_heads": self.arm_heads,
         }
 
     @torch.no_grad()
     def init_output_bias(self, conversion_rate: float, mean_revenue: float) -> None:
-        """Start the baseline at the base conversion rate and mean order value.
+        """Start every arm at the base conversion rate and mean order value.
 
         Starting from the marginal rates rather than 0.5 / 1.0 removes the first epochs the
-        network would otherwise spend learning two constants; the effects start near zero.
+        network would otherwise spend learning two constants. Per-arm heads all start there;
+        factorised heads start the baseline there, and the effects start near zero.
 
         Args:
             conversion_rate: Training conversion rate, in (0, 1).
             mean_revenue: Mean revenue of converted training rows, > 0.
         """
         p = min(max(float(conversion_rate), 1e-4), 1 - 1e-4)
-        bias = self.baseline[-1].bias
-        bias[0] = torch.logit(torch.tensor(p))
-        bias[1] = torch.log(torch.tensor(max(float(mean_revenue), 1e-3)))
+        bias = self.heads.b2 if self.arm_heads == "per_arm" else self.baseline[-1].bias.unsqueeze(0)
+        bias[:, 0] = torch.logit(torch.tensor(p))
+        bias[:, 1] = torch.log(torch.tensor(max(float(mean_revenue), 1e-3)))
 
     def representation_of(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         """Return the shared representation ``[n, hidden_dim]``."""
@@ -194,10 +248,13 @@ class MultiArmUpliftNet(nn.Module):
 
         Returns:
             ``(conv_logits, rev_log)``, both ``[n, A]``: the conversion logit of each arm and the
-            log of the expected revenue given conversion under each arm (column 0 = control =
-            the baseline; column ``k`` = baseline + arm ``k``'s effect).
+            log of the expected revenue given conversion under each arm (factorised heads:
+            column 0 = control = the baseline; column ``k`` = baseline + arm ``k``'s effect).
         """
         h = self.representation_of(x_num, x_cat)
-        base = self.baseline(h).unsqueeze(1)
-        out = torch.cat([base, base + self.effects(h)], dim=1)
+        if self.arm_heads == "per_arm":
+            out = self.heads(h)
+        else:
+            base = self.baseline(h).unsqueeze(1)
+            out = torch.cat([base, base + self.effects(h)], dim=1)
         return out[..., 0], out[..., 1]

@@ -113,6 +113,8 @@ def _build_net(data: UpliftDataModule, cfg: TrainerSettings) -> MultiArmUpliftNe
         hidden_dim=cfg.hidden_dim,
         head_dim=cfg.head_dim,
         dropout=cfg.dropout,
+        arms=data.arms,
+        arm_heads=cfg.arm_heads,
     )
 
 

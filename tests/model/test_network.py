@@ -66,11 +66,18 @@ def _changed_arms(net: MultiArmUpliftNet, edit) -> list[bool]:
     return conv.tolist()
 
 
-def test_each_arm_has_its_own_embedding() -> None:
-    """Changing one arm's own embedding moves that arm's outputs and no other arm's."""
+def test_each_arm_has_its_own_head() -> None:
+    """Per-arm heads: changing one arm's head weights moves that arm's outputs and no other arm's."""
     torch.manual_seed(0)
-    net = MultiArmUpliftNet(3, [5], len(ARMS), hidden_dim=16, head_dim=8, arms=ARMS).eval()
-    assert _changed_arms(net, lambda n: n.effects.own[1].add_(0.5)) == [False, False, True, False]
+    net = MultiArmUpliftNet(3, [5], len(ARMS), hidden_dim=16, head_dim=8).eval()
+    assert _changed_arms(net, lambda n: n.heads.w1[2].add_(0.5)) == [False, False, True, False]
+
+
+def test_each_arm_has_its_own_embedding() -> None:
+    """Factorised heads: changing one arm's own embedding moves that arm's outputs and no other arm's."""
+    torch.manual_seed(0)
+    net = MultiArmUpliftNet(3, [5], len(ARMS), hidden_dim=16, head_dim=8, arms=ARMS, arm_heads="factorised")
+    assert _changed_arms(net.eval(), lambda n: n.effects.own[1].add_(0.5)) == [False, False, True, False]
 
 
 def test_arms_share_their_coupon_and_channel() -> None:
@@ -79,33 +86,41 @@ def test_arms_share_their_coupon_and_channel() -> None:
     coupon_index, channel_index, n_coupons, n_channels = arm_factors(arms)
     assert (coupon_index, channel_index, n_coupons, n_channels) == ([0, 0, 1, 2], [0, 1, 0, 2], 3, 2)
     torch.manual_seed(0)
-    net = MultiArmUpliftNet(3, [5], len(arms), hidden_dim=16, head_dim=8, arms=arms).eval()
+    net = MultiArmUpliftNet(3, [5], len(arms), hidden_dim=16, head_dim=8, arms=arms, arm_heads="factorised")
+    net.eval()
     assert _changed_arms(net, lambda n: n.effects.coupon[0].add_(0.5)) == [False, True, True, False, False]
     assert _changed_arms(net, lambda n: n.effects.channel[0].add_(0.5)) == [False, True, False, True, False]
     # Control is the baseline itself; every treatment arm is the baseline plus its effect.
     assert _changed_arms(net, lambda n: n.baseline[-1].bias.add_(0.5)) == [True] * len(arms)
     with pytest.raises(ValueError, match="arm names"):
         MultiArmUpliftNet(3, [5], 3, arms=arms)
+    with pytest.raises(ValueError, match="arm_heads"):
+        MultiArmUpliftNet(3, [5], len(arms), arms=arms, arm_heads="shared")
 
 
-def test_output_bias_starts_at_base_rates() -> None:
+@pytest.mark.parametrize("arm_heads", ["per_arm", "factorised"])
+def test_output_bias_starts_at_base_rates(arm_heads: str) -> None:
     """init_output_bias makes an untrained network predict the base rate and mean revenue on every arm."""
     torch.manual_seed(0)
-    net = MultiArmUpliftNet(2, [3], 2, hidden_dim=8, head_dim=4)
+    net = MultiArmUpliftNet(2, [3], 2, hidden_dim=8, head_dim=4, arm_heads=arm_heads)
     with torch.no_grad():
-        net.baseline[-1].weight.zero_()
-        net.effects.out.weight.zero_()
+        if arm_heads == "per_arm":
+            net.heads.w2.zero_()
+        else:
+            net.baseline[-1].weight.zero_()
+            net.effects.out.weight.zero_()
     net.init_output_bias(0.1, 40.0)
     conv_logits, rev_log = net(torch.randn(5, 2), torch.zeros(5, 1).long())
     assert torch.allclose(torch.sigmoid(conv_logits), torch.full((5, 2), 0.1), atol=1e-5)
     assert torch.allclose(torch.exp(rev_log), torch.full((5, 2), 40.0), rtol=1e-4)
 
 
-def test_config_rebuilds_an_identical_network() -> None:
+@pytest.mark.parametrize("arm_heads", ["per_arm", "factorised"])
+def test_config_rebuilds_an_identical_network(arm_heads: str) -> None:
     """MultiArmUpliftNet(**net.config()) with the state_dict reproduces the outputs."""
     arms = ["control", "PCT10@email", "USD5@sms"]
     net = MultiArmUpliftNet(
-        2, [4, 3], 3, embedding_dim=2, hidden_dim=8, head_dim=4, dropout=0.2, arms=arms
+        2, [4, 3], 3, embedding_dim=2, hidden_dim=8, head_dim=4, dropout=0.2, arms=arms, arm_heads=arm_heads
     ).eval()
     clone = MultiArmUpliftNet(**json.loads(json.dumps(net.config())))
     clone.load_state_dict(net.state_dict())
