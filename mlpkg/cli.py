@@ -309,8 +309,25 @@ def loop(
         )
 
     _run(run_closed_loop, settings, rounds, objective=objective, budget=budget, on_round=show)
-    _show("closed loop (incremental conversions; truth from the simulator's oracle)", rows)
-    stages.write_json(settings.reports_dir / "closed_loop.json", {"rounds": rows})
+    # A compact table fits a terminal; every column of every round is in closed_loop.json.
+    compact = [
+        {
+            "round": r["round"],
+            "model": "explore" if str(r["model_version"]).startswith("none") else r["model_version"],
+            "true": f"{r['true_incremental']:.1f}",
+            "oracle": f"{r['oracle_incremental']:.1f}",
+            "share": f"{r['share_of_oracle']:.0%}",
+            "model grp": f"{r['model_group_true']:.1f}",
+            "its oracle": f"{r['model_group_oracle']:.1f}",
+            "grp share": f"{r['model_group_share_of_oracle']:.0%}",
+            "measured": f"{r['model_group_measured']:.1f}",
+            "gate": {"promoted": "promoted", "kept champion": "kept"}.get(r.get("gate"), "-"),
+        }
+        for r in rows
+    ]
+    _show("closed loop (incremental conversions; truth from the simulator's oracle)", compact)
+    path = stages.write_json(settings.reports_dir / "closed_loop.json", {"rounds": rows})
+    console.print(f"all columns: {path}")
 
 
 @app.command()
