@@ -220,11 +220,15 @@ def issue_coupons(session: Session, counts: Mapping[str, int]) -> None:
 
 
 def customers_on_cooldown(session: Session, since: datetime, until: datetime | None = None) -> set[str]:
-    """Customers given a coupon by a campaign dated in ``[since, until)`` (campaign time, not wall time)."""
+    """Customers given a coupon by a campaign dated in ``(since, until)`` (campaign time, not wall time).
+
+    ``since`` is exclusive: with a 14-day cooldown, a coupon from exactly 14 days ago has cooled
+    down, so weekly campaigns block a customer for one round after a coupon, not two.
+    """
     stmt = (
         select(m.Allocation.customer_id)
         .join(m.Campaign, m.Campaign.campaign_id == m.Allocation.campaign_id)
-        .where(m.Campaign.as_of >= since, m.Allocation.coupon_id.is_not(None))
+        .where(m.Campaign.as_of > since, m.Allocation.coupon_id.is_not(None))
     )
     if until is not None:
         stmt = stmt.where(m.Campaign.as_of < until)

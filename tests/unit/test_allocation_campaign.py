@@ -151,7 +151,7 @@ def test_cooldown_is_measured_in_campaign_time(world):
     allocate_campaign(engine, settings, campaign_id="w2", as_of=week, run_key="b", now=t0, **kwargs)
     second = set(_ledger(engine, "w2").query("coupon_id == coupon_id")["customer_id"])
     assert first and not (first & second), "a coupon within the cooldown (14 days) must block the next one"
-    later = t0 + pd.Timedelta(days=settings.campaign.cooldown_days + 1)
+    later = t0 + pd.Timedelta(days=settings.campaign.cooldown_days)  # exactly the cooldown later
     allocate_campaign(engine, settings, campaign_id="w3", as_of=later, run_key="c", now=t0, **kwargs)
     third = set(_ledger(engine, "w3").query("coupon_id == coupon_id")["customer_id"])
     assert first & third, "after the cooldown the same customers may be targeted again"
