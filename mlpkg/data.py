@@ -269,6 +269,10 @@ def _previous_counts(session) -> dict[str, int]:  # noqa: ANN001
 # --- frames for modelling ---------------------------------------------------------------------------
 
 
+# Customer ids per IN list when reading one shard's history.
+_ID_CHUNK = 5_000
+
+
 def read_history(
     engine: Engine, as_of: datetime, customer_ids: list[str] | None = None
 ) -> dict[str, pd.DataFrame]:
@@ -302,9 +306,6 @@ def read_history(
             if col in df.columns:
                 df[col] = pd.to_datetime(df[col], utc=True)
     return out
-
-
-_ID_CHUNK = 5_000
 
 
 def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] | None = None) -> pd.DataFrame:

@@ -89,8 +89,6 @@ def run_closed_loop(
         One dict per round (true, measured and OPE increments, oracle yardsticks, retraining
         and gate outcome).
     """
-    from mlpkg.evaluation.policy_quality import allocate_by_scores
-
     stages.init_stores(settings)
     budget = float(budget if budget is not None else settings.campaign.budget)
     rows = []
@@ -120,38 +118,15 @@ def run_closed_loop(
         truth = shop.oracle_value(deployed, margin=settings.campaign.margin)
         # The oracle faces the same eligibility as the product: nobody on coupon cooldown.
         cooling = _on_cooldown(settings, shop.now)
-        ids = [c for c in ledger["customer_id"].tolist() if c not in cooling]
-        oracle_alloc = allocate_by_scores(
-            ids,
-            shop.true_conversion(ids),
-            shop.true_revenue(ids),
-            shop.arm_names,
-            shop,
-            budget,
-            objective=objective,
-            margin=settings.campaign.margin,
-        )
-        oracle = shop.oracle_value(oracle_alloc, margin=settings.campaign.margin)
+        margin = settings.campaign.margin
+        oracle = _oracle_value(shop, ledger["customer_id"], cooling, budget, objective, margin)
         model_rows = ledger[ledger["policy"] == "model"]
         model_group = model_rows[["customer_id", "arm"]]
         model_truth = shop.oracle_value(model_group, margin=settings.campaign.margin)
         # The model's own yardstick: the oracle on the customers and budget the model was given
         # (what is left once the control group is held out and exploration has spent its share).
-        model_ids = [c for c in model_rows["customer_id"].tolist() if c not in cooling]
-        model_spend = float(model_rows["expected_cost"].sum())
-        oracle_model = shop.oracle_value(
-            allocate_by_scores(
-                model_ids,
-                shop.true_conversion(model_ids),
-                shop.true_revenue(model_ids),
-                shop.arm_names,
-                shop,
-                max(model_spend, 1e-9),
-                objective=objective,
-                margin=settings.campaign.margin,
-            ),
-            margin=settings.campaign.margin,
-        )
+        model_spend = max(float(model_rows["expected_cost"].sum()), 1e-9)
+        oracle_model = _oracle_value(shop, model_rows["customer_id"], cooling, model_spend, objective, margin)
         row = {
             "round": r,
             "campaign": campaign,
@@ -185,6 +160,29 @@ def run_closed_loop(
         if on_round:
             on_round(row)
     return rows
+
+
+def _oracle_value(
+    shop, customer_ids, cooling: set[str], budget: float, objective: str, margin: float
+) -> dict:  # noqa: ANN001
+    """Value (by the simulator's truth) of the best allocation of ``budget`` over these customers.
+
+    Customers on coupon cooldown are left out, as the product leaves them out.
+    """
+    from mlpkg.evaluation.policy_quality import allocate_by_scores
+
+    ids = [c for c in customer_ids.tolist() if c not in cooling]
+    alloc = allocate_by_scores(
+        ids,
+        shop.true_conversion(ids),
+        shop.true_revenue(ids),
+        shop.arm_names,
+        shop,
+        budget,
+        objective=objective,
+        margin=margin,
+    )
+    return shop.oracle_value(alloc, margin=margin)
 
 
 def _share(value: float, reference: float) -> float:
