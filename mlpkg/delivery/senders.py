@@ -9,6 +9,12 @@ at most once at any receiver that honours those keys.
 Errors are classified so the dispatcher knows what to do next: :class:`RetryableSendError`
 (try again later: 4xx SMTP replies, HTTP 5xx/408/429, timeouts, refused connections) or
 :class:`PermanentSendError` (give up and record a bounce: 5xx SMTP replies, other HTTP 4xx).
+A receiver that refuses the sender itself (wrong SMTP password, HTTP 401/403, no STARTTLS, an
+untrusted certificate) raises :class:`SenderSetupError`, a retryable error: the fault is in the
+settings, not in the message, so no customer is recorded as bounced for it.
+
+Credentials never appear in an error message: SMTP errors name the user and the relay, webhook
+errors name the URL without its user info.
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import hashlib
 import json
 import os
 import smtplib
+import ssl
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import httpx
+from pydantic import SecretStr
 
 from mlpkg.config import Settings
 
@@ -33,6 +41,8 @@ CHANNELS: tuple[str, ...] = ("email", "sms", "push")
 DEFAULT_TIMEOUT_SECONDS = 10.0
 # 4xx replies that mean "not now" rather than "never": the request may succeed if repeated.
 _RETRYABLE_HTTP_4XX = frozenset({408, 425, 429})
+# SMTP replies about the session, not the message: authentication or encryption required (RFC 4954).
+_SMTP_SETUP_CODES = frozenset({530, 534, 535, 538})
 
 
 class SendError(Exception):
@@ -45,6 +55,10 @@ class RetryableSendError(SendError):
 
 class PermanentSendError(SendError):
     """The receiver rejected the message for good (a bounce); do not retry."""
+
+
+class SenderSetupError(RetryableSendError):
+    """The receiver refused the sender (credentials, TLS): fix the settings; the message is kept."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +119,50 @@ def message_id_for(dedup_key: str, sender: str) -> str:
     return f"<{key_digest(dedup_key)}@{domain}>"
 
 
+SmtpSecurity = Literal["none", "starttls", "ssl"]
+
+
+def tls_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """Return a client TLS context that verifies the server's certificate and host name.
+
+    Args:
+        ca_file: PEM bundle of trusted CAs; None trusts the system's CAs.
+
+    Raises:
+        ValueError: ``ca_file`` does not exist or holds no usable certificate.
+    """
+    if ca_file is None:
+        return ssl.create_default_context()
+    path = Path(ca_file)
+    if not path.is_file():
+        raise ValueError(f"smtp_ca_file {path}: no such file")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ValueError(f"smtp_ca_file {path}: not a PEM certificate bundle ({exc})") from exc
+
+
 class SmtpSender:
     """Send email through an SMTP relay, reusing one connection across messages.
 
-    Holds one SMTP session, so it is not thread-safe: give each worker its own sender.
+    The session is secured as asked (``starttls`` never falls back to plain text, ``ssl`` is
+    implicit TLS), the relay's certificate is verified, and the sender logs in after the TLS
+    handshake when a user name is given. Holds one SMTP session, so it is not thread-safe: give
+    each worker its own sender.
     """
 
-    def __init__(self, host: str, port: int, sender: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sender: str,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        *,
+        security: SmtpSecurity = "none",
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+    ) -> None:
         """Configure the relay; the connection is opened on the first send.
 
         Args:
@@ -119,17 +170,74 @@ class SmtpSender:
             port: SMTP relay port.
             sender: ``From`` address; its domain also names the ``Message-ID``.
             timeout: Socket timeout in seconds.
+            security: ``none``, ``starttls`` or ``ssl`` (implicit TLS, e.g. port 465).
+            username: SMTP AUTH user; None sends without logging in.
+            password: SMTP AUTH password (needs ``username``).
+            ca_file: PEM bundle trusted for the relay's certificate; None: the system's CAs.
+
+        Raises:
+            ValueError: Unknown ``security``, a password without a user name, or a bad ``ca_file``.
         """
+        if security not in ("none", "starttls", "ssl"):
+            raise ValueError(f"smtp security must be 'none', 'starttls' or 'ssl', got {security!r}")
+        if password is not None and not username:
+            raise ValueError("an SMTP password needs a user name (smtp_username)")
         self.host = host
         self.port = port
         self.sender = sender
         self.timeout = timeout
+        self.security: SmtpSecurity = security
+        self.username = username
+        self._password = password
+        self._tls = tls_context(ca_file) if security != "none" else None
         self._smtp: smtplib.SMTP | None = None
+
+    def __repr__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"SmtpSender({user}{self.host}:{self.port}, security={self.security!r})"
 
     def _connection(self) -> smtplib.SMTP:
         if self._smtp is None:
-            self._smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            if self.security == "ssl":
+                smtp = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=self._tls)
+            else:
+                smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            try:
+                self._secure_and_login(smtp)
+            except BaseException:
+                smtp.close()
+                raise
+            self._smtp = smtp
         return self._smtp
+
+    def _secure_and_login(self, smtp: smtplib.SMTP) -> None:
+        where = f"SMTP {self.host}:{self.port}"
+        if self.security == "starttls":
+            smtp.ehlo()
+            if not smtp.has_extn("starttls"):
+                # Sending anyway would put the message (and the password) on the wire in clear text.
+                raise SenderSetupError(f"{where} does not offer STARTTLS (smtp_security='starttls')")
+            try:
+                smtp.starttls(context=self._tls)
+            except smtplib.SMTPResponseException as exc:
+                reply = _reply_text(exc.smtp_error)
+                raise SenderSetupError(f"{where} refused STARTTLS: {exc.smtp_code} {reply}") from exc
+            smtp.ehlo()
+        if not self.username:
+            return
+        try:
+            smtp.login(self.username, self._password or "")
+        except smtplib.SMTPAuthenticationError as exc:
+            reply = _reply_text(exc.smtp_error)
+            raise SenderSetupError(
+                f"{where} rejected the login of {self.username!r}: {exc.smtp_code} {reply} "
+                "(check smtp_username / smtp_password)"
+            ) from exc
+        except smtplib.SMTPNotSupportedError as exc:
+            raise SenderSetupError(
+                f"{where} offers no AUTH for {self.username!r} in this session "
+                f"(smtp_security={self.security!r}; many relays allow AUTH only after TLS)"
+            ) from exc
 
     def _drop_connection(self) -> None:
         smtp, self._smtp = self._smtp, None
@@ -164,10 +272,20 @@ class SmtpSender:
         Raises:
             PermanentSendError: The relay answered 5xx (e.g. 550 unknown mailbox).
             RetryableSendError: The relay answered 4xx, or the connection failed or timed out.
+            SenderSetupError: The relay refused the login or TLS, or its certificate is not trusted.
         """
         email = self.build_email(message)
         try:
             refused = self._send_email(email)
+        except SenderSetupError:
+            self._drop_connection()
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            self._drop_connection()
+            raise SenderSetupError(
+                f"SMTP {self.host}:{self.port}: certificate not trusted ({exc.verify_message}); "
+                "set smtp_ca_file to the CA bundle that signed it"
+            ) from exc
         except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
             # The relay refused the session, not this message: another attempt may get through.
             self._drop_connection()
@@ -218,29 +336,63 @@ class SmtpSender:
             smtp.close()
 
 
+def _reply_text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
 def _classify_smtp(code: int, reply: bytes | str, recipient: str) -> SendError:
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    detail = f"SMTP {code} for {recipient}: {text}"
+    detail = f"SMTP {code} for {recipient}: {_reply_text(reply)}"
+    if code in _SMTP_SETUP_CODES:
+        return SenderSetupError(f"{detail} (the relay wants TLS or a login: see smtp_security)")
     return PermanentSendError(detail) if 500 <= code < 600 else RetryableSendError(detail)
 
 
 class WebhookSender:
-    """POST messages as JSON to an HTTP gateway (SMS or push) with an ``Idempotency-Key``."""
+    """POST messages as JSON to an HTTP gateway (SMS or push) with an ``Idempotency-Key``.
+
+    Credentials travel as the gateway expects them: ``user:password@`` in the URL becomes HTTP
+    basic auth (and is removed from :attr:`url`, which error messages show), a token becomes an
+    ``Authorization: Bearer`` header.
+    """
 
     def __init__(
-        self, url: str, timeout: float = DEFAULT_TIMEOUT_SECONDS, client: httpx.Client | None = None
+        self,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        client: httpx.Client | None = None,
+        *,
+        token: str | None = None,
     ) -> None:
         """Configure the gateway.
 
         Args:
-            url: Endpoint that receives one POST per message.
+            url: Endpoint that receives one POST per message, optionally with ``user:password@``.
             timeout: Request timeout in seconds.
             client: HTTP client to reuse (default: one owned and closed by this sender).
+            token: Bearer token sent in the ``Authorization`` header.
+
+        Raises:
+            ValueError: The URL is not http(s), or it carries a password and a token is given too.
         """
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError(f"webhook URL must be http(s), got scheme {parsed.scheme!r}")
+        self._auth: httpx.BasicAuth | None = None
+        if parsed.username or parsed.password:
+            if token:
+                raise ValueError("webhook: give basic auth (user:password in the URL) or a token, not both")
+            self._auth = httpx.BasicAuth(parsed.username, parsed.password)
+            parsed = parsed.copy_with(username=None, password=None)
+            url = str(parsed)
         self.url = url
         self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._owns_client = client is None
         self._client = client or httpx.Client(timeout=timeout)
+
+    def __repr__(self) -> str:
+        auth = ", basic auth" if self._auth else ", bearer token" if self._headers else ""
+        return f"WebhookSender({self.url}{auth})"
 
     def send(self, message: OutboundMessage) -> SendReceipt:
         """POST one message; 2xx and 409 (already received) count as sent.
@@ -252,8 +404,9 @@ class WebhookSender:
             A receipt with the gateway's id (``id`` or ``message_id`` in a JSON answer) or the key.
 
         Raises:
-            PermanentSendError: The gateway answered 4xx other than 408/409/425/429.
+            PermanentSendError: The gateway answered 4xx other than 401/403/408/409/425/429.
             RetryableSendError: 5xx, 408/425/429, a timeout or a connection error.
+            SenderSetupError: 401/403: the gateway refused the credentials.
         """
         body = {
             "dedup_key": message.dedup_key,
@@ -265,7 +418,11 @@ class WebhookSender:
         }
         try:
             response = self._client.post(
-                self.url, json=body, headers={"Idempotency-Key": message.dedup_key}, timeout=self.timeout
+                self.url,
+                json=body,
+                headers={**self._headers, "Idempotency-Key": message.dedup_key},
+                auth=self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT,
+                timeout=self.timeout,
             )
         except httpx.HTTPError as exc:
             raise RetryableSendError(f"POST {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -276,6 +433,8 @@ class WebhookSender:
             # The gateway already holds a message with this Idempotency-Key: it was sent before.
             return SendReceipt(provider_message_id=_provider_id(response, message.dedup_key), duplicate=True)
         detail = f"POST {self.url} -> HTTP {status}: {response.text[:200]}"
+        if status in (401, 403):
+            raise SenderSetupError(f"{detail} (check the gateway's credentials)")
         if status >= 500 or status in _RETRYABLE_HTTP_4XX:
             raise RetryableSendError(detail)
         raise PermanentSendError(detail)
@@ -349,7 +508,8 @@ def build_senders(settings: Settings, channels: Iterable[str] | None = None) -> 
     """Build one sender per channel from the settings.
 
     ``delivery_mode="file"`` writes every channel to ``settings.outbox_dir``; ``"live"`` sends
-    email through ``smtp_host:smtp_port`` and SMS/push to their webhook URLs.
+    email through ``smtp_host:smtp_port`` (with ``smtp_security``, ``smtp_username`` /
+    ``smtp_password`` and ``smtp_ca_file``) and SMS/push to their webhook URLs (with their tokens).
 
     Args:
         settings: CouponOps settings (the Airflow side maps its connections into them).
@@ -360,7 +520,8 @@ def build_senders(settings: Settings, channels: Iterable[str] | None = None) -> 
         A mapping from channel name to sender.
 
     Raises:
-        ValueError: A channel is unknown, or a live channel's URL setting is missing.
+        ValueError: A channel is unknown, a live channel's URL setting is missing, or
+            ``smtp_ca_file`` cannot be read.
     """
     wanted = list(CHANNELS if channels is None else dict.fromkeys(channels))
     unknown = sorted(set(wanted) - set(CHANNELS))
@@ -372,7 +533,15 @@ def build_senders(settings: Settings, channels: Iterable[str] | None = None) -> 
     senders: dict[str, Sender] = {}
     for channel in wanted:
         if channel == "email":
-            senders[channel] = SmtpSender(settings.smtp_host, settings.smtp_port, settings.smtp_sender)
+            senders[channel] = SmtpSender(
+                settings.smtp_host,
+                settings.smtp_port,
+                settings.smtp_sender,
+                security=settings.smtp_security,
+                username=settings.smtp_username,
+                password=_secret(settings.smtp_password),
+                ca_file=settings.smtp_ca_file,
+            )
             continue
         setting = f"{channel}_webhook_url"
         url = getattr(settings, setting)
@@ -381,5 +550,9 @@ def build_senders(settings: Settings, channels: Iterable[str] | None = None) -> 
                 f"delivery_mode='live' needs settings.{setting} (env COUPONOPS_{setting.upper()}) "
                 f"to send {channel} messages"
             )
-        senders[channel] = WebhookSender(url)
+        senders[channel] = WebhookSender(url, token=_secret(getattr(settings, f"{channel}_webhook_token")))
     return senders
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
