@@ -20,7 +20,7 @@ export TQDM_DISABLE := 1
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-loop dag test lint format bench airflow mlflow-ui clean
+.PHONY: help venv demo demo-loop dag up up-check test lint format bench airflow mlflow-ui clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -34,35 +34,36 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install CouponOps with its pinned stack
 
-demo: $(STAMP) ## Run the whole loop once through Airflow on embedded stores and print the summary
-	$(BIN)/couponops init
-	$(BIN)/airflow db migrate > $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
-	# Register every DAG (and its asset schedule) so asset events queue the retrain DAG.
-	$(BIN)/airflow dags reserialize >> $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
-	# Asset-scheduled retraining only queues for an unpaused DAG; the clock-scheduled ones stay paused.
-	$(BIN)/airflow dags unpause couponops_retrain >> $(STATE)/airflow-migrate.log 2>&1
-	@set -euo pipefail; \
-	DAY=$$($(BIN)/couponops world-clock --next-round); \
-	echo "== simulated shop clock: $$DAY"; \
-	for dag in couponops_ingest couponops_train couponops_allocate couponops_feedback couponops_retrain; do \
-	  echo "== airflow dags test $$dag $$DAY"; \
-	  $(BIN)/airflow dags test $$dag "$$DAY" > $(STATE)/$$dag.log 2>&1 \
-	    || { tail -60 $(STATE)/$$dag.log; echo "DAG $$dag failed (full log: $(STATE)/$$dag.log)"; exit 1; }; \
-	  grep -E "DagRun Finished|state=" $(STATE)/$$dag.log | tail -1 || true; \
-	done
+# The demo and `make up` read the simulated shop's exports from the landing zone, on the shop's clock.
+demo up up-check dag: export COUPONOPS_SOURCE ?= simulator
+demo up up-check dag: export COUPONOPS_CLOCK ?= data
+
+demo: $(STAMP) ## Run one weekly round of the loop through Airflow on embedded stores and print the summary
+	@$(BIN)/couponops init > /dev/null
+	@$(BIN)/airflow db migrate > $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
+	@$(BIN)/python -m plugins.couponops_demo 2> $(STATE)/demo.log || (tail -60 $(STATE)/demo.log; exit 1)
 	$(BIN)/couponops report
 	$(BIN)/couponops history --limit 5
 
 DAG ?= couponops_retrain
-dag: $(STAMP) ## Run one DAG through Airflow at the shop's clock: make dag DAG=couponops_retrain
-	$(BIN)/airflow dags test $(DAG) "$$($(BIN)/couponops world-clock)"
+dag: $(STAMP) ## Run one DAG through Airflow now: make dag DAG=couponops_retrain
+	$(BIN)/airflow dags test $(DAG)
+
+UP_MINUTES ?= 0
+up: $(STAMP) ## Start Airflow (scheduler, dag-processor, triggerer, API server) and the simulated shop on an accelerated clock
+	$(BIN)/couponops init > /dev/null
+	$(BIN)/airflow db migrate > $(STATE)/airflow-migrate.log 2>&1 || (tail -20 $(STATE)/airflow-migrate.log; exit 1)
+	$(BIN)/python -m plugins.couponops_up --minutes $(UP_MINUTES)
+
+up-check: $(STAMP) ## Check the Airflow metadata DB of `make up`: scheduled ingest/allocate/feedback and an asset-triggered retrain succeeded
+	$(BIN)/python -m plugins.couponops_up --check
 
 ROUNDS ?= 5
 CUSTOMERS ?=
 BUDGET ?=
 demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (optional CUSTOMERS=, BUDGET=)
 	rm -rf $(STATE)/loop
-	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops loop --rounds $(ROUNDS) \
+	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops-sim loop --rounds $(ROUNDS) \
 		$(if $(CUSTOMERS),--customers $(CUSTOMERS)) $(if $(BUDGET),--budget $(BUDGET))
 
 test: $(STAMP) ## Lint, then run the whole test suite (unit, dags, integration, model)

@@ -6,8 +6,10 @@ Scores every eligible customer with the registry's `champion` in customer shards
 merges them and solves the budget-constrained allocation once (budget, inventory, channel
 capacity, consent, cooldown, one coupon per customer), keeps a random control group and an
 exploration share with logged propensities, writes the coupon ledger in one transaction, then
-enqueues and sends the messages through the outbox. The campaign id defaults to
-`cmp-<logical date>`; re-running the same run changes nothing.
+enqueues and sends the messages through the outbox. Features are as of the product's clock
+(`COUPONOPS_CLOCK`: the run's logical date, or the newest loaded batch's export time) and the
+campaign id defaults to `cmp-<that day>`. With no data, no champion or that day's campaign
+already allocated, the run is skipped with the reason; re-running the same run changes nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from plugins.couponops_airflow import DEFAULT_ARGS, LEDGER, conf, run_context, settings
+from plugins.couponops_airflow import (
+    DEFAULT_ARGS,
+    LEDGER,
+    annotate,
+    conf,
+    run_context,
+    schedule,
+    settings,
+    skip_if_idle,
+)
 
 
 @dag(
     dag_id="couponops_allocate",
-    schedule="0 6 * * 1",
+    schedule=schedule("allocate"),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -29,6 +40,7 @@ from plugins.couponops_airflow import DEFAULT_ARGS, LEDGER, conf, run_context, s
     doc_md=__doc__,
     params={
         "campaign_id": Param(None, type=["null", "string"]),
+        "as_of": Param(None, type=["null", "string"], description="ISO time for features (default: clock)"),
         "budget": Param(None, type=["null", "number"]),
         "objective": Param(None, type=["null", "string"], enum=[None, "conversions", "revenue", "profit"]),
     },
@@ -39,8 +51,14 @@ def couponops_allocate():
         """Split scoring into customer shards, all pinned to the champion version of this run."""
         from mlpkg import stages
 
-        return stages.plan_scoring(
-            settings(), run_context(), campaign_id=conf("campaign_id"), objective=conf("objective")
+        return skip_if_idle(
+            stages.plan_scoring(
+                settings(),
+                run_context(),
+                campaign_id=conf("campaign_id"),
+                as_of=conf("as_of"),
+                objective=conf("objective"),
+            )
         )
 
     @task
@@ -57,6 +75,9 @@ def couponops_allocate():
 
         summary = stages.allocate_scored(settings(), run_context(), list(shards), budget=conf("budget"))
         print(summary)
+        annotate(
+            LEDGER, {"campaign_id": summary["campaign_id"], "model_version": summary.get("model_version")}
+        )
         return summary["campaign_id"]
 
     @task

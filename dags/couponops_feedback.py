@@ -1,11 +1,14 @@
 """
 ### CouponOps — feedback and measurement
 
-Collects customers' responses to a campaign (from the simulated shop by default, or a folder
-given as `feedback_dir`), validates and loads them idempotently, attributes them to the
-campaign, and measures incremental conversions and revenue against the random control group
-with 95% intervals. Emits the `couponops://warehouse/feedback` asset, which schedules
-`couponops_retrain`.
+Loads every complete feedback export in the landing zone (`<zone>/feedback/<id>/` with a
+`_SUCCESS` marker: clicks, redemptions and orders from the channels and the shop) not loaded
+yet, validated and idempotent (replayed events change nothing). Then measures every campaign
+whose attribution window has closed and that is not measured yet, or that received late events,
+against its random control group with 95% intervals; campaigns still inside their window get
+provisional numbers only. Emits `couponops://warehouse/feedback` (with the measured campaigns as
+the event's extra) only when a campaign was measured, which schedules `couponops_retrain`.
+Conf `{"feedback_dir": DIR, "campaign_id": ID}` loads one folder / measures one campaign by hand.
 """
 
 from __future__ import annotations
@@ -13,12 +16,21 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from plugins.couponops_airflow import DEFAULT_ARGS, FEEDBACK, conf, run_context, settings
+from plugins.couponops_airflow import (
+    DEFAULT_ARGS,
+    FEEDBACK,
+    annotate,
+    conf,
+    run_context,
+    schedule,
+    settings,
+    skip_if_idle,
+)
 
 
 @dag(
     dag_id="couponops_feedback",
-    schedule="@daily",
+    schedule=schedule("feedback"),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -26,35 +38,33 @@ from plugins.couponops_airflow import DEFAULT_ARGS, FEEDBACK, conf, run_context,
     tags=["couponops", "feedback", "measurement"],
     doc_md=__doc__,
     params={
-        "campaign_id": Param(None, type=["null", "string"]),
-        "feedback_dir": Param(None, type=["null", "string"], description="Folder with feedback.csv"),
+        "campaign_id": Param(None, type=["null", "string"], description="Measure this campaign now"),
+        "feedback_dir": Param(None, type=["null", "string"], description="One folder with feedback.csv"),
     },
 )
 def couponops_feedback():
     @task
-    def collect() -> dict:
-        """Find the feedback batch (or let the simulated customers respond)."""
+    def load() -> dict:
+        """Validate and load the landed feedback exports (or the given folder)."""
         from mlpkg import stages
 
-        campaign_id = conf("campaign_id") or stages.campaign_id_for(run_context().logical_date)
-        return stages.collect_feedback(settings(), campaign_id, feedback_dir=conf("feedback_dir"))
+        return skip_if_idle(stages.ingest_feedback_source(settings(), feedback_dir=conf("feedback_dir")))
 
-    @task
-    def load(batch: dict) -> dict:
-        """Validate and load the feedback events (replays change nothing)."""
+    @task(outlets=[FEEDBACK], trigger_rule="none_failed")
+    def measure() -> dict:
+        """Measure every campaign whose attribution window closed (or the one given)."""
         from mlpkg import stages
 
-        stages.ingest_feedback(settings(), batch["feedback_dir"])
-        return batch
+        if conf("campaign_id"):
+            result = stages.measure(settings(), conf("campaign_id"))
+            measured = [conf("campaign_id")]
+        else:
+            result = skip_if_idle(stages.measure_due(settings(), run_context()))
+            measured = [row["campaign_id"] for row in result["measured"]]
+        annotate(FEEDBACK, {"campaign_ids": measured, "reason": "attribution window closed or late events"})
+        return result
 
-    @task(outlets=[FEEDBACK])
-    def measure(batch: dict) -> dict:
-        """Attribute the feedback and measure incrementality vs control."""
-        from mlpkg import stages
-
-        return stages.measure(settings(), batch["campaign_id"])
-
-    measure(load(collect()))
+    load() >> measure()
 
 
 couponops_feedback()

@@ -1,11 +1,14 @@
 """
 ### CouponOps — ingest and validate
 
-Lands a raw batch (from the built-in simulated shop by default, or a folder given as
-`batch_dir` in the run conf), validates every file against its data contract with Great
-Expectations, and loads it into the warehouse in one transaction. A batch that breaks its
-contract is moved to the quarantine folder, the task fails with the file, rule, column and
-failing rows, and nothing is loaded. Emits the `couponops://warehouse/raw` asset.
+Loads every complete batch the shop dropped into the landing zone
+(`<zone>/batches/<batch_id>/` with a `_SUCCESS` marker) and has not been loaded yet, oldest
+first, each exactly once. Every file is validated against its data contract with Great
+Expectations and the batch is loaded in one transaction; a batch that breaks its contract is
+quarantined, recorded, and the task fails with the file, rule, column and failing rows while
+nothing is loaded. With nothing new the task is skipped and says why: it never invents data.
+A run with conf `{"batch_dir": "DIR"}` loads that one folder instead. Emits the
+`couponops://warehouse/raw` asset when rows were loaded.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from plugins.couponops_airflow import DEFAULT_ARGS, RAW_DATA, conf, settings
+from plugins.couponops_airflow import DEFAULT_ARGS, RAW_DATA, annotate, conf, schedule, settings, skip_if_idle
 
 
 @dag(
     dag_id="couponops_ingest",
-    schedule="@daily",
+    schedule=schedule("ingest"),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -27,27 +30,21 @@ from plugins.couponops_airflow import DEFAULT_ARGS, RAW_DATA, conf, settings
     doc_md=__doc__,
     params={
         "batch_dir": Param(
-            None, type=["null", "string"], description="Folder of raw files; empty = simulate"
+            None, type=["null", "string"], description="One folder of raw files; empty = the landing zone"
         ),
-        "batch": Param(None, type=["null", "string"], description="Name of the simulated batch"),
     },
 )
 def couponops_ingest():
-    @task
-    def land_batch() -> str:
-        """Find the batch folder (or export one from the simulated shop)."""
-        from mlpkg import stages
-
-        return stages.land_batch(settings(), batch_dir=conf("batch_dir"), batch=conf("batch"))["batch_dir"]
-
     @task(outlets=[RAW_DATA])
-    def validate_and_load(batch_dir: str) -> dict:
-        """Validate the batch against its contracts and load it atomically."""
+    def validate_and_load() -> dict:
+        """Validate and load every new complete batch of the landing zone (or the given folder)."""
         from mlpkg import stages
 
-        return stages.ingest(settings(), batch_dir)
+        result = skip_if_idle(stages.ingest_source(settings(), batch_dir=conf("batch_dir")))
+        annotate(RAW_DATA, {"batches": [b["drop_id"] for b in result["loaded"]]})
+        return result
 
-    validate_and_load(land_batch())
+    validate_and_load()
 
 
 couponops_ingest()

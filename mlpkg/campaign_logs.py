@@ -54,6 +54,7 @@ from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from mlpkg.validation import DataContractError, Failure, ValidationReport, validate_campaign_log
 from mlpkg.validation.contract import DEFAULT_REVENUE_CAP, MAX_SAMPLE_ROWS, plain_value
 
@@ -712,8 +713,6 @@ def log_feature_columns(engine: Engine, name: str) -> tuple[list[str], list[str]
     features = spec.get("features")
     if isinstance(features, dict) and "numeric" in features:
         return list(features["numeric"]), list(features.get("categorical", []))
-    from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-
     return list(NUMERIC_FEATURES), list(CATEGORICAL_FEATURES)
 
 

@@ -50,6 +50,15 @@ def _fmt(value) -> str:  # noqa: ANN001
     return str(value)
 
 
+def _clock(settings) -> str:  # noqa: ANN001 - mlpkg.config.Settings
+    """Return the product's clock as ISO text, or exit with a hint when there is no data yet."""
+    now = stages.product_now(settings)
+    if now is None:
+        console.print("[red]error:[/red] no batch has been loaded yet; run `couponops ingest` first")
+        raise typer.Exit(code=2)
+    return now.isoformat()
+
+
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
     """Call a stage with a status spinner and turn known errors into a clean exit."""
     from mlpkg.db.queries import CampaignBusyError
@@ -67,31 +76,27 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
 @app.command()
 def init() -> None:
     """Create the state folder, migrate the warehouse and create the MLflow experiment."""
-    _show("stores", _run(stages.init_stores, get_settings()))
+    # Settings are read inside _run: a bad value is a one-line error (never echoing a secret).
+    settings = _run(get_settings)
+    _show("stores", _run(stages.init_stores, settings))
 
 
 @app.command()
-def simulate(
-    batch: Annotated[str, typer.Option(help="Name of the batch folder to export")] = "initial",
+def ingest(
+    batch_dir: Annotated[
+        Path | None, typer.Argument(help="One batch folder; default: every new batch of the landing zone")
+    ] = None,
 ) -> None:
-    """Export a batch of raw files from the built-in simulated shop."""
-    _show("simulated batch", _run(stages.land_simulated_batch, get_settings(), batch))
-
-
-@app.command("world-clock")
-def world_clock(
-    next_round: Annotated[
-        bool, typer.Option(help="Advance a week first if a campaign already ran now")
-    ] = False,
-) -> None:
-    """Print the simulated shop's current time (the demo's logical date)."""
-    print(stages.world_clock(get_settings(), next_round=next_round))
-
-
-@app.command()
-def ingest(batch_dir: Path) -> None:
-    """Validate a batch folder against its data contracts and load it into the warehouse."""
-    _show("ingest", _run(stages.ingest, get_settings(), batch_dir))
+    """Validate batches against their data contracts and load them into the warehouse."""
+    settings = get_settings()
+    if batch_dir is None:
+        result = _run(stages.ingest_landed, settings)
+        if result["skipped"]:
+            console.print(result["reason"], markup=False)
+            return
+        _show("ingested", [{"batch": b["drop_id"], "rows": b["rows"]} for b in result["loaded"]])
+        return
+    _show("ingest", _run(stages.ingest, settings, batch_dir))
 
 
 @app.command("import-log")
@@ -163,7 +168,7 @@ def promote(
 def allocate(
     campaign: Annotated[str | None, typer.Option(help="Campaign id (shop campaigns)")] = None,
     as_of: Annotated[
-        str | None, typer.Option(help="Point in time for features (default: the shop's now)")
+        str | None, typer.Option(help="Point in time for features (default: the product's clock)")
     ] = None,
     budget: Annotated[float | None, typer.Option(help="Expected-spend cap")] = None,
     objective: Annotated[str | None, typer.Option(help="conversions | revenue | profit")] = None,
@@ -197,7 +202,7 @@ def allocate(
     if not campaign:
         console.print("[red]error:[/red] give --campaign ID (or --log NAME --customers FILE --budget B)")
         raise typer.Exit(code=2)
-    when = as_of or stages.load_world(settings).now.isoformat()
+    when = as_of or _clock(settings)
     ctx = stages.RunContext(dag_id="cli", run_id=f"allocate-{campaign}")
     _show(
         "allocation",
@@ -217,7 +222,7 @@ def allocate(
 def plan(
     campaign: Annotated[str, typer.Option(help="Campaign id (names the output folder)")],
     as_of: Annotated[
-        str | None, typer.Option(help="Point in time for features (default: the shop's now)")
+        str | None, typer.Option(help="Point in time for features (default: the product's clock)")
     ] = None,
     objective: Annotated[str | None, typer.Option(help="conversions | revenue | profit")] = None,
     budget: Annotated[
@@ -226,7 +231,7 @@ def plan(
 ) -> None:
     """Print and plot expected incremental value versus budget (the what-if curve)."""
     settings = get_settings()
-    when = as_of or stages.load_world(settings).now.isoformat()
+    when = as_of or _clock(settings)
     result = _run(
         stages.plan, settings, campaign_id=campaign, as_of=when, objective=objective, budgets=budget
     )
@@ -242,18 +247,28 @@ def deliver(campaign: Annotated[str, typer.Option(help="Campaign id")]) -> None:
 
 @app.command()
 def feedback(
-    campaign: Annotated[str, typer.Option(help="Campaign id")],
+    campaign: Annotated[
+        str | None, typer.Option(help="Measure this campaign now (default: every campaign that is due)")
+    ] = None,
     feedback_dir: Annotated[
-        Path | None, typer.Option(help="Folder with feedback.csv (default: simulate)")
+        Path | None, typer.Option(help="One folder with feedback.csv (default: the landing zone)")
     ] = None,
 ) -> None:
-    """Collect, validate and load feedback, then measure incrementality vs control."""
+    """Load feedback (landed exports or one folder), then measure incrementality vs control."""
     settings = get_settings()
-    batch = _run(
-        stages.collect_feedback, settings, campaign, feedback_dir=str(feedback_dir) if feedback_dir else None
+    loaded = _run(
+        stages.ingest_feedback_source, settings, feedback_dir=str(feedback_dir) if feedback_dir else None
     )
-    _run(stages.ingest_feedback, settings, batch["feedback_dir"])
-    _show("measured (model policy vs control)", _run(stages.measure, settings, campaign))
+    if loaded["skipped"]:
+        console.print(loaded["reason"], markup=False)
+    if campaign:
+        _show("measured (model policy vs control)", _run(stages.measure, settings, campaign))
+        return
+    result = _run(stages.measure_due, settings)
+    if result["skipped"]:
+        console.print(result["reason"], markup=False)
+        return
+    _show("measured campaigns", result["measured"])
 
 
 @app.command()
@@ -279,55 +294,6 @@ def report(
 
         path = _run(campaign_report, get_settings(), summary["campaign"]["campaign_id"], log_to_mlflow=False)
         console.print(f"Campaign report: {path}")
-
-
-@app.command()
-def loop(
-    rounds: Annotated[int, typer.Option(help="Weekly rounds to run")] = 5,
-    objective: Annotated[str, typer.Option(help="conversions | revenue | profit")] = "conversions",
-    budget: Annotated[float | None, typer.Option(help="Budget per round (default: settings)")] = None,
-    customers: Annotated[
-        int | None, typer.Option(help="Customers of the simulated shop (default: settings)", min=50)
-    ] = None,
-) -> None:
-    """Run the closed loop on the simulated shop from a cold start and print each round's numbers."""
-    from mlpkg.evaluation.closed_loop import run_closed_loop
-
-    settings = get_settings()
-    if customers is not None:
-        settings = settings.model_copy(update={"simulator_customers": customers})
-    rows: list[dict] = []
-
-    def show(row: dict) -> None:
-        rows.append(row)
-        console.print(
-            f"round {row['round']} (model {row['model_version']}): true {row['true_incremental']} vs "
-            f"oracle {row['oracle_incremental']} ({row['share_of_oracle']:.0%}); model group "
-            f"{row['model_group_true']} vs oracle on its customers and budget {row['model_group_oracle']} "
-            f"({row['model_group_share_of_oracle']:.0%}); measured {row['model_group_measured']} "
-            f"{row['measured_ci']}; gate: {row.get('gate', 'not retrained')}"
-        )
-
-    _run(run_closed_loop, settings, rounds, objective=objective, budget=budget, on_round=show)
-    # A compact table fits a terminal; every column of every round is in closed_loop.json.
-    compact = [
-        {
-            "round": r["round"],
-            "model": "explore" if str(r["model_version"]).startswith("none") else r["model_version"],
-            "true": f"{r['true_incremental']:.1f}",
-            "oracle": f"{r['oracle_incremental']:.1f}",
-            "share": f"{r['share_of_oracle']:.0%}",
-            "model grp": f"{r['model_group_true']:.1f}",
-            "its oracle": f"{r['model_group_oracle']:.1f}",
-            "grp share": f"{r['model_group_share_of_oracle']:.0%}",
-            "measured": f"{r['model_group_measured']:.1f}",
-            "gate": {"promoted": "promoted", "kept champion": "kept"}.get(r.get("gate"), "-"),
-        }
-        for r in rows
-    ]
-    _show("closed loop (incremental conversions; truth from the simulator's oracle)", compact)
-    path = stages.write_json(settings.reports_dir / "closed_loop.json", {"rounds": rows})
-    console.print(f"all columns: {path}")
 
 
 @app.command()

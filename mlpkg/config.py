@@ -8,11 +8,12 @@ module has no side effects: no folders are created and no global MLflow URI is s
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,6 +96,19 @@ class RetrainSettings(BaseModel):
     cvr_shortfall: float = Field(0.3, gt=0, description="Relative shortfall of measured vs predicted.")
 
 
+class ScheduleSettings(BaseModel):
+    """When each scheduled DAG runs (cron expressions or Airflow presets).
+
+    Production runs on the real clock; ``make up`` shortens them so a simulated shop whose days
+    pass in seconds is ingested, allocated and measured while a person watches.
+    """
+
+    ingest: str = "@hourly"
+    allocate: str = "0 6 * * 1"
+    feedback: str = "@hourly"
+    retrain: str = Field("0 3 * * 0", description="Weekly fallback beside the feedback asset.")
+
+
 class Settings(BaseSettings):
     """All CouponOps settings; read once with :func:`get_settings`."""
 
@@ -103,6 +117,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         env_file=".env",
         extra="ignore",
+        # A rejected value may be a URL with a password: errors name the field, never echo the input.
+        hide_input_in_errors=True,
     )
 
     state_dir: Path = Path(".couponops")
@@ -115,14 +131,46 @@ class Settings(BaseSettings):
     mlflow_artifact_root: str | None = None
     mlflow_experiment: str = "couponops"
     registered_model_name: str = "couponops-uplift"
+    source: Literal["landing", "simulator"] = Field(
+        "landing",
+        description=(
+            "Where batches and feedback come from. landing: a shop drops complete batches into the "
+            "landing zone; simulator: the simulated shop writes its exports into that same zone."
+        ),
+    )
+    landing_url: str | None = Field(
+        None, description="Landing zone: a folder or any fsspec URL; default: <state>/landing."
+    )
+    clock: Literal["wall", "data"] = Field(
+        "wall",
+        description=(
+            "The product's 'now': wall = the real clock; data = the export time of the newest loaded "
+            "batch (for a simulated shop whose clock runs faster than the wall's)."
+        ),
+    )
     simulator_seed: int = 7
     simulator_customers: int = Field(4000, ge=50)
     strict_columns: bool = Field(False, description="Fail (not warn) on unexpected extra columns.")
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025
     smtp_sender: str = "offers@couponops.local"
-    sms_webhook_url: str | None = None
-    push_webhook_url: str | None = None
+    smtp_username: str | None = Field(None, description="SMTP AUTH login; None sends without logging in.")
+    smtp_password: SecretStr | None = Field(None, description="SMTP AUTH password (never printed).")
+    smtp_security: Literal["none", "starttls", "ssl"] = Field(
+        "none",
+        description="none: plain SMTP; starttls: upgrade with STARTTLS (no fallback); ssl: implicit TLS.",
+    )
+    smtp_ca_file: Path | None = Field(
+        None, description="PEM bundle trusted for the SMTP server's certificate; default: the system CAs."
+    )
+    sms_webhook_url: str | None = Field(
+        None, description="SMS gateway endpoint; user:password in the URL is sent as basic auth."
+    )
+    sms_webhook_token: SecretStr | None = Field(None, description="Bearer token for the SMS gateway.")
+    push_webhook_url: str | None = Field(
+        None, description="Push gateway endpoint; user:password in the URL is sent as basic auth."
+    )
+    push_webhook_token: SecretStr | None = Field(None, description="Bearer token for the push gateway.")
     delivery_mode: Literal["file", "live"] = "file"
     delivery_max_attempts: int = Field(5, ge=1)
     delivery_backoff_seconds: float = Field(0.5, ge=0)
@@ -130,6 +178,7 @@ class Settings(BaseSettings):
     campaign: CampaignSettings = CampaignSettings()
     gate: GateSettings = GateSettings()
     retrain: RetrainSettings = RetrainSettings()
+    schedules: ScheduleSettings = ScheduleSettings()
 
     @field_validator("state_dir")
     @classmethod
@@ -143,7 +192,45 @@ class Settings(BaseSettings):
     @classmethod
     def _known_dialect(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("sqlite", "postgresql", "mysql")):
-            raise ValueError(f"warehouse_url must be a SQLAlchemy URL (sqlite/postgresql/mysql), got {v!r}")
+            raise ValueError(
+                f"warehouse_url must be a SQLAlchemy URL (sqlite/postgresql/mysql), got {mask_url(v)!r}"
+            )
+        return v
+
+    @field_validator("smtp_password")
+    @classmethod
+    def _password_needs_login(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if v is not None and not info.data.get("smtp_username"):
+            raise ValueError("smtp_password is set but smtp_username is not: SMTP AUTH needs both")
+        return v
+
+    @field_validator("smtp_security")
+    @classmethod
+    def _no_cleartext_password(cls, v: str, info: ValidationInfo) -> str:
+        host = info.data.get("smtp_host", "")
+        if v == "none" and info.data.get("smtp_password") is not None and not _is_loopback(host):
+            raise ValueError(
+                f"smtp_security='none' would send the SMTP password in clear text to {host!r}; "
+                "use 'starttls' or 'ssl'"
+            )
+        return v
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_password_in_tracking_uri(cls, v: str | None) -> str | None:
+        if v is not None and v.lower().startswith(("http://", "https://")) and mask_url(v) != v:
+            # MLflow prints a server's tracking URI in every run link it logs.
+            raise ValueError(
+                f"mlflow_tracking_uri {mask_url(v)!r} carries a password; give the URL without it and set "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            )
+        return v
+
+    @field_validator("sms_webhook_url", "push_webhook_url")
+    @classmethod
+    def _http_webhook(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not v.lower().startswith(("http://", "https://")):
+            raise ValueError(f"{info.field_name} must be an http(s) URL, got {mask_url(v)!r}")
         return v
 
     @property
@@ -170,6 +257,11 @@ class Settings(BaseSettings):
     def outbox_dir(self) -> Path:
         """Folder the file sender writes dry-run messages to."""
         return self.state_dir / "outbox"
+
+    @property
+    def resolved_landing_url(self) -> str:
+        """The landing zone, defaulting to ``<state>/landing``."""
+        return self.landing_url or str(self.state_dir / "landing")
 
     @property
     def resolved_warehouse_url(self) -> str:
@@ -203,3 +295,94 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Return the process-wide settings (cached; call ``get_settings.cache_clear()`` in tests)."""
     return Settings()
+
+
+# --- secrets: what may be shown -------------------------------------------------------------------------
+
+MASK = "***"
+# Query parameters whose values are credentials (libpq's password, signed-URL tokens...).
+_SECRET_QUERY_KEYS = frozenset(
+    {"password", "passwd", "pwd", "sslpassword", "secret", "client_secret", "token", "access_token"}
+    | {"api_key", "apikey"}
+)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password and secret query values replaced by ``***``.
+
+    Works on any ``scheme://user:password@host/...`` form (SQLAlchemy URLs such as
+    ``postgresql+psycopg://``, MLflow and webhook URLs with basic auth, fsspec URLs). A password
+    that contains a raw ``/`` is masked too: the user info runs to the last ``@`` before the query,
+    as in SQLAlchemy's URL grammar, so the mask errs on the side of hiding. Strings that are not
+    URLs (plain paths) come back unchanged.
+
+    Args:
+        url: Any URL or path.
+
+    Returns:
+        The same URL, safe to print or log.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not (scheme[0].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)):
+        return url
+    query_at = min((i for i in (rest.find("?"), rest.find("#")) if i != -1), default=len(rest))
+    at = rest.rfind("@", 0, query_at)
+    if at != -1:
+        userinfo = rest[:at]
+        colon, slash = userinfo.find(":"), userinfo.find("/")
+        if colon != -1 and (slash == -1 or colon < slash):
+            rest = f"{userinfo[:colon]}:{MASK}{rest[at:]}"
+    head, q, query = rest.partition("?")
+    if q:
+        query, hash_sign, fragment = query.partition("#")
+        items = []
+        for item in query.split("&"):
+            key, eq, value = item.partition("=")
+            if eq and value and key.lower() in _SECRET_QUERY_KEYS:
+                item = f"{key}={MASK}"
+            items.append(item)
+        rest = f"{head}?{'&'.join(items)}{hash_sign}{fragment}"
+    return f"{scheme}://{rest}"
+
+
+def _public(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, BaseModel):
+        return {name: _public(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {str(k): _public(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_public(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
+
+
+def public_dict(settings: Settings) -> dict[str, Any]:
+    """Return the settings as plain values that are safe to print, log or store in MLflow.
+
+    Secrets (``SecretStr`` fields) become ``***`` and every URL has its password masked, the
+    resolved warehouse and tracking URLs included.
+
+    Args:
+        settings: The settings to show.
+
+    Returns:
+        A nested dict of JSON-ready values without any password.
+    """
+    data = _public(settings)
+    data["resolved_warehouse_url"] = mask_url(settings.resolved_warehouse_url)
+    data["resolved_tracking_uri"] = mask_url(settings.resolved_tracking_uri)
+    return data

@@ -22,17 +22,22 @@ from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 
-# Load order respects foreign keys (channels/customers before consent, customers before events).
+# Load order respects foreign keys (channels/customers before contacts and consent, customers
+# before events).
 RAW_FILES: dict[str, tuple[str, ...]] = {
     "channels": ("channels.csv", "channels.parquet"),
     "coupons": ("coupons.csv", "coupons.parquet"),
     "customers": ("customers.csv", "customers.parquet"),
+    "contacts": ("contacts.csv", "contacts.parquet"),
     "consent": ("consent.csv", "consent.parquet"),
     "events": ("events.parquet", "events.csv"),
     "orders": ("orders.csv", "orders.parquet"),
     "campaign_log": ("campaign_log.csv", "campaign_log.parquet"),
     "feedback": ("feedback.csv", "feedback.parquet"),
 }
+
+#: Contact columns of ``contacts.csv``: personal data that only delivery reads (never features).
+CONTACT_COLUMNS: tuple[str, ...] = ("email", "phone", "push_token")
 
 
 @dataclass
@@ -108,6 +113,11 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
         return q.upsert_rows(
             session, m.Customer, _records(df, ["customer_id", "signup_date", "region", "device", "segment"])
         )
+    if table == "contacts":
+        # An empty value in the file means "no contact on that channel": stored as NULL.
+        df = df.assign(**{c: df[c].replace("", None) for c in CONTACT_COLUMNS})
+        cols = ["customer_id", *CONTACT_COLUMNS, "updated_at"]
+        return q.upsert_rows(session, m.Contact, _records(df, cols))
     if table == "consent":
         df = df.assign(opted_in=df["opted_in"].astype(bool))
         return q.upsert_rows(
@@ -250,7 +260,7 @@ def ingest_batch(engine: Engine, batch_dir: Path, settings: Settings, *, now: da
 
 # Full-snapshot tables are comparable batch to batch; event tables are incremental (a day's
 # events vs a 180-day backfill), so a volume rule on them would reject every normal batch.
-_SNAPSHOT_TABLES = ("customers", "consent", "channels", "coupons")
+_SNAPSHOT_TABLES = ("customers", "contacts", "consent", "channels", "coupons")
 
 
 def _previous_counts(session) -> dict[str, int]:  # noqa: ANN001

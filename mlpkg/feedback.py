@@ -28,37 +28,86 @@ from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.evaluation.incrementality import incremental_lift, incremental_mean, psi
 
 CONTROL = "control"
 
 
-def attribute_campaign(engine: Engine, campaign_id: str, window_days: int) -> pd.DataFrame:
-    """Return one attributed row per customer of the campaign's population."""
+def campaign_time(
+    campaign: m.Campaign, wall: datetime, first_send: datetime, *, data_clock: bool = False
+) -> pd.Timestamp:
+    """Map the wall-clock time of one of a campaign's sends onto the campaign's own clock.
+
+    The campaign's first send happens at ``as_of`` (the time its data describes) and every later
+    send as much later as it was on the wall clock (retries, rate limits): a message re-sent two
+    days late opens its customer's window two days late. Both ends of that difference come from
+    the same clock, so it holds whatever clock the caller's ``now`` values were on. With the data
+    clock (a simulated shop whose days pass in seconds) the product knows no time finer than its
+    data's, so every send of the campaign happens at ``as_of``.
+    """
+    as_of = q.as_utc(campaign.as_of)
+    if data_clock:
+        return as_of
+    return as_of + max(q.as_utc(wall) - q.as_utc(first_send), pd.Timedelta(0))
+
+
+def window_starts(
+    campaign: m.Campaign, customers: pd.Series, sends: pd.DataFrame, *, data_clock: bool = False
+) -> pd.Series:
+    """Return each customer's attribution-window start: their send time, in campaign time.
+
+    Customers who were not sent anything (the random control group, untargeted customers, failed
+    sends) start at the campaign's first send, so treated and control windows cover the same days.
+    """
+    ids = pd.Index(customers.unique(), name="customer_id")
+    out = pd.Series(q.as_utc(campaign.as_of), index=ids, dtype=object)
+    if len(sends):
+        first_send = pd.to_datetime(sends["sent_at"], utc=True).min()
+        sent = (
+            sends.groupby("customer_id")["sent_at"]
+            .min()
+            .map(lambda ts: campaign_time(campaign, ts, first_send, data_clock=data_clock))
+        )
+        common = sent.index.intersection(ids)
+        out.loc[common] = sent.loc[common]
+    return pd.to_datetime(out, utc=True)
+
+
+def attribute_campaign(
+    engine: Engine, campaign_id: str, window_days: int, *, data_clock: bool = False
+) -> pd.DataFrame:
+    """Return one attributed row per customer of the campaign's population.
+
+    Each customer's window starts at their own send (see :func:`window_starts`).
+    """
     with engine.connect() as conn:
         campaign = conn.execute(select(m.Campaign).where(m.Campaign.campaign_id == campaign_id)).first()
         if campaign is None:
             raise LookupError(f"campaign {campaign_id!r} is not in the warehouse table campaigns")
         ledger = pd.read_sql(select(m.Allocation).where(m.Allocation.campaign_id == campaign_id), conn)
         events = pd.read_sql(select(m.FeedbackEvent).where(m.FeedbackEvent.campaign_id == campaign_id), conn)
-        orders = pd.read_sql(
-            select(m.FeedbackEvent).where(
-                m.FeedbackEvent.event_type == "order",
-                m.FeedbackEvent.customer_id.in_(
-                    select(m.Allocation.customer_id).where(m.Allocation.campaign_id == campaign_id)
-                ),
+        sends = pd.read_sql(
+            select(m.Delivery.customer_id, m.Delivery.sent_at).where(
+                m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent"
             ),
             conn,
         )
         segments = pd.read_sql(select(m.Customer.customer_id, m.Customer.segment), conn)
         coupons = pd.read_sql(select(m.Coupon.coupon_id, m.Coupon.kind, m.Coupon.face_value), conn)
         channels = pd.read_sql(select(m.Channel.channel, m.Channel.send_cost), conn)
-    for df in (events, orders):
-        df["ts"] = pd.to_datetime(df["ts"], utc=True)
-    start_ts = q.as_utc(campaign.as_of)
-    end_ts = start_ts + pd.Timedelta(days=window_days)
-    in_window = orders[(orders["ts"] >= start_ts) & (orders["ts"] < end_ts)].drop_duplicates("order_id")
+    events["ts"] = pd.to_datetime(events["ts"], utc=True)
+    # Only this campaign's events count: orders another campaign's feedback reports are its own.
+    orders = events[events["event_type"] == "order"]
+    start = window_starts(campaign, ledger["customer_id"], sends, data_clock=data_clock)
+    window = pd.Timedelta(days=window_days)
+
+    def _in_window(frame: pd.DataFrame) -> pd.DataFrame:
+        begins = frame["customer_id"].map(start)
+        return frame[(frame["ts"] >= begins) & (frame["ts"] < begins + window)]
+
+    in_window = _in_window(orders).drop_duplicates("order_id")
     conv = in_window.groupby("customer_id").agg(converted=("order_id", "size"), revenue=("revenue", "sum"))
-    ev = events[(events["ts"] >= start_ts) & (events["ts"] < end_ts)]
+    ev = _in_window(events)
     flags = (
         ev.assign(one=1).pivot_table(index="customer_id", columns="event_type", values="one", aggfunc="max")
         if len(ev)
@@ -84,14 +133,16 @@ def attribute_campaign(engine: Engine, campaign_id: str, window_days: int) -> pd
     out["coupon_cost"] = (
         out["customer_id"].map(redeems.groupby("customer_id")["coupon_cost"].sum()).fillna(0.0)
     )
-    # Every message sent costs its channel's send cost, whatever the customer did with it.
-    out["send_cost"] = out["channel"].map(channels.set_index("channel")["send_cost"]).fillna(0.0)
+    # Every message sent costs its channel's send cost, whatever the customer did with it; a message
+    # never sent (no contact, bounced) costs nothing.
+    was_sent = out["customer_id"].isin(set(sends["customer_id"]))
+    out["send_cost"] = (
+        out["channel"].map(channels.set_index("channel")["send_cost"]).fillna(0.0).where(was_sent, 0.0)
+    )
     return out
 
 
 def _group_metrics(treated: pd.DataFrame, control: pd.DataFrame, margin: float) -> dict:
-    from mlpkg.evaluation.incrementality import incremental_lift, incremental_mean
-
     delivered = int(treated["delivered"].sum())
     cost = float(treated["coupon_cost"].sum() + treated["send_cost"].sum())
     lift = incremental_lift(
@@ -122,14 +173,26 @@ def _group_metrics(treated: pd.DataFrame, control: pd.DataFrame, margin: float) 
     }
 
 
-def measure_campaign(engine: Engine, settings: Settings, campaign_id: str, *, now: datetime) -> dict:
-    """Attribute and measure a campaign, store the metrics, and turn it into a training log.
+def measure_campaign(
+    engine: Engine, settings: Settings, campaign_id: str, *, now: datetime, final: bool = True
+) -> dict:
+    """Attribute and measure a campaign, store the metrics, and (when final) turn it into a training log.
+
+    Args:
+        engine: The warehouse.
+        settings: CouponOps settings (attribution window, margin).
+        campaign_id: The campaign to measure.
+        now: When the measurement is made (stored with the metrics).
+        final: False while the attribution window is still open: the metrics are stored marked
+            ``provisional`` and neither the campaign's status nor its training log is written.
 
     Returns:
         The overall metrics (model-policy group vs control).
     """
     cfg = settings.campaign
-    df = attribute_campaign(engine, campaign_id, cfg.attribution_window_days)
+    df = attribute_campaign(
+        engine, campaign_id, cfg.attribution_window_days, data_clock=settings.clock == "data"
+    )
     control = df[df["policy"] == "control"]
     results: list[tuple[str, str, dict]] = []
     model_group = df[df["policy"] == "model"]
@@ -155,7 +218,13 @@ def measure_campaign(engine: Engine, settings: Settings, campaign_id: str, *, no
     for pol, part in df[df["policy"] != "control"].groupby("policy"):
         results.append(("policy", str(pol), _group_metrics(part, control, cfg.margin)))
     rows = [
-        dict(campaign_id=campaign_id, breakdown=b, breakdown_value=v, metrics=_jsonable(mt), computed_at=now)
+        dict(
+            campaign_id=campaign_id,
+            breakdown=b,
+            breakdown_value=v,
+            metrics={**_jsonable(mt), "provisional": not final},
+            computed_at=now,
+        )
         for b, v, mt in results
     ]
     log_name = f"campaign:{campaign_id}"
@@ -163,6 +232,18 @@ def measure_campaign(engine: Engine, settings: Settings, campaign_id: str, *, no
         q.delete_rows(session, m.CampaignMetric, campaign_id=campaign_id)
         q.upsert_rows(session, m.CampaignMetric, rows)
         campaign = q.get_campaign(session, campaign_id)
+        campaign.summary = {
+            **(campaign.summary or {}),
+            "measurement": {
+                "final": final,
+                "feedback_events": q.feedback_event_count(session, campaign_id),
+                "measured_at": now.isoformat(),
+            },
+        }
+        if not final:
+            overall = dict(results[0][2])
+            overall.update(campaign_id=campaign_id, provisional=True)
+            return overall
         q.upsert_rows(
             session,
             m.CampaignLog,
@@ -205,8 +286,93 @@ def measure_campaign(engine: Engine, settings: Settings, campaign_id: str, *, no
         )
         campaign.status = "measured"
     overall = dict(results[0][2])
-    overall["campaign_id"] = campaign_id
+    overall.update(campaign_id=campaign_id, provisional=False)
     return overall
+
+
+def window_end(
+    engine: Engine, campaign_id: str, window_days: int, *, data_clock: bool = False
+) -> pd.Timestamp:
+    """Return when a campaign's attribution window closes: its last send (campaign time) plus the window."""
+    with session_scope(engine) as session:
+        campaign = q.get_campaign(session, campaign_id)
+        first, last = q.send_span(session, campaign_id)
+        start = (
+            campaign_time(campaign, last, first, data_clock=data_clock)
+            if last is not None
+            else q.as_utc(campaign.as_of)
+        )
+    return start + pd.Timedelta(days=window_days)
+
+
+def measure_due(engine: Engine, settings: Settings, *, clock: datetime, now: datetime) -> dict:
+    """Measure every campaign whose attribution window has closed and that is not yet measured.
+
+    A campaign already measured is measured again when feedback events arrived after its last
+    measurement (late events). Campaigns still inside their window get provisional numbers when
+    new events arrived for them.
+
+    Args:
+        engine: The warehouse.
+        settings: CouponOps settings.
+        clock: The product's "now" in campaign time (the wall clock, or the data clock). On the
+            data clock a window also waits for a feedback export, loaded after the campaign's last
+            send, that was cut past the window's end.
+        now: The wall-clock time stamped on the stored metrics.
+
+    Returns:
+        ``measured`` (final, with the overall numbers), ``provisional`` and ``waiting`` campaign
+        ids with when their windows close.
+    """
+    window_days = settings.campaign.attribution_window_days
+    clock_ts = q.as_utc(clock)
+    with session_scope(engine) as session:
+        candidates = [
+            (
+                c.campaign_id,
+                c.status,
+                dict((c.summary or {}).get("measurement") or {}),
+                q.feedback_event_count(session, c.campaign_id),
+            )
+            for c in q.campaigns(session, limit=10_000)
+            if c.status in ("allocated", "delivered", "measured")
+        ]
+    data = settings.clock == "data"
+    measured, provisional, waiting = [], [], []
+    for campaign_id, status, last, events in sorted(candidates):
+        closes = window_end(engine, campaign_id, window_days, data_clock=data)
+        if clock_ts >= closes and data:
+            # A fast simulated clock runs ahead of the sends: the window counts as closed only once
+            # the channels reported past its end in an export loaded after the campaign's last send.
+            with session_scope(engine) as session:
+                _, last_send = q.send_span(session, campaign_id)
+                reported = q.newest_export(session, kind="feedback", handled_after=last_send)
+            closed = reported is not None and q.as_utc(reported) >= closes
+        else:
+            closed = clock_ts >= closes
+        if closed:
+            if status == "measured" and last.get("final") and events == last.get("feedback_events"):
+                continue
+            overall = measure_campaign(engine, settings, campaign_id, now=now, final=True)
+            measured.append(
+                {
+                    "campaign_id": campaign_id,
+                    "late_events": status == "measured",
+                    "incremental_conversions": overall["incremental_conversions"],
+                    "incremental_conversions_ci": overall["incremental_conversions_ci"],
+                }
+            )
+        else:
+            waiting.append({"campaign_id": campaign_id, "window_closes": closes.isoformat()})
+            if events and events != last.get("feedback_events"):
+                measure_campaign(engine, settings, campaign_id, now=now, final=False)
+                provisional.append(campaign_id)
+    return {
+        "measured": measured,
+        "provisional": provisional,
+        "waiting": waiting,
+        "clock": clock_ts.isoformat(),
+    }
 
 
 def _jsonable(d: dict) -> dict:
@@ -252,9 +418,17 @@ def decide_retrain(
     measured incremental conversions of the last campaign fall short of the model's prediction.
     """
     from mlpkg.data import customer_features
-    from mlpkg.evaluation.incrementality import psi
 
     cfg = settings.retrain
+    with session_scope(engine) as session:
+        labelled = int(session.execute(select(func.count()).select_from(m.CampaignLogRow)).scalar_one())
+    if labelled == 0:
+        # Nothing to learn from and nothing to decide: record nothing, say why.
+        return {
+            "retrain": False,
+            "reasons": {"triggers": [], "why_not": "no labelled rows in the warehouse yet"},
+            "run_key": run_key,
+        }
     new_rows, last_trained = labelled_rows_since_last_training(engine, settings.registered_model_name)
     reasons: dict = {"new_labelled_rows": new_rows, "min_new_labelled_rows": cfg.min_new_labelled_rows}
     triggers = []

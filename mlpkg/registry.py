@@ -1,18 +1,23 @@
-"""Model registry logic: aliases, the challenger-vs-champion gate, and recorded promotions.
+"""Model registry logic: aliases, version tags, loading a model, the gate, and recorded promotions.
 
-All alias moves go through :func:`move_alias`, which also writes who moved which alias, why and
-when into the warehouse, so ``couponops history`` shows every change however it was made.
-Aliases (``champion``, ``challenger``) replace MLflow's deprecated stages.
+This is the only module that loads a logged model (:func:`load_uplift_model`,
+:func:`score_with_model`): allocation and the gate score through it, never through training
+code. All alias moves go through :func:`move_alias`, which also writes who moved which alias,
+why and when into the warehouse, so ``couponops history`` shows every change however it was
+made. Aliases (``champion``, ``challenger``) replace MLflow's deprecated stages.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import mlflow
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
@@ -22,6 +27,9 @@ from sqlalchemy import Engine
 from mlpkg.config import GateSettings
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.evaluation.ope import snips
+from mlpkg.evaluation.uplift_metrics import expected_calibration_error
+from mlpkg.models.pyfunc import UpliftPyfunc
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -56,6 +64,79 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on a registered model version (lineage: run id, DAG run, snapshot, commit)."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def load_uplift_model(model_uri: str, tracking_uri: str | None = None) -> UpliftPyfunc:
+    """Load a logged uplift model and return the unwrapped :class:`UpliftPyfunc`.
+
+    Args:
+        model_uri: ``models:/<name>@champion``, ``models:/<name>/<version>``, ``runs:/...`` or a path.
+        tracking_uri: Tracking/registry URI to resolve ``models:/`` and ``runs:/`` against; the
+            process-wide URI is used when ``None`` and is left unchanged either way.
+
+    Returns:
+        The loaded model, ready for :meth:`UpliftPyfunc.score_arrays`.
+
+    Raises:
+        TypeError: ``model_uri`` holds a model that is not a CouponOps uplift model.
+    """
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    model = loaded.unwrap_python_model()
+    if not isinstance(model, UpliftPyfunc):
+        raise TypeError(f"{model_uri} is not a CouponOps uplift model: {type(model).__name__}")
+    return model
+
+
+def score_with_model(
+    model: str | mlflow.pyfunc.PyFuncModel | UpliftPyfunc,
+    df: pd.DataFrame,
+    chunk_size: int | None = None,
+    *,
+    tracking_uri: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Score every arm for ``df`` with a logged model, bypassing DataFrame output.
+
+    Args:
+        model: A model URI (``models:/name@champion``, ``runs:/...``), a loaded pyfunc, or an
+            :class:`UpliftPyfunc`.
+        df: Raw customer features.
+        chunk_size: Rows per forward pass; defaults to the model's setting.
+        tracking_uri: Where to resolve a model URI (see :func:`load_uplift_model`).
+
+    Returns:
+        ``{"p_conv": [n, A], "revenue": [n, A], "uplift": [n, A]}`` float32 arrays (uplift is
+        relative to control, 0 in the control column) plus ``"arms"``, the arm names in column
+        order as an object array.
+
+    Raises:
+        TypeError: ``model`` is not a CouponOps uplift model.
+    """
+    if isinstance(model, str):
+        model = load_uplift_model(model, tracking_uri)
+    if isinstance(model, mlflow.pyfunc.PyFuncModel):
+        model = model.unwrap_python_model()
+    if not isinstance(model, UpliftPyfunc):
+        raise TypeError(f"not a CouponOps uplift model: {type(model).__name__}")
+    scores = model.score_arrays(df, chunk_size)
+    p = scores["p_conv"]
+    return {
+        "p_conv": p,
+        "revenue": scores["revenue"],
+        "uplift": p - p[:, [model.control_index]],
+        "arms": np.asarray(model.arms, dtype=object),
+    }
 
 
 def move_alias(
@@ -106,10 +187,6 @@ def policy_value_on_frame(
     The policy gives each customer the arm with the highest predicted uplift, treating only the
     ``treat_fraction`` with the largest positive uplift; everyone else gets control.
     """
-    from mlpkg.evaluation.ope import snips
-    from mlpkg.evaluation.uplift_metrics import expected_calibration_error
-    from mlpkg.train import load_uplift_model
-
     scorer = load_uplift_model(model_uri, tracking_uri=tracking_uri)
     arms = list(scorer.arms)
     scores = scorer.score_arrays(test_frame)

@@ -11,13 +11,12 @@ from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import make_engine, session_scope
+from mlpkg.feedback import campaign_metrics
+from mlpkg.registry import CHALLENGER, CHAMPION, alias_version, make_client
 
 
 def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
     """Summarise the warehouse, registry and latest (or given) campaign in one dict."""
-    from mlpkg.feedback import campaign_metrics
-    from mlpkg.registry import CHALLENGER, CHAMPION, alias_version, make_client
-
     engine = make_engine(settings.resolved_warehouse_url)
     out: dict = {}
     with session_scope(engine) as session:
@@ -173,8 +172,6 @@ def campaign_report(settings: Settings, campaign_id: str, *, log_to_mlflow: bool
     import json
 
     from matplotlib.figure import Figure
-
-    from mlpkg.feedback import campaign_metrics
 
     engine = make_engine(settings.resolved_warehouse_url)
     metrics = campaign_metrics(engine, campaign_id)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mlpkg.config import Settings
+from mlpkg.config import Settings, mask_url
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,11 @@ def git_commit() -> str:
 
 
 def init_stores(settings: Settings) -> dict:
-    """Create the state folders, migrate the warehouse and create the MLflow experiment."""
+    """Create the state folders, migrate the warehouse and create the MLflow experiment.
+
+    Returns:
+        Where the stores are, with any password in their URLs masked (the result is printed).
+    """
     import mlflow
 
     from mlpkg.db.engine import migrate
@@ -85,121 +88,109 @@ def init_stores(settings: Settings) -> dict:
         )
     return {
         "state_dir": str(settings.state_dir),
-        "warehouse": settings.resolved_warehouse_url,
-        "mlflow": settings.resolved_tracking_uri,
+        "warehouse": mask_url(settings.resolved_warehouse_url),
+        "mlflow": mask_url(settings.resolved_tracking_uri),
+        "artifacts": mask_url(settings.resolved_artifact_root),
     }
 
 
-# --- the simulated shop (the world) ---------------------------------------------------------------------
+# --- the landing zone and the product's clock ------------------------------------------------------
 
 
-def _world_path(settings: Settings) -> Path:
-    return settings.state_dir / "world.json"
+def product_now(settings: Settings, ctx: RunContext | None = None) -> datetime | None:
+    """Return the product's "now": the run's logical date or the wall clock, or the data clock.
 
-
-def load_world(settings: Settings):  # noqa: ANN201 - returns mlpkg.simulator.Shop
-    """Load the simulated shop of this state folder, creating it from settings the first time."""
-    from mlpkg.simulator import Shop, ShopConfig
-
-    path = _world_path(settings)
-    if path.exists():
-        return Shop.load(path)
-    shop = Shop(ShopConfig.from_settings(settings))
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    shop.save(path)
-    return shop
-
-
-def land_simulated_batch(settings: Settings, batch: str = "initial") -> dict:
-    """Export a batch of raw files from the simulated shop, as a real shop's export would land."""
-    shop = load_world(settings)
-    out = settings.raw_dir / batch
-    files = shop.export_batch(out, batch=batch)
-    shop.save(_world_path(settings))  # the export cursor lives in world.json
-    return {
-        "batch_dir": str(out),
-        "files": sorted(p.name for p in files.values()),
-        "as_of": shop.now.isoformat(),
-    }
-
-
-def simulate_responses(settings: Settings, campaign_id: str, *, seed: int | None = None) -> dict:
-    """Let the simulated customers respond to a campaign's sent messages; write feedback.csv."""
-    import pandas as pd
-    from sqlalchemy import select
-
-    from mlpkg.db import models as m
-    from mlpkg.db.queries import as_utc
-
-    shop = load_world(settings)
-    engine = _engine(settings)
-    with engine.connect() as conn:
-        ledger = pd.read_sql(
-            select(m.Allocation.customer_id, m.Allocation.arm).where(m.Allocation.campaign_id == campaign_id),
-            conn,
-        )
-        sent = pd.read_sql(
-            select(m.Delivery.customer_id).where(
-                m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent"
-            ),
-            conn,
-        )
-        campaign = conn.execute(select(m.Campaign.as_of).where(m.Campaign.campaign_id == campaign_id)).first()
-    if campaign is None:
-        raise LookupError(f"campaign {campaign_id!r} is not in the warehouse table campaigns")
-    # Only messages that actually went out can change behaviour.
-    treated = ledger[ledger["customer_id"].isin(set(sent["customer_id"])) & (ledger["arm"] != "control")]
-    seed = seed if seed is not None else zlib.crc32(campaign_id.encode())  # stable across processes
-    feedback = shop.respond(
-        ledger["customer_id"].tolist(),
-        treated,
-        campaign_id=campaign_id,
-        sent_at=as_utc(campaign.as_of),
-        seed=seed,
-    )
-    out_dir = settings.raw_dir / f"feedback-{campaign_id}"
-    path = shop.write_feedback(feedback, out_dir)
-    return {"feedback_dir": str(out_dir), "feedback_file": str(path), "events": int(len(feedback))}
-
-
-def world_clock(settings: Settings, *, next_round: bool = False, days: int = 7) -> str:
-    """Return the simulated shop's clock; with ``next_round``, first move it on if it was used.
-
-    The clock counts as used once a campaign was allocated at it, so each ``make demo`` after the
-    first runs a new weekly round instead of re-allocating the same campaign.
+    With ``clock="data"`` it is the export time of the newest loaded drop (None before any), so a
+    simulated shop whose days pass in seconds is scored, sent and measured on its own time.
     """
-    shop = load_world(settings)
-    if next_round:
-        from mlpkg.db.engine import make_engine, session_scope
-        from mlpkg.db.queries import get_campaign
+    if settings.clock == "data":
+        from mlpkg.db.engine import session_scope
+        from mlpkg.sources import data_clock
 
-        settings.ensure_dirs()
-        with session_scope(make_engine(settings.resolved_warehouse_url)) as session:
-            used = get_campaign(session, campaign_id_for(shop.now)) is not None
-        if used:
-            shop.advance(days)
-            shop.save(_world_path(settings))
-    return shop.now.isoformat()
+        with session_scope(_engine(settings)) as session:
+            return data_clock(session)
+    if ctx is not None and ctx.logical_date:
+        from mlpkg.db.queries import as_utc
+
+        return as_utc(ctx.logical_date).to_pydatetime()
+    return utcnow()
 
 
-def land_batch(settings: Settings, *, batch_dir: str | None = None, batch: str | None = None) -> dict:
-    """Return the folder of a landed batch: the given one, or one exported by the simulated shop."""
+def skipped(reason: str, **extra) -> dict:  # noqa: ANN003 - JSON-friendly details
+    """Return the result of a stage that had nothing to do (Airflow marks the task skipped)."""
+    return {"skipped": True, "reason": reason, **extra}
+
+
+def _ingest_drops(settings: Settings, kind: str, *, now: datetime) -> dict:
+    """Load every complete, not yet handled drop of one kind, oldest first, each exactly once."""
+    from mlpkg.data import ingest_batch
+    from mlpkg.db.engine import session_scope
+    from mlpkg.sources import pending_drops, record_drop, stage_drop
+    from mlpkg.validation import DataContractError
+
+    engine = _engine(settings)
+    zone = settings.resolved_landing_url
+    with session_scope(engine) as session:
+        pending = pending_drops(session, zone, kind)
+    if not pending:
+        return skipped(
+            f"no new complete drop in {zone}/{kind} (a drop counts once its _SUCCESS marker exists; "
+            "every earlier one was already loaded or quarantined)",
+            loaded=[],
+        )
+    loaded = []
+    for drop in pending:
+        local = stage_drop(drop, settings.state_dir / "staging")
+        try:
+            report = ingest_batch(engine, local, settings, now=now).as_dict()
+        except DataContractError as exc:
+            with session_scope(engine) as session:
+                record_drop(session, drop, status="quarantined", detail={"error": str(exc)[:4000]}, now=now)
+            raise
+        with session_scope(engine) as session:
+            record_drop(session, drop, status="loaded", detail={"loaded": report["loaded"]}, now=now)
+        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"]})
+    return {"skipped": False, "loaded": loaded, "zone": zone}
+
+
+def ingest_landed(settings: Settings, *, now: datetime | None = None) -> dict:
+    """Load every complete shop batch in the landing zone not yet loaded, oldest first.
+
+    Returns:
+        ``loaded`` (one entry per drop), or ``skipped`` with the ``reason`` when nothing is new.
+
+    Raises:
+        mlpkg.validation.DataContractError: a batch broke its contract; it is quarantined and
+            recorded, and the batches after it wait for the next run.
+    """
+    return _ingest_drops(settings, "batches", now=now or utcnow())
+
+
+def ingest_landed_feedback(settings: Settings, *, now: datetime | None = None) -> dict:
+    """Load every complete feedback export in the landing zone not yet loaded, oldest first."""
+    return _ingest_drops(settings, "feedback", now=now or utcnow())
+
+
+def ingest_source(settings: Settings, *, batch_dir: str | None = None, now: datetime | None = None) -> dict:
+    """Load one given batch folder, or every new complete batch of the landing zone.
+
+    With ``source="simulator"`` the simulated shop writes into the same landing zone, so the
+    product reads it exactly as it reads a real shop's drops.
+    """
     if batch_dir:
-        path = Path(batch_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"batch folder {path} does not exist")
-        return {"batch_dir": str(path)}
-    return land_simulated_batch(settings, batch or f"batch-{load_world(settings).now:%Y%m%d}")
+        report = ingest(settings, batch_dir, now=now)
+        return {"skipped": False, "loaded": [{"drop_id": Path(batch_dir).name, "rows": report["loaded"]}]}
+    return ingest_landed(settings, now=now)
 
 
-def collect_feedback(settings: Settings, campaign_id: str, *, feedback_dir: str | None = None) -> dict:
-    """Return the folder of a campaign's feedback: the given one, or the simulated customers' responses."""
+def ingest_feedback_source(
+    settings: Settings, *, feedback_dir: str | None = None, now: datetime | None = None
+) -> dict:
+    """Load one given feedback folder, or every new complete feedback export of the landing zone."""
     if feedback_dir:
-        path = Path(feedback_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"feedback folder {path} does not exist")
-        return {"campaign_id": campaign_id, "feedback_dir": str(path)}
-    return {"campaign_id": campaign_id, **simulate_responses(settings, campaign_id)}
+        report = ingest(settings, feedback_dir, now=now)
+        return {"skipped": False, "loaded": [{"drop_id": Path(feedback_dir).name, "rows": report["loaded"]}]}
+    return ingest_landed_feedback(settings, now=now)
 
 
 def campaign_id_for(logical_date: str | datetime | None) -> str:
@@ -356,10 +347,11 @@ def gate(
 
     from mlpkg.registry import gate_challenger, make_client
 
+    name = model_name or settings.registered_model_name
     decision = gate_challenger(
         make_client(settings.resolved_tracking_uri),
         _engine(settings),
-        name=model_name or settings.registered_model_name,
+        name=name,
         tracking_uri=settings.resolved_tracking_uri,
         challenger_version=str(model_version),
         test_frame=pd.read_parquet(test_frame),
@@ -368,7 +360,7 @@ def gate(
         now=now or utcnow(),
         run_id=run_id,
     )
-    return decision.as_dict()
+    return {**decision.as_dict(), "model_name": name}
 
 
 def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dict:
@@ -446,19 +438,45 @@ def plan_scoring(
     objective: str | None = None,
     n_shards: int | None = None,
     cold_start: bool = False,
-) -> list[dict]:
+) -> list[dict] | dict:
     """Split a campaign's scoring into shard jobs (one Airflow mapped task each), pinned to the champion.
 
-    The campaign id and point in time default to the run's logical date.
-    """
-    from mlpkg.allocation.shards import plan_scoring_jobs
-    from mlpkg.db.queries import as_utc
+    The point in time defaults to the product's clock (:func:`product_now`) and the campaign id to
+    ``cmp-<that day>``.
 
-    version, model_uri = _champion(settings, cold_start=cold_start)
+    Returns:
+        The jobs, or a :func:`skipped` result with the reason when there is nothing to allocate:
+        no data loaded yet, no champion (and no cold start allowed), or the campaign of this day
+        already allocated by another run.
+    """
+    from sqlalchemy import select
+
+    from mlpkg.allocation.shards import plan_scoring_jobs
+    from mlpkg.db import models as m
+    from mlpkg.db.engine import session_scope
+    from mlpkg.db.queries import as_utc, get_campaign
+
+    when = as_utc(as_of).to_pydatetime() if as_of else product_now(settings, ctx)
+    if when is None:
+        return skipped(f"no batch has been loaded from {settings.resolved_landing_url} yet: nothing to score")
+    campaign_id = campaign_id or campaign_id_for(when)
+    with session_scope(_engine(settings)) as session:
+        if session.execute(select(m.Customer.customer_id).limit(1)).first() is None:
+            return skipped("the warehouse holds no customers yet: nothing to score")
+        existing = get_campaign(session, campaign_id)
+        if existing is not None and existing.run_key != ctx.run_key:
+            return skipped(
+                f"campaign {campaign_id} was already allocated by run {existing.run_key} "
+                f"(status {existing.status}); no new campaign until new data lands"
+            )
+    try:
+        version, model_uri = _champion(settings, cold_start=cold_start)
+    except LookupError as exc:
+        return skipped(f"{exc} (couponops_train bootstraps one when labelled data lands)")
     jobs = plan_scoring_jobs(
-        campaign_id=campaign_id or campaign_id_for(ctx.logical_date),
+        campaign_id=campaign_id,
         run_key=ctx.run_key,
-        as_of=as_utc(as_of or ctx.logical_date).to_pydatetime(),
+        as_of=when,
         model_uri=model_uri,
         model_version=version,
         objective=objective or settings.campaign.objective,
@@ -597,6 +615,66 @@ def measure(settings: Settings, campaign_id: str, *, now: datetime | None = None
     overall = measure_campaign(_engine(settings), settings, campaign_id, now=now or utcnow())
     overall["report"] = str(campaign_report(settings, campaign_id))
     return overall
+
+
+def measure_due(settings: Settings, ctx: RunContext | None = None, *, now: datetime | None = None) -> dict:
+    """Measure every campaign whose attribution window closed (and re-measure on late events).
+
+    Returns:
+        What :func:`mlpkg.feedback.measure_due` returns, with a campaign report per measured
+        campaign; ``skipped`` with the reason when no window closed and no late event arrived.
+    """
+    from mlpkg.feedback import measure_due as _measure_due
+    from mlpkg.reports import campaign_report
+
+    clock = product_now(settings, ctx if settings.clock == "data" else None)
+    if clock is None:
+        return skipped("no data has been loaded yet: no campaign to measure")
+    result = _measure_due(_engine(settings), settings, clock=clock, now=now or utcnow())
+    for row in result["measured"]:
+        row["report"] = str(campaign_report(settings, row["campaign_id"]))
+    if not result["measured"]:
+        waiting = ", ".join(f"{w['campaign_id']} (closes {w['window_closes']})" for w in result["waiting"])
+        return skipped(
+            "no campaign's attribution window has closed since the last measurement and no late event "
+            f"arrived; waiting: {waiting or 'none'}"
+            + (
+                f"; provisional numbers updated for {', '.join(result['provisional'])}"
+                if result["provisional"]
+                else ""
+            ),
+            **result,
+        )
+    return {"skipped": False, **result}
+
+
+def needs_bootstrap(settings: Settings) -> dict:
+    """Decide whether the train DAG should train now: only while no champion exists.
+
+    Returns:
+        ``{"train": True, "reason": ...}`` when there is no champion and labelled rows exist, else
+        ``train`` False with the reason (retraining an existing champion is couponops_retrain's job).
+    """
+    from sqlalchemy import func, select
+
+    from mlpkg.db import models as m
+    from mlpkg.db.engine import session_scope
+    from mlpkg.registry import CHAMPION, alias_version, make_client
+
+    champion = alias_version(
+        make_client(settings.resolved_tracking_uri), settings.registered_model_name, CHAMPION
+    )
+    if champion is not None:
+        return {
+            "train": False,
+            "reason": f"{settings.registered_model_name} already has a champion (version {champion}); "
+            "retraining is couponops_retrain's job (trigger this DAG with conf force=true to train anyway)",
+        }
+    with session_scope(_engine(settings)) as session:
+        rows = int(session.execute(select(func.count()).select_from(m.CampaignLogRow)).scalar_one())
+    if rows == 0:
+        return {"train": False, "reason": "no labelled campaign rows in the warehouse yet"}
+    return {"train": True, "reason": f"no champion yet and {rows} labelled rows to learn from"}
 
 
 def decide_retrain(

@@ -2,7 +2,8 @@
 
 One call, :func:`train_uplift_model`, does the whole stage: split and preprocess, fit with
 Lightning (any accelerator/strategy from the settings), compute test metrics on rank 0, log the
-self-contained pyfunc and register it. Promotion (aliases) is the registry module's job.
+self-contained pyfunc and register it. Promotion (aliases), version tags and loading a logged
+model are the registry module's job (:mod:`mlpkg.registry`).
 
 Distributed runs: with ``strategy="ddp"`` Lightning re-executes the calling script once per
 extra process, so call this from a script or the CLI (not from an interactive session or a
@@ -29,12 +30,12 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from mlpkg import registry
 from mlpkg.config import Settings
 from mlpkg.evaluation.uplift_metrics import (
     auuc,
@@ -400,7 +401,7 @@ def _log_model(
     registered_model_name: str | None,
     extra_metrics_fn: ExtraMetricsFn | None,
 ) -> TrainResult:
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = registry.make_client(tracking_uri)
     try:
         with tempfile.TemporaryDirectory() as art_dir:
             artifacts = write_model_artifacts(net, data.preprocessor, arms, art_dir)
@@ -443,10 +444,8 @@ def _log_model(
     version = None
     if registered_model_name is not None and info.registered_model_version is not None:
         version = str(info.registered_model_version)
-        for key, value in run_tags.items():
-            if not key.startswith("mlflow."):
-                client.set_model_version_tag(registered_model_name, version, key, value)
-        client.set_model_version_tag(registered_model_name, version, "mlflow_run_id", run_id)
+        lineage = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}
+        registry.tag_version(client, registered_model_name, version, {**lineage, "mlflow_run_id": run_id})
     return TrainResult(
         mlflow_run_id=run_id,
         model_uri=f"runs:/{run_id}/model",
@@ -455,64 +454,3 @@ def _log_model(
         test_frame=test_frame,
         arms=list(arms),
     )
-
-
-def load_uplift_model(model_uri: str, tracking_uri: str | None = None) -> UpliftPyfunc:
-    """Load a logged uplift model and return the unwrapped :class:`UpliftPyfunc`.
-
-    Args:
-        model_uri: ``models:/<name>@champion``, ``models:/<name>/<version>``, ``runs:/...`` or a path.
-        tracking_uri: Tracking/registry URI to resolve ``models:/`` and ``runs:/`` against; the
-            process-wide URI is used when ``None`` and is left unchanged either way.
-
-    Returns:
-        The loaded model, ready for :meth:`UpliftPyfunc.score_arrays`.
-    """
-    previous = mlflow.get_tracking_uri()
-    if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        loaded = mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
-    model = loaded.unwrap_python_model()
-    if not isinstance(model, UpliftPyfunc):
-        raise TypeError(f"{model_uri} is not a CouponOps uplift model: {type(model).__name__}")
-    return model
-
-
-def score_with_model(
-    model: str | mlflow.pyfunc.PyFuncModel | UpliftPyfunc,
-    df: pd.DataFrame,
-    chunk_size: int | None = None,
-    *,
-    tracking_uri: str | None = None,
-) -> dict[str, np.ndarray]:
-    """Score every arm for ``df`` with a logged model, bypassing DataFrame output.
-
-    Args:
-        model: A model URI (``models:/name@champion``, ``runs:/...``), a loaded pyfunc, or an
-            :class:`UpliftPyfunc`.
-        df: Raw customer features.
-        chunk_size: Rows per forward pass; defaults to the model's setting.
-        tracking_uri: Where to resolve a model URI (see :func:`load_uplift_model`).
-
-    Returns:
-        ``{"p_conv": [n, A], "revenue": [n, A], "uplift": [n, A]}`` float32 arrays (uplift is
-        relative to control, 0 in the control column) plus ``"arms"``, the arm names in column
-        order as an object array.
-    """
-    if isinstance(model, str):
-        model = load_uplift_model(model, tracking_uri)
-    if isinstance(model, mlflow.pyfunc.PyFuncModel):
-        model = model.unwrap_python_model()
-    if not isinstance(model, UpliftPyfunc):
-        raise TypeError(f"not a CouponOps uplift model: {type(model).__name__}")
-    scores = model.score_arrays(df, chunk_size)
-    p = scores["p_conv"]
-    return {
-        "p_conv": p,
-        "revenue": scores["revenue"],
-        "uplift": p - p[:, [model.control_index]],
-        "arms": np.asarray(model.arms, dtype=object),
-    }

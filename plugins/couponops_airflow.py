@@ -15,36 +15,42 @@ FEEDBACK = Asset("couponops://warehouse/feedback", group="couponops")
 
 DEFAULT_ARGS = {"owner": "couponops", "retries": 2, "retry_delay": 30, "retry_exponential_backoff": True}
 
-# Airflow connection id -> settings fields it fills (connections, never code, hold endpoints).
-_CONNECTIONS = {
-    "couponops_warehouse": "COUPONOPS_WAREHOUSE_URL",
-    "couponops_mlflow": "COUPONOPS_MLFLOW_TRACKING_URI",
-    "couponops_smtp": ("COUPONOPS_SMTP_HOST", "COUPONOPS_SMTP_PORT"),
-    "couponops_sms": "COUPONOPS_SMS_WEBHOOK_URL",
-    "couponops_push": "COUPONOPS_PUSH_WEBHOOK_URL",
-}
-
 
 def settings():  # noqa: ANN201 - returns mlpkg.config.Settings
-    """Return CouponOps settings, with endpoints taken from Airflow connections when defined."""
+    """Return CouponOps settings, with endpoints and credentials from Airflow connections when defined.
+
+    Which connection fills which settings, and how each connection type is read, lives in
+    :mod:`plugins.couponops_connections`; a connection that is not defined leaves the
+    ``COUPONOPS_*`` settings in force.
+    """
+    import os
+
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.sdk.log import mask_secret
 
     from mlpkg.config import Settings
+    from plugins.couponops_connections import (
+        CONNECTIONS,
+        mlflow_credentials_env,
+        settings_overrides,
+        url_quoted_secrets,
+    )
 
-    overrides = {}
-    for conn_id, target in _CONNECTIONS.items():
+    found = {}
+    for conn_id in CONNECTIONS:
         try:
             conn = BaseHook.get_connection(conn_id)
         except AirflowNotFoundException:
-            continue  # not configured in Airflow: the COUPONOPS_* settings apply
-        if isinstance(target, tuple):
-            overrides["smtp_host"], overrides["smtp_port"] = conn.host, conn.port
-        elif conn_id in ("couponops_warehouse", "couponops_mlflow"):
-            overrides[target.removeprefix("COUPONOPS_").lower()] = conn.get_uri()
-        else:
-            overrides[target.removeprefix("COUPONOPS_").lower()] = conn.host
-    return Settings(**overrides)
+            continue
+        # Airflow masks the password in task logs; the URLs built from it carry it percent-encoded.
+        for secret in url_quoted_secrets(conn):
+            mask_secret(secret)
+        found[conn_id] = conn
+    if "couponops_mlflow" in found:
+        # MLflow takes a server's login only from its own variables, read in this task's process.
+        os.environ.update(mlflow_credentials_env(found["couponops_mlflow"]))
+    return Settings(**settings_overrides(found))
 
 
 def run_context():  # noqa: ANN201 - returns mlpkg.stages.RunContext
@@ -64,6 +70,37 @@ def run_context():  # noqa: ANN201 - returns mlpkg.stages.RunContext
     )
 
 
+def schedule(name: str) -> str:
+    """Return the cron schedule of one DAG from the settings (``COUPONOPS_SCHEDULES__<NAME>``)."""
+    from mlpkg.config import Settings
+
+    return getattr(Settings().schedules, name)
+
+
+def skip_if_idle(result: dict) -> dict:
+    """Mark the running task skipped, with the stage's reason, when the stage had nothing to do."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if isinstance(result, dict) and result.get("skipped"):
+        raise AirflowSkipException(result.get("reason") or "nothing to do")
+    return result
+
+
+def annotate(asset: Asset, extra: dict) -> None:
+    """Attach ``extra`` to the asset event the running task emits (read by the consuming DAG)."""
+    from airflow.sdk import get_current_context
+
+    get_current_context()["outlet_events"][asset].extra = extra
+
+
+def triggering_extras() -> list[dict]:
+    """Return the extras of the asset events that triggered this run (empty for other runs)."""
+    from airflow.sdk import get_current_context
+
+    events = get_current_context().get("triggering_asset_events") or {}
+    return [dict(event.extra or {}) for key in events for event in events[key]]
+
+
 def conf(key: str, default=None):  # noqa: ANN001, ANN201
     """Read one value of the DAG run's conf (``airflow dags trigger -c '{...}'``)."""
     from airflow.sdk import get_current_context
@@ -77,7 +114,7 @@ def train_and_gate(upstream=None, log_names: list[str] | None = None):  # noqa: 
     """Wire ``upstream >> train -> gate`` (shared by the train and the retrain DAGs)."""
     from airflow.sdk import task
 
-    @task(outlets=[MODEL])
+    @task
     def train_model() -> dict:
         """Train on all logged data as of now, track in MLflow and register a version."""
         from mlpkg import stages
@@ -99,7 +136,27 @@ def train_and_gate(upstream=None, log_names: list[str] | None = None):  # noqa: 
             model_name=trained.get("model_name"),
         )
 
+    @task(outlets=[MODEL])
+    def publish_champion(decision: dict) -> dict:
+        """Emit the champion asset, with the new version, only when the champion actually changed."""
+        skip_if_idle(
+            {
+                "skipped": not decision.get("promoted"),
+                "reason": f"champion unchanged: {decision.get('reason')}",
+            }
+        )
+        annotate(
+            MODEL,
+            {
+                "model": decision.get("model_name"),
+                "version": str(decision.get("challenger_version")),
+                "previous": decision.get("champion_version"),
+                "reason": decision.get("reason"),
+            },
+        )
+        return decision
+
     trained = train_model()
     if upstream is not None:
         upstream >> trained
-    return gate_model(trained)
+    return publish_champion(gate_model(trained))

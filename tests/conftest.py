@@ -101,11 +101,12 @@ def _small_settings(state: Path, **extra):
 def ingested_template(tmp_path_factory):
     """A state folder with a 600-customer simulated shop already validated and loaded (built once)."""
     from mlpkg import stages
+    from mlpkg.simulator.lab import harness
 
     state = tmp_path_factory.mktemp("template") / "state"
     s = _small_settings(state)
     stages.init_stores(s)
-    batch = stages.land_simulated_batch(s, "initial")
+    batch = harness.land_simulated_batch(s, "initial")
     stages.ingest(s, batch["batch_dir"])
     return state
 

@@ -23,6 +23,35 @@ class OracleScorer:
 
 def use_oracle(monkeypatch, shop) -> None:
     """Make allocation load the oracle scorer instead of an MLflow model."""
-    import mlpkg.train
+    import mlpkg.registry
 
-    monkeypatch.setattr(mlpkg.train, "load_uplift_model", lambda uri, tracking_uri=None: OracleScorer(shop))
+    monkeypatch.setattr(
+        mlpkg.registry, "load_uplift_model", lambda uri, tracking_uri=None: OracleScorer(shop)
+    )
+
+
+def planted_contact(customer_id: str, channel: str) -> str:
+    """Return the planted address of a test customer on a channel (recognisable, valid format)."""
+    import zlib
+
+    if channel == "email":
+        return f"{customer_id.lower()}@planted.example"
+    if channel == "sms":
+        return f"+1555{zlib.crc32(customer_id.encode()) % 10**7:07d}"
+    return f"ptk-{customer_id}-{zlib.crc32(customer_id.encode()):08x}"
+
+
+def plant_contacts(session, customer_ids, channels=("email", "sms", "push")) -> None:
+    """Add customers (if missing) with planted contacts on ``channels`` only (others left empty)."""
+    from datetime import UTC, date, datetime
+
+    from mlpkg.db.models import Contact, Customer
+
+    for cid in customer_ids:
+        session.merge(Customer(customer_id=cid, signup_date=date(2025, 1, 1), region="north", device="ios",
+                               segment="regular"))
+    session.flush()  # without a relationship() the unit of work does not order the two tables
+    columns = {"email": "email", "sms": "phone", "push": "push_token"}
+    for cid in customer_ids:
+        values = {columns[ch]: planted_contact(cid, ch) for ch in channels}
+        session.merge(Contact(customer_id=cid, updated_at=datetime(2025, 1, 1, tzinfo=UTC), **values))

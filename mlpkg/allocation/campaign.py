@@ -22,11 +22,14 @@ import pandas as pd
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
+from mlpkg import registry
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
 from mlpkg.config import Settings
+from mlpkg.data import customer_features
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.validation import DataContractError, ValidationContext, validate_table
 
 CONTROL = "control"
 
@@ -307,8 +310,6 @@ def _gate_output(
     frame: pd.DataFrame, table: str, source: str, now: datetime, problems: Sequence[str] = ()
 ) -> None:
     """Validate a stage's output frame against ``table``'s suite; raise with every problem found."""
-    from mlpkg.validation import DataContractError, ValidationContext, validate_table
-
     report = validate_table(frame, table, context=ValidationContext(now=now), source=source)
     problems = ([] if report.success else [report.message()]) + list(problems)
     if problems:
@@ -342,14 +343,11 @@ def score_population(
     objective: str,
     customer_ids: list[str] | None = None,
 ) -> ScoredPopulation:
-    """Score customers' options as of ``as_of`` and apply consent, min-basket and cooldown.
+    """Score customers' options as of ``as_of`` and apply consent, reachability, min-basket and cooldown.
 
     With ``model_uri=None`` (cold start) a flat prior stands in for the model. ``customer_ids``
     limits scoring to those customers (one shard, see :mod:`mlpkg.allocation.shards`).
     """
-    from mlpkg.data import customer_features
-    from mlpkg.train import load_uplift_model
-
     cfg = settings.campaign
     feats = customer_features(engine, as_of, customer_ids).sort_values("customer_id").reset_index(drop=True)
     coupons, channels = read_offer(engine)
@@ -357,12 +355,13 @@ def score_population(
         consent = pd.read_sql(select(m.Consent).where(m.Consent.opted_in.is_(True)), conn)
     with session_scope(engine) as session:
         cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days), until=as_of)
+        reachable = q.reachable_customers(session)
     if model_uri is None:
         # Cold start: every live coupon x channel is an arm, scored with a flat prior (only used
         # for expected costs); the exploration share grows to use the budget.
         scorer = PriorScorer(coupons, channels)
     else:
-        scorer = load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
+        scorer = registry.load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
     scores = scorer.score_arrays(feats, chunk_size=cfg.score_chunk_size)
     model_arms = list(scorer.arms)
     ids = feats["customer_id"].to_numpy()
@@ -375,7 +374,9 @@ def score_population(
     consented = consent.groupby("channel")["customer_id"].agg(set).to_dict()
     eligible = np.zeros((n, k), dtype=bool)
     for j, arm in enumerate(catalog.arms):
-        eligible[:, j] = np.isin(ids, list(consented.get(arm.split("@")[1], ())))
+        channel = arm.split("@")[1]
+        # Consent to the channel and a contact on it: budget is never spent on a message that cannot go out.
+        eligible[:, j] = np.isin(ids, list(consented.get(channel, set()) & reachable.get(channel, set())))
     eligible &= basket >= catalog.min_basket[None, :]
     if cooldown:
         eligible &= ~np.isin(ids, list(cooldown))[:, None]

@@ -14,8 +14,12 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
+from mlpkg import registry
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
+from mlpkg.campaign_logs import log_arms_and_costs, log_feature_columns
 from mlpkg.config import Settings
+from mlpkg.db import models as m
+from mlpkg.db.engine import session_scope
 
 CONTROL = "control"
 
@@ -51,12 +55,6 @@ def allocate_imported(
     out: Path,
 ) -> dict:
     """Allocate a log's arms to the customers in ``customers_file`` within ``budget``; write ``out``."""
-    from mlpkg.campaign_logs import log_arms_and_costs, log_feature_columns
-    from mlpkg.db import models as m
-    from mlpkg.db.engine import session_scope
-    from mlpkg.registry import CHAMPION, alias_version, make_client
-    from mlpkg.train import load_uplift_model
-
     if budget < 0 or not np.isfinite(budget):
         raise ValueError(f"--budget must be a finite number >= 0, got {budget}")
     _, costs = log_arms_and_costs(engine, log_name)
@@ -66,14 +64,18 @@ def allocate_imported(
         id_column = (log.spec or {}).get("id_column", "customer_id")
         control_label = log.control_label
     model_name = f"{settings.registered_model_name}-{log_name}"
-    version = alias_version(make_client(settings.resolved_tracking_uri), model_name, CHAMPION)
+    version = registry.alias_version(
+        registry.make_client(settings.resolved_tracking_uri), model_name, registry.CHAMPION
+    )
     if version is None:
         raise LookupError(
             f"no champion for log {log_name!r} (model {model_name!r}); run `couponops train --log "
             f"{log_name}` first"
         )
     df = read_customers(customers_file, id_column, [*numeric, *categorical])
-    scorer = load_uplift_model(f"models:/{model_name}/{version}", tracking_uri=settings.resolved_tracking_uri)
+    scorer = registry.load_uplift_model(
+        f"models:/{model_name}/{version}", tracking_uri=settings.resolved_tracking_uri
+    )
     scores = scorer.score_arrays(df.rename(columns={id_column: "customer_id"}))
     arms = list(scorer.arms)
     treated = [a for a in arms if a != CONTROL]
@@ -111,7 +113,7 @@ def allocate_imported(
     picked = np.flatnonzero(result.choice >= 0)
     return {
         "log": log_name,
-        "model": f"{model_name}@{CHAMPION} (v{version})",
+        "model": f"{model_name}@{registry.CHAMPION} (v{version})",
         "customers": len(df),
         "treated": int(len(picked)),
         "spend": float(cost[picked, result.choice[picked]].sum()),

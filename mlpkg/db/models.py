@@ -98,6 +98,21 @@ class Consent(Base):
     updated_at: Mapped[datetime] = mapped_column(TS)
 
 
+class Contact(Base):
+    """Where one customer can be reached: email address, phone number, push token (each optional).
+
+    Contact details are personal data, kept apart from features: only delivery reads the addresses
+    (allocation asks only which customers are reachable on a channel).
+    """
+
+    __tablename__ = "contacts"
+    customer_id: Mapped[str] = mapped_column(ForeignKey("customers.customer_id"), primary_key=True)
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    phone: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    push_token: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
 class Event(Base):
     """A behaviour event (page view, search, cart add, message engagement)."""
 
@@ -219,7 +234,11 @@ class Allocation(Base):
 
 
 class Delivery(Base):
-    """Outbox row: one message to send; ``dedup_key`` makes sends exactly-once in effect."""
+    """Outbox row: one message to send; ``dedup_key`` makes sends exactly-once in effect.
+
+    A treated customer without a contact for the channel gets a ``skipped`` row (no recipient,
+    the reason in ``last_error``) so the ledger shows why no message went out.
+    """
 
     __tablename__ = "deliveries"
     delivery_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -228,7 +247,8 @@ class Delivery(Base):
     customer_id: Mapped[str] = mapped_column(String(64))
     channel: Mapped[str] = mapped_column(String(16))
     coupon_id: Mapped[str] = mapped_column(String(64))
-    recipient: Mapped[str] = mapped_column(String(256))
+    # None only for a skipped row (no contact for the channel; the reason is in last_error).
+    recipient: Mapped[str | None] = mapped_column(String(256), nullable=True)
     payload: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -240,7 +260,9 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(TS)
     sent_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'bounced')", name="status_known"),
+        CheckConstraint(
+            "status IN ('pending', 'sending', 'sent', 'failed', 'bounced', 'skipped')", name="status_known"
+        ),
         Index("ix_deliveries_status_channel", "status", "channel"),
     )
 
@@ -312,3 +334,20 @@ class RetrainDecision(Base):
     run_key: Mapped[str] = mapped_column(String(256))
     retrain: Mapped[bool] = mapped_column(Boolean)
     reasons: Mapped[dict] = mapped_column(JSON)
+
+
+class LandedBatch(Base):
+    """A landing-zone drop that was handled (loaded or quarantined): each is read exactly once."""
+
+    __tablename__ = "landed_batches"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    drop_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    exported_at: Mapped[datetime] = mapped_column(TS)
+    status: Mapped[str] = mapped_column(String(16))
+    handled_at: Mapped[datetime] = mapped_column(TS)
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    __table_args__ = (
+        CheckConstraint("kind IN ('batches', 'feedback')", name="kind_known"),
+        CheckConstraint("status IN ('loaded', 'quarantined')", name="status_known"),
+    )

@@ -295,3 +295,80 @@ def ping(session: Session) -> bool:
 def ids_in(values: Iterable[str]) -> list[str]:
     """Return a de-duplicated, sorted list of ids (stable order for queries and hashes)."""
     return sorted(set(values))
+
+
+def feedback_event_count(session: Session, campaign_id: str) -> int:
+    """Count the feedback events stored for a campaign (late arrivals raise it)."""
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(m.FeedbackEvent)
+            .where(m.FeedbackEvent.campaign_id == campaign_id)
+        ).scalar_one()
+    )
+
+
+def send_span(session: Session, campaign_id: str) -> tuple[datetime | None, datetime | None]:
+    """Return the wall-clock times of a campaign's first and last sent messages (None, None if none)."""
+    first, last = session.execute(
+        select(func.min(m.Delivery.sent_at), func.max(m.Delivery.sent_at)).where(
+            m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent"
+        )
+    ).one()
+    return first, last
+
+
+def handled_drop_ids(session: Session, kind: str) -> set[str]:
+    """Return the ids of the landing-zone drops of one kind already loaded or quarantined."""
+    return set(session.execute(select(m.LandedBatch.drop_id).where(m.LandedBatch.kind == kind)).scalars())
+
+
+def record_landed_drop(
+    session: Session,
+    *,
+    kind: str,
+    drop_id: str,
+    url: str,
+    exported_at: datetime,
+    status: str,
+    detail: dict,
+    now: datetime,
+) -> None:
+    """Record that a landing-zone drop was handled (``loaded`` or ``quarantined``)."""
+    session.add(
+        m.LandedBatch(
+            kind=kind,
+            drop_id=drop_id,
+            url=url,
+            exported_at=exported_at,
+            status=status,
+            handled_at=now,
+            detail=detail,
+        )
+    )
+
+
+def newest_export(
+    session: Session, *, kind: str | None = None, handled_after: datetime | None = None
+) -> datetime | None:
+    """Return the export time of the newest loaded drop (of one kind, loaded after a moment), or None."""
+    stmt = select(func.max(m.LandedBatch.exported_at)).where(m.LandedBatch.status == "loaded")
+    if kind is not None:
+        stmt = stmt.where(m.LandedBatch.kind == kind)
+    if handled_after is not None:
+        stmt = stmt.where(m.LandedBatch.handled_at >= handled_after)
+    value = session.execute(stmt).scalar_one_or_none()
+    return None if value is None else as_utc(value).to_pydatetime()
+
+
+# The contact column that reaches a customer on each channel.
+CONTACT_COLUMN_OF_CHANNEL = {"email": "email", "sms": "phone", "push": "push_token"}
+
+
+def reachable_customers(session: Session) -> dict[str, set[str]]:
+    """Return, per channel, the ids of the customers with a contact on it (ids only, never addresses)."""
+    out: dict[str, set[str]] = {}
+    for channel, column in CONTACT_COLUMN_OF_CHANNEL.items():
+        attr = getattr(m.Contact, column)
+        out[channel] = set(session.execute(select(m.Contact.customer_id).where(attr.is_not(None))).scalars())
+    return out

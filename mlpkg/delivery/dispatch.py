@@ -40,6 +40,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ from mlpkg.delivery.outbox import (
     mark_sent,
     next_due_at,
     release_claims,
+    skipped_reasons,
     status_counts,
 )
 from mlpkg.delivery.senders import (
@@ -117,6 +119,16 @@ class DispatchStats:
     def as_dict(self) -> dict[str, int]:
         """Return the counts as a plain dict (JSON/XCom friendly)."""
         return asdict(self)
+
+
+def redact_recipient(text: str, delivery: Delivery) -> str:
+    """Return ``text`` with the delivery's recipient replaced, so log lines carry no address.
+
+    Receivers often quote the address in their errors (``SMTP 550 for a@b.example``); the
+    outbox row keeps the full error, the log gets the redacted one.
+    """
+    recipient = delivery.recipient
+    return text.replace(recipient, "<recipient>") if recipient else text
 
 
 def message_for(delivery: Delivery) -> OutboundMessage:
@@ -223,7 +235,7 @@ def _deliver_one(
             recorded = mark_bounced(session, delivery, str(exc))
         if recorded:
             stats.bounced += 1
-        logger.info("delivery %s bounced: %s", delivery.dedup_key, exc)
+        logger.info("delivery %s bounced: %s", delivery.dedup_key, redact_recipient(str(exc), delivery))
         return
     except RetryableSendError as exc:
         _record_failure(engine, delivery, str(exc), True, settings, now_fn, stats)
@@ -231,7 +243,14 @@ def _deliver_one(
     except Exception as exc:
         # A sender bug must not leave the row 'sending' until its lease expires; it is retried
         # like a transient error and ends 'failed' after the last attempt.
-        logger.exception("sender raised unexpectedly for %s", delivery.dedup_key)
+        # The frames without the exception's own text, which may quote the recipient.
+        logger.error(
+            "sender raised unexpectedly for %s: %s: %s\n%s",
+            delivery.dedup_key,
+            type(exc).__name__,
+            redact_recipient(str(exc), delivery),
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
         _record_failure(engine, delivery, f"{type(exc).__name__}: {exc}", True, settings, now_fn, stats)
         return
     with session_scope(engine) as session:
@@ -263,7 +282,11 @@ def _record_failure(
     elif status == "pending":
         stats.retried += 1
     logger.info(
-        "delivery %s attempt %d failed (%s): %s", delivery.dedup_key, delivery.attempts, status, error
+        "delivery %s attempt %d failed (%s): %s",
+        delivery.dedup_key,
+        delivery.attempts,
+        status,
+        redact_recipient(error, delivery),
     )
 
 
@@ -284,8 +307,10 @@ def deliver_campaign(
     """Enqueue a campaign's messages and dispatch them until none is left to send.
 
     Retries scheduled within ``max_wait_seconds`` are waited for; later ones stay ``pending``
-    for the next run. The campaign moves from ``allocated`` to ``delivered`` once every one of
-    its deliveries is terminal (sent, failed or bounced). Re-running is harmless.
+    for the next run. Treated customers without a contact for their channel are recorded as
+    ``skipped`` and never sent. The campaign moves from ``allocated`` to ``delivered`` once every
+    one of its deliveries is terminal (sent, failed, bounced or skipped). Re-running is harmless.
+    The summary and the log carry counts only, never an address.
 
     Args:
         engine: Warehouse engine.
@@ -301,13 +326,22 @@ def deliver_campaign(
         sleep_fn: How to wait for a retry (tests pass a fake).
 
     Returns:
-        ``campaign_id``, ``enqueued`` (rows added now), the campaign's delivery count per status,
-        ``dispatched`` (this run's :class:`DispatchStats` as a dict) and ``campaign_status``.
+        ``campaign_id``, ``enqueued`` (rows added now), the campaign's delivery count per status
+        (``skipped`` included), ``skipped_reasons`` (count per reason, e.g. ``{"no sms contact":
+        3}``), ``dispatched`` (this run's :class:`DispatchStats` as a dict) and ``campaign_status``.
     """
     with session_scope(engine) as session:
-        enqueued = enqueue_campaign(session, campaign_id, now=now)
+        campaign = session.get(Campaign, campaign_id)
+        # On the data clock (a simulated shop's fast clock) messages go out at the campaign's as-of.
+        stamp = campaign.as_of if campaign is not None and settings.clock == "data" else now
+        enqueued = enqueue_campaign(session, campaign_id, now=now, sent_at=stamp)
+        # Only channels with something to send need a sender (skipped rows are never claimed).
         channels = sorted(
-            session.scalars(select(Delivery.channel).where(Delivery.campaign_id == campaign_id).distinct())
+            session.scalars(
+                select(Delivery.channel)
+                .where(Delivery.campaign_id == campaign_id, Delivery.status != "skipped")
+                .distinct()
+            )
         )
     owned = senders is None
     active = build_senders(settings, channels) if senders is None else senders
@@ -328,8 +362,9 @@ def deliver_campaign(
             )
             stats = stats + run
             with session_scope(engine) as session:
-                due = next_due_at(session, campaign_id=campaign_id, channel=sorted(active),
-                                  lease_seconds=lease_seconds)
+                due = next_due_at(
+                    session, campaign_id=campaign_id, channel=sorted(active), lease_seconds=lease_seconds
+                )
             if due is None:
                 break
             wait = (due - as_utc(now_fn())).total_seconds()
@@ -344,6 +379,7 @@ def deliver_campaign(
                 sender.close()
     with session_scope(engine) as session:
         counts = status_counts(session, campaign_id)
+        reasons = skipped_reasons(session, campaign_id)
         unfinished = exists().where(
             Delivery.campaign_id == campaign_id, Delivery.status.in_(("pending", "sending"))
         )
@@ -354,10 +390,22 @@ def deliver_campaign(
             .execution_options(synchronize_session=False)
         )
         campaign_status = session.scalar(select(Campaign.status).where(Campaign.campaign_id == campaign_id))
+    logger.info(
+        "campaign %s delivery: %d enqueued now, %d sent, %d skipped (%s), %d failed, %d bounced, %d pending",
+        campaign_id,
+        enqueued,
+        counts["sent"],
+        counts["skipped"],
+        ", ".join(f"{reason}: {n}" for reason, n in reasons.items()) or "none",
+        counts["failed"],
+        counts["bounced"],
+        counts["pending"] + counts["sending"],
+    )
     return {
         "campaign_id": campaign_id,
         "enqueued": enqueued,
         **counts,
+        "skipped_reasons": reasons,
         "dispatched": stats.as_dict(),
         "campaign_status": campaign_status,
     }

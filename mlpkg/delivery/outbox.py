@@ -8,6 +8,12 @@ moves through these states::
        |                | \----mark_failed (last attempt)---> failed
        +--mark_failed---+      (retryable: due again after an exponential backoff)
 
+    skipped  (terminal from the start: the customer has no contact for the channel)
+
+Recipients come from the ``contacts`` table (email address, phone number, push token). A treated
+customer without a contact for the arm's channel is never sent anything: the row is written as
+``skipped`` with no recipient and the reason (``"no sms contact"``) in ``last_error``.
+
 A ``sending`` row whose claim is older than the lease (its worker died mid-send) is due again
 and is claimed as it is.
 
@@ -18,8 +24,6 @@ function takes the session as an argument and leaves the commit to the caller.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,14 +31,15 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from mlpkg.db.models import Allocation, Coupon, Delivery
+from mlpkg.db.models import Allocation, Contact, Coupon, Delivery
 
-TERMINAL_STATUSES: tuple[str, ...] = ("sent", "failed", "bounced")
+TERMINAL_STATUSES: tuple[str, ...] = ("sent", "failed", "bounced", "skipped")
 STATUSES: tuple[str, ...] = ("pending", "sending", *TERMINAL_STATUSES)
 # Policies whose allocation rows carry a coupon to send; control rows get no message.
 SENDING_POLICIES: tuple[str, ...] = ("model", "explore")
+#: The ``contacts`` column that holds a customer's address on each channel.
+CONTACT_COLUMN_OF_CHANNEL: dict[str, str] = {"email": "email", "sms": "phone", "push": "push_token"}
 _INSERT_CHUNK = 500
-_SAFE_LOCAL_PART = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 
 
 def as_utc(value: datetime) -> datetime:
@@ -51,24 +56,32 @@ def dedup_key_for(campaign_id: str, customer_id: str, channel: str) -> str:
     return f"{campaign_id}:{customer_id}:{channel}"
 
 
-def recipient_for(customer_id: str, channel: str) -> str:
-    """Return the deterministic address of ``customer_id`` on ``channel``.
+def recipient_for(contact: Contact | None, channel: str) -> str | None:
+    """Return the address of a customer on ``channel`` from their contact row.
 
-    The warehouse holds no contact data, so addresses are derived from the customer id: an
-    email address, an E.164-style number in the fictional +1-555 range, or a push device token.
+    Args:
+        contact: The customer's ``contacts`` row, or None when the shop sent none.
+        channel: ``email`` (the email address), ``sms`` (the phone number) or ``push`` (the
+            push token).
+
+    Returns:
+        The address, or None when the customer has no contact for that channel.
 
     Raises:
         ValueError: ``channel`` is not email, sms or push.
     """
-    digest = hashlib.sha256(f"{channel}:{customer_id}".encode()).hexdigest()
-    if channel == "email":
-        local = customer_id if _SAFE_LOCAL_PART.match(customer_id) else f"c-{digest[:20]}"
-        return f"{local}@customers.example"
-    if channel == "sms":
-        return f"+1555{int(digest[:12], 16) % 10**7:07d}"
-    if channel == "push":
-        return f"device-{digest[:32]}"
-    raise ValueError(f"unknown channel {channel!r}; expected email, sms or push")
+    if channel not in CONTACT_COLUMN_OF_CHANNEL:
+        raise ValueError(f"unknown channel {channel!r}; expected one of {sorted(CONTACT_COLUMN_OF_CHANNEL)}")
+    if contact is None:
+        return None
+    value = getattr(contact, CONTACT_COLUMN_OF_CHANNEL[channel])
+    value = value.strip() if isinstance(value, str) else None
+    return value or None
+
+
+def skip_reason(channel: str) -> str:
+    """Return the reason recorded on a delivery skipped for want of a contact on ``channel``."""
+    return f"no {channel} contact"
 
 
 def describe_offer(coupon: Coupon | None, coupon_id: str) -> str:
@@ -88,14 +101,18 @@ def describe_offer(coupon: Coupon | None, coupon_id: str) -> str:
     return text
 
 
-def render_payload(campaign_id: str, customer_id: str, channel: str, coupon_id: str, offer: str) -> dict:
-    """Return the JSON payload of one message: ids plus the subject and body texts."""
+def render_payload(
+    campaign_id: str,
+    customer_id: str,
+    channel: str,
+    coupon_id: str,
+    offer: str,
+    sent_at: datetime | None = None,
+) -> dict:
+    """Return the JSON payload of one message: ids, the send time (campaign time) and the texts."""
     subject = f"A coupon for you: {offer}"
     if channel == "email":
-        body = (
-            f"Hello,\n\nuse code {coupon_id} at checkout to get {offer}.\n\n"
-            f"(campaign {campaign_id})\n"
-        )
+        body = f"Hello,\n\nuse code {coupon_id} at checkout to get {offer}.\n\n(campaign {campaign_id})\n"
     else:
         # SMS and push bodies stay within one short segment.
         body = f"Your code {coupon_id}: {offer}."
@@ -104,28 +121,37 @@ def render_payload(campaign_id: str, customer_id: str, channel: str, coupon_id: 
         "customer_id": customer_id,
         "channel": channel,
         "coupon_id": coupon_id,
+        "sent_at": as_utc(sent_at).isoformat() if sent_at is not None else None,
         "subject": subject,
         "body": body,
     }
 
 
-def enqueue_campaign(session: Session, campaign_id: str, *, now: datetime) -> int:
-    """Insert one pending delivery per coupon-carrying allocation of a campaign.
+def enqueue_campaign(
+    session: Session, campaign_id: str, *, now: datetime, sent_at: datetime | None = None
+) -> int:
+    """Insert one delivery per coupon-carrying allocation of a campaign.
 
-    Only ``model`` and ``explore`` allocations with a coupon and a channel produce a message.
-    Re-running is harmless: rows whose ``dedup_key`` already exists are left untouched.
+    Only ``model`` and ``explore`` allocations with a coupon and a channel produce a row. The
+    recipient is looked up in ``contacts``: with one the row is ``pending``; without a contact
+    for the channel it is ``skipped`` with the reason (``"no email contact"``) in ``last_error``
+    and is never sent. Re-running is harmless: rows whose ``dedup_key`` already exists are left
+    untouched (a skipped row stays skipped even if contacts arrive later: the campaign's
+    measurement window has started).
 
     Args:
         session: Open session; the caller commits.
         campaign_id: The campaign whose allocation ledger is read.
         now: Creation time of new rows.
+        sent_at: The send time the messages state, on the campaign's clock (default ``now``).
 
     Returns:
-        The number of rows added by this call.
+        The number of rows added by this call (pending and skipped).
     """
     now = as_utc(now)
     allocations = session.execute(
-        select(Allocation.customer_id, Allocation.channel, Allocation.coupon_id)
+        select(Allocation.customer_id, Allocation.channel, Allocation.coupon_id, Contact)
+        .outerjoin(Contact, Contact.customer_id == Allocation.customer_id)
         .where(
             Allocation.campaign_id == campaign_id,
             Allocation.policy.in_(SENDING_POLICIES),
@@ -141,23 +167,26 @@ def enqueue_campaign(session: Session, campaign_id: str, *, now: datetime) -> in
         c.coupon_id: c for c in session.scalars(select(Coupon).where(Coupon.coupon_id.in_(coupon_ids)))
     }
     offers = {cid: describe_offer(coupons.get(cid), cid) for cid in coupon_ids}
-    rows = [
-        {
-            "dedup_key": dedup_key_for(campaign_id, a.customer_id, a.channel),
-            "campaign_id": campaign_id,
-            "customer_id": a.customer_id,
-            "channel": a.channel,
-            "coupon_id": a.coupon_id,
-            "recipient": recipient_for(a.customer_id, a.channel),
-            "payload": render_payload(
-                campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id]
-            ),
-            "status": "pending",
-            "attempts": 0,
-            "created_at": now,
-        }
-        for a in allocations
-    ]
+    rows = []
+    for a in allocations:
+        recipient = recipient_for(a.Contact, a.channel)
+        rows.append(
+            {
+                "dedup_key": dedup_key_for(campaign_id, a.customer_id, a.channel),
+                "campaign_id": campaign_id,
+                "customer_id": a.customer_id,
+                "channel": a.channel,
+                "coupon_id": a.coupon_id,
+                "recipient": recipient,
+                "payload": render_payload(
+                    campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id], sent_at or now
+                ),
+                "status": "pending" if recipient else "skipped",
+                "attempts": 0,
+                "last_error": None if recipient else skip_reason(a.channel),
+                "created_at": now,
+            }
+        )
     added = 0
     for start in range(0, len(rows), _INSERT_CHUNK):
         added += _insert_missing(session, rows[start : start + _INSERT_CHUNK])
@@ -272,8 +301,12 @@ def claim_batch(
         claimed = list(
             session.scalars(
                 select(Delivery)
-                .where(chosen, Delivery.status == "sending", Delivery.claimed_by == worker_id,
-                       Delivery.claimed_at == now)
+                .where(
+                    chosen,
+                    Delivery.status == "sending",
+                    Delivery.claimed_by == worker_id,
+                    Delivery.claimed_at == now,
+                )
                 .execution_options(populate_existing=True)
             )
         )
@@ -397,6 +430,19 @@ def release_claims(session: Session, deliveries: Sequence[Delivery]) -> int:
         )
         released += result.rowcount
     return released
+
+
+def skipped_reasons(session: Session, campaign_id: str | None = None) -> dict[str, int]:
+    """Return how many deliveries were skipped for each reason (e.g. ``{"no sms contact": 3}``)."""
+    stmt = (
+        select(Delivery.last_error, func.count())
+        .where(Delivery.status == "skipped")
+        .group_by(Delivery.last_error)
+        .order_by(Delivery.last_error)
+    )
+    if campaign_id is not None:
+        stmt = stmt.where(Delivery.campaign_id == campaign_id)
+    return {str(reason): int(n) for reason, n in session.execute(stmt)}
 
 
 def status_counts(session: Session, campaign_id: str | None = None) -> dict[str, int]:

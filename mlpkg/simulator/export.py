@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,90 @@ def consent_frame(pop: Population, rows: np.ndarray, cfg: ShopConfig) -> pd.Data
         )
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values(["customer_id", "channel"], kind="stable", ignore_index=True)
+
+
+FIRST_NAMES = np.array(
+    "ava ben chloe daniel emma felix grace hugo isla jack kira liam maya noah olivia paul quinn rosa sam "
+    "tara umar vera will yara".split(),
+    dtype=object,
+)
+LAST_NAMES = np.array(
+    "adams brown clark davis evans fischer garcia hill ito jones khan lopez miller nowak okafor patel "
+    "rossi smith tanaka walker young zhang".split(),
+    dtype=object,
+)
+# Besides everyone who consented to a channel (the shop needs the address to honour the consent),
+# some customers left an address without consenting: most give an email at checkout, fewer a
+# phone number, and only app users (mostly mobile) have a push token.
+_EXTRA_EMAIL_RATE = 0.6
+_EXTRA_PHONE_RATE = 0.1
+_EXTRA_PUSH_RATE = {"mobile": 0.1, "desktop": 0.02}
+
+
+@dataclass
+class ContactBook:
+    """Contact details of customers, row i = customer i; ``""`` means no contact on that channel."""
+
+    email: np.ndarray
+    phone: np.ndarray
+    push_token: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[ContactBook]) -> ContactBook:
+        """Stack contact books (e.g. of the initial customers and later signups)."""
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+
+def draw_contacts(pop: Population, rng: np.random.Generator) -> ContactBook:
+    """Draw the contact details of customers ``pop`` from their own random stream.
+
+    A customer who consented to a channel always has a contact on it; others have an email
+    address often, a phone number rarely and a push token rarely (mostly on mobile devices).
+
+    Args:
+        pop: The customers (their consent and device decide who has which contact).
+        rng: The contacts' random stream: the world's other draws never see it.
+
+    Returns:
+        Addresses ``<first>.<last>.<n>@example.com`` (n = the customer's number, so unique),
+        numbers in the fictional +1-555 range, and 32-hex-digit push tokens.
+    """
+    n = len(pop)
+    ch = {c: i for i, c in enumerate(CHANNELS)}
+    first = FIRST_NAMES[rng.integers(0, len(FIRST_NAMES), n)]
+    last = LAST_NAMES[rng.integers(0, len(LAST_NAMES), n)]
+    u = rng.random((n, len(CHANNELS)))
+    digits = rng.integers(0, 10**7, n)
+    token_bytes = rng.bytes(16 * n)
+    mobile = pop.device != "desktop"
+    push_rate = np.where(mobile, _EXTRA_PUSH_RATE["mobile"], _EXTRA_PUSH_RATE["desktop"])
+    has_email = pop.consent[:, ch["email"]] | (u[:, ch["email"]] < _EXTRA_EMAIL_RATE)
+    has_phone = pop.consent[:, ch["sms"]] | (u[:, ch["sms"]] < _EXTRA_PHONE_RATE)
+    has_push = pop.consent[:, ch["push"]] | (u[:, ch["push"]] < push_rate)
+    number = [int(cid[1:]) for cid in pop.customer_id]
+    email = np.array(
+        [f"{f}.{a}.{k}@example.com" for f, a, k in zip(first, last, number, strict=True)], dtype=object
+    )
+    phone = np.array([f"+1555{d:07d}" for d in digits], dtype=object)
+    token = np.array([token_bytes[16 * i : 16 * (i + 1)].hex() for i in range(n)], dtype=object)
+    return ContactBook(
+        email=np.where(has_email, email, "").astype(object),
+        phone=np.where(has_phone, phone, "").astype(object),
+        push_token=np.where(has_push, token, "").astype(object),
+    )
+
+
+def contacts_frame(pop: Population, book: ContactBook, rows: np.ndarray) -> pd.DataFrame:
+    """Return ``contacts.csv`` rows for customers ``rows`` (one per customer, given at signup)."""
+    return pd.DataFrame(
+        {
+            "customer_id": pop.customer_id[rows],
+            "email": book.email[rows],
+            "phone": book.phone[rows],
+            "push_token": book.push_token[rows],
+            "updated_at": iso(pop.signup[rows]) if len(rows) else np.array([], dtype=object),
+        }
+    )
 
 
 def channels_frame(cfg: ShopConfig) -> pd.DataFrame:

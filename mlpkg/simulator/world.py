@@ -28,10 +28,13 @@ from mlpkg.simulator.behaviour import (
 from mlpkg.simulator.export import (
     CAMPAIGN_LOG_COLUMNS,
     FEEDBACK_COLUMNS,
+    ContactBook,
     channels_frame,
     consent_frame,
+    contacts_frame,
     coupons_frame,
     customers_frame,
+    draw_contacts,
     events_table,
     iso,
     orders_frame,
@@ -52,6 +55,8 @@ _COUPON_VALIDITY_DAYS = 30
 # Independent random streams, so drawing more of one thing never shifts another.
 _STREAM_POPULATION, _STREAM_HISTORY, _STREAM_CAMPAIGN, _STREAM_CAMPAIGN_ROWS = 1, 2, 3, 4
 _STREAM_RESPOND, _STREAM_SIGNUPS, _STREAM_ADVANCE = 5, 100, 200
+# Contact details of population part k (0 = the initial customers) come from (300, k).
+_STREAM_CONTACTS = 300
 
 
 class Shop:
@@ -121,6 +126,10 @@ class Shop:
     def customer_ids(self) -> list[str]:
         """Ids of every customer who has signed up by ``now``."""
         return self._pop.customer_id.tolist()
+
+    def signed_up_before(self, ts: pd.Timestamp) -> list[str]:
+        """Return the ids of the customers who had signed up before ``ts``."""
+        return self._pop.customer_id[self._pop.signup < to_seconds(ts)].tolist()
 
     def _indices(self, customer_ids: Sequence[str]) -> np.ndarray:
         ids = pd.Index(np.asarray(customer_ids, dtype=object))
@@ -338,6 +347,12 @@ class Shop:
     def _population_upto(self, period: int) -> Population:
         return self._parts[0] if period == 0 else Population.concat(self._parts[: period + 1])
 
+    def _contacts_upto(self, period: int) -> ContactBook:
+        """Return the contact details of the customers of ``_population_upto(period)``."""
+        parts = self._parts[: period + 1]
+        books = [draw_contacts(part, self._rng(_STREAM_CONTACTS, k)) for k, part in enumerate(parts)]
+        return books[0] if len(books) == 1 else ContactBook.concat(books)
+
     def _activity(self, period: int) -> Activity:
         """Draw the everyday activity of one period (period 0 = the initial history)."""
         start, end = self._bounds[period]
@@ -388,16 +403,16 @@ class Shop:
 
         The first export holds the whole history up to ``now`` and the past campaign
         (``campaign_log.csv``); each later batch holds only the events and orders drawn since the
-        previous export, plus full customers, consent, channels and coupons. Exporting the same
-        batch name again rewrites the same content.
+        previous export, plus full customers, contacts, consent, channels and coupons. Exporting
+        the same batch name again rewrites the same content.
 
         Args:
             out_dir: The batch folder to write into (created if missing).
             batch: The batch's name.
 
         Returns:
-            File paths keyed by table name (``customers``, ``consent``, ``channels``, ``coupons``,
-            ``events``, ``orders``, and ``campaign_log`` when present).
+            File paths keyed by table name (``customers``, ``contacts``, ``consent``,
+            ``channels``, ``coupons``, ``events``, ``orders``, and ``campaign_log`` when present).
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -412,6 +427,9 @@ class Shop:
         cfg = self.config
         paths = {
             "customers": write_csv(customers_frame(pop, rows), out_dir / "customers.csv"),
+            "contacts": write_csv(
+                contacts_frame(pop, self._contacts_upto(last), rows), out_dir / "contacts.csv"
+            ),
             "consent": write_csv(consent_frame(pop, rows, cfg), out_dir / "consent.csv"),
             "channels": write_csv(channels_frame(cfg), out_dir / "channels.csv"),
             "coupons": write_csv(

@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 DEFAULT_CHANNELS: frozenset[str] = frozenset({"email", "sms", "push"})
 #: Largest plausible single revenue value; a 1e12 order is a unit or parsing bug, not a sale.
 DEFAULT_REVENUE_CAP = 1e6
+#: Contact formats of ``contacts.csv`` (an empty value means "no contact on that channel"):
+#: an address ``local@domain.tld`` of at most 320 characters without spaces,
+EMAIL_PATTERN = r"^(?=.{3,320}$)[^@\s]+@[^@\s]+\.[^@\s.]+$"
+#: a phone number in E.164 form (``+`` then 7 to 15 digits, the first not 0),
+PHONE_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+#: and a push token of 8 to 512 visible characters.
+PUSH_TOKEN_PATTERN = r"^[\x21-\x7e]{8,512}$"
+#: Columns holding personal data, per table: a failure's example rows show them only when the
+#: failure is about that column, so an error message never spreads a customer's other contacts.
+PERSONAL_COLUMNS: dict[str, frozenset[str]] = {"contacts": frozenset({"email", "phone", "push_token"})}
 #: How many failing rows a failure keeps and a message shows.
 MAX_SAMPLE_ROWS = 5
 # Sources with these endings are files (named by file name in messages); others are stage outputs.
@@ -179,6 +189,19 @@ class Failure:
             "failing_count": int(self.failing_count),
             "sample_rows": [{k: plain_value(v) for k, v in row.items()} for row in self.sample_rows],
         }
+
+
+def without_personal_data(failure: Failure, table: str) -> Failure:
+    """Return ``failure`` with the table's personal columns dropped from its example rows.
+
+    The column the failure is about stays (the message must show the bad value); the others go.
+    """
+    personal = PERSONAL_COLUMNS.get(table)
+    if not personal or not failure.sample_rows:
+        return failure
+    named = set((failure.column or "").split("+"))
+    rows = [{k: v for k, v in row.items() if k not in personal or k in named} for row in failure.sample_rows]
+    return replace(failure, sample_rows=rows)
 
 
 @dataclass

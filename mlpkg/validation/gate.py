@@ -46,6 +46,7 @@ from mlpkg.validation.contract import (
     ValidationContext,
     ValidationReport,
     plain_value,
+    without_personal_data,
 )
 from mlpkg.validation.readers import RAW_SCHEMAS, find_table_files, read_table
 from mlpkg.validation.suites import SUITE_TABLES, build_suite
@@ -57,8 +58,8 @@ QUARANTINE_RESULT_FILE = "validation_result.json"
 #: Tables read first in a batch: the others are checked against their ids.
 _REFERENCE_TABLES = ("customers", "coupons", "channels")
 #: Tables whose ``customer_id`` / ``coupon_id`` must exist in the known ids.
-_CUSTOMER_REF_TABLES = ("consent", "events", "orders", "campaign_log", "feedback", "allocations",
-                        "deliveries", "model_scores", "feature_snapshot")
+_CUSTOMER_REF_TABLES = ("contacts", "consent", "events", "orders", "campaign_log", "feedback",
+                        "allocations", "deliveries", "model_scores", "feature_snapshot")
 _COUPON_REF_TABLES = ("orders", "campaign_log", "feedback", "allocations", "deliveries")
 
 
@@ -289,6 +290,8 @@ def validate_table(
             columns = DEFAULT_DRIFT_COLUMNS.get(table) or [c for c in numeric if c != "customer_id"]
         report.warnings += check_drift(frame, context.reference[table], columns,
                                        threshold=context.psi_threshold)
+    report.failures = [without_personal_data(f, table) for f in report.failures]
+    report.warnings = [without_personal_data(w, table) for w in report.warnings]
     return report
 
 

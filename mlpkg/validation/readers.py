@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from mlpkg.validation.contract import MAX_SAMPLE_ROWS, DataContractError, Failure
+from mlpkg.validation.contract import MAX_SAMPLE_ROWS, DataContractError, Failure, without_personal_data
 
 ColumnKind = Literal["id", "str", "float", "int", "flag", "timestamp", "date"]
 
@@ -91,6 +91,13 @@ RAW_SCHEMAS: dict[str, TableSchema] = {
             "customers",
             _cols(("customer_id", "id"), ("signup_date", "date"), ("region", "str"),
                   ("device", "str"), ("segment", "str")),
+            key=("customer_id",),
+        ),
+        # Personal data: read by delivery only, never by features, training or MLflow.
+        TableSchema(
+            "contacts",
+            _cols(("customer_id", "id"), ("email", "str", True), ("phone", "str", True),
+                  ("push_token", "str", True), ("updated_at", "timestamp")),
             key=("customer_id",),
         ),
         TableSchema(
@@ -299,13 +306,13 @@ def _coerce_frame(path: Path, schema: TableSchema, raw: pd.DataFrame,
                 (f"line {s['_line']}" if "_line" in s else f"row {s['_row']}") + f" = {s[spec.name]!r}"
                 for s in samples
             )
-            failures.append(Failure(
+            failures.append(without_personal_data(Failure(
                 f"parse_{spec.kind}",
                 spec.name,
                 f"values in '{spec.name}' must parse as {_KIND_WORDS[spec.kind]}; bad: {where}",
                 n_bad,
                 samples,
-            ))
+            ), schema.name))
     if failures:
         raise _fail(path, failures, f"{len(failures)} column(s) hold values of the wrong type")
     frame = pd.DataFrame(out, index=raw.index)

@@ -18,7 +18,7 @@ import great_expectations.expectations as gxe
 import pandas as pd
 from great_expectations.expectations.row_conditions import Column
 
-from mlpkg.validation.contract import ValidationContext
+from mlpkg.validation.contract import EMAIL_PATTERN, PHONE_PATTERN, PUSH_TOKEN_PATTERN, ValidationContext
 from mlpkg.validation.readers import RAW_SCHEMAS
 
 #: Tables the product writes (checked before they leave a stage).
@@ -54,6 +54,7 @@ PRODUCT_KEYS: dict[str, tuple[str, ...]] = {
 #: dates are absent on purpose: a coupon may be valid until next month.
 TIMESTAMP_SANITY: dict[str, tuple[str, ...]] = {
     "customers": ("signup_date",),
+    "contacts": ("updated_at",),
     "consent": ("updated_at",),
     "events": ("ts",),
     "orders": ("ts",),
@@ -135,6 +136,12 @@ def _between(
     return gxe.ExpectColumnValuesToBeBetween(**kwargs)
 
 
+def _matches_or_empty(col: str, pattern: str, what: str) -> gxe.Expectation:
+    return gxe.ExpectColumnValuesToMatchRegex(
+        column=col, regex=f"^$|{pattern}", description=f"{col} must be {what} or empty"
+    )
+
+
 def _ts_sane(col: str, ctx: ValidationContext) -> gxe.Expectation:
     lo, hi = pd.Timestamp(ctx.shop_opened), pd.Timestamp(ctx.now)
     return gxe.ExpectColumnValuesToBeBetween(
@@ -148,6 +155,12 @@ def _raw_extras(table: str, ctx: ValidationContext) -> list[gxe.Expectation]:
     cap = ctx.revenue_cap
     if table == "customers":
         return [_in_set("device", DEVICES), _in_set("segment", SEGMENTS)]
+    if table == "contacts":
+        return [
+            _matches_or_empty("email", EMAIL_PATTERN, "an address like name@example.com (no spaces)"),
+            _matches_or_empty("phone", PHONE_PATTERN, "an E.164 number like +15551234567"),
+            _matches_or_empty("push_token", PUSH_TOKEN_PATTERN, "8 to 512 visible characters"),
+        ]
     if table == "consent":
         return [_in_set("channel", ctx.channels), _in_set("opted_in", (0, 1))]
     if table == "channels":

@@ -30,8 +30,9 @@ def ci_coverage(n_campaigns: int, n_customers: int) -> dict:
     same window would count one customer's week twice) and never run out of coupons (which would
     leave the model group untreated and the "coverage" that of a null effect).
     """
-    import mlpkg.train
+    import mlpkg.registry
     from mlpkg import stages
+    from mlpkg.simulator.lab import harness
     from mlpkg.allocation.campaign import allocate_campaign
     from mlpkg.config import Settings
     from mlpkg.db import models as m
@@ -47,7 +48,7 @@ def ci_coverage(n_campaigns: int, n_customers: int) -> dict:
         )
         window = settings.campaign.attribution_window_days
         stages.init_stores(settings)
-        stages.ingest(settings, stages.land_simulated_batch(settings, "initial")["batch_dir"])
+        stages.ingest(settings, harness.land_simulated_batch(settings, "initial")["batch_dir"])
 
         class Oracle:
             """Scores every customer with the simulator's true response (the best possible model)."""
@@ -60,19 +61,19 @@ def ci_coverage(n_campaigns: int, n_customers: int) -> dict:
                 ids = df["customer_id"].astype(str).tolist()
                 return {"p_conv": self.shop.true_conversion(ids), "revenue": self.shop.true_revenue(ids)}
 
-        original = mlpkg.train.load_uplift_model
+        original = mlpkg.registry.load_uplift_model
         engine = make_engine(settings.resolved_warehouse_url)
         rows = []
         try:
             for k in range(n_campaigns):
                 if k:
-                    stages.world_clock(settings, next_round=True, days=window)
-                    shop = stages.load_world(settings)
+                    harness.world_clock(settings, next_round=True, days=window)
+                    shop = harness.load_world(settings)
                     stages.ingest(
-                        settings, stages.land_batch(settings)["batch_dir"], now=shop.now.to_pydatetime()
+                        settings, harness.land_next_batch(settings)["batch_dir"], now=shop.now.to_pydatetime()
                     )
-                shop = stages.load_world(settings)
-                mlpkg.train.load_uplift_model = lambda uri, tracking_uri=None, shop=shop: Oracle(shop)
+                shop = harness.load_world(settings)
+                mlpkg.registry.load_uplift_model = lambda uri, tracking_uri=None, shop=shop: Oracle(shop)
                 now = shop.now.to_pydatetime()
                 later = now + pd.Timedelta(days=window + 1)
                 cid = stages.campaign_id_for(now)
@@ -89,7 +90,7 @@ def ci_coverage(n_campaigns: int, n_customers: int) -> dict:
                     objective="conversions",
                 )
                 stages.deliver(settings, cid, now=now)
-                batch = stages.collect_feedback(settings, cid)
+                batch = harness.simulate_responses(settings, cid)
                 stages.ingest_feedback(settings, batch["feedback_dir"], now=later)
                 # The measurement itself (attribution, incrementality, stored metrics), without
                 # the HTML report that stages.measure also draws (plots only, a third of its time).
@@ -114,7 +115,7 @@ def ci_coverage(n_campaigns: int, n_customers: int) -> dict:
                     }
                 )
         finally:
-            mlpkg.train.load_uplift_model = original
+            mlpkg.registry.load_uplift_model = original
             engine.dispose()
     table = pd.DataFrame(rows)
     print(table.round(2).to_string(index=False))

@@ -2,7 +2,7 @@
 
 For each seed a simulated shop with default magnitudes runs a randomized campaign over
 ``N_CUSTOMERS`` customers (every customer is in it, so the campaign log has ``N_CUSTOMERS`` rows).
-:func:`mlpkg.evaluation.policy_quality.evaluate_policies` trains the uplift network (through
+:func:`mlpkg.simulator.lab.policy_quality.evaluate_policies` trains the uplift network (through
 the product's ``train_uplift_model``) and the T-learner on it, then allocates the held-out test
 split's customers (15 %, features as of ``shop.now``) with every policy through the product's
 allocator under one budget, and values each allocation exactly with the simulator's truth.
@@ -164,8 +164,8 @@ def run(out_dir: Path) -> list[dict[str, Any]]:
     import torch
 
     from mlpkg.config import Settings, TrainerSettings
-    from mlpkg.evaluation.policy_quality import POLICIES, evaluate_policies
     from mlpkg.simulator import Shop, ShopConfig
+    from mlpkg.simulator.lab.policy_quality import POLICIES, evaluate_policies
 
     torch.set_num_threads(THREADS)
     print(f"uplift quality: {N_CUSTOMERS} customers, seeds {list(SEEDS)}, trainer {TRAINER}", flush=True)

@@ -6,23 +6,18 @@ but also count every raw receipt, so the tests can tell "seen once" from "sent o
 
 from __future__ import annotations
 
-import email
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
@@ -38,6 +33,10 @@ from mlpkg.delivery import (
     status_counts,
 )
 from mlpkg.delivery.dispatch import message_for
+from tests.fixtures import plant_contacts, planted_contact
+from tests.integration.peers import free_port, wait_until
+from tests.integration.peers import http_peer as run_http_peer
+from tests.integration.peers import smtp_peer as run_smtp_peer
 
 pytestmark = pytest.mark.integration
 
@@ -48,117 +47,16 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CAMPAIGN = "cmp-peers"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-class SmtpPeer:
-    """aiosmtpd handler: accepts mail, bounces or defers chosen recipients, records receipts."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.raw: list[str] = []  # Message-ID of every accepted DATA, duplicates included
-        self.messages: dict[str, email.message.Message] = {}  # deduplicated by Message-ID
-        self.bounce: set[str] = set()
-        self.defer: Counter[str] = Counter()  # recipient -> number of 451 answers still to give
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        if address in self.bounce:
-            return f"550 5.1.1 <{address}>: mailbox unavailable"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        message = email.message_from_bytes(envelope.content)
-        with self.lock:
-            recipient = envelope.rcpt_tos[0]
-            if self.defer[recipient] > 0:
-                self.defer[recipient] -= 1
-                return "451 4.3.0 mailbox busy, try again later"
-            message_id = message["Message-ID"]
-            self.raw.append(message_id)
-            self.messages.setdefault(message_id, message)
-        return "250 2.0.0 queued"
-
-    @property
-    def unique_keys(self) -> set[str]:
-        with self.lock:
-            return {m["X-CouponOps-Dedup-Key"] for m in self.messages.values()}
-
-    def received(self) -> int:
-        with self.lock:
-            return len(self.raw)
-
-
-class HttpPeer:
-    """A gateway that deduplicates by Idempotency-Key (409 on repeats) and can answer 5xx first."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.posts: list[str] = []  # every request's key
-        self.raw: list[str] = []  # keys of requests the gateway took in (first or repeat)
-        self.accepted: dict[str, dict] = {}
-        self.fail_first: Counter[str] = Counter()  # key -> 503 answers still to give
-        peer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                key = self.headers["Idempotency-Key"]
-                with peer.lock:
-                    peer.posts.append(key)
-                    if peer.fail_first[key] > 0:
-                        peer.fail_first[key] -= 1
-                        status, answer = 503, {"error": "upstream carrier unavailable"}
-                    else:
-                        peer.raw.append(key)
-                        status = 409 if key in peer.accepted else 200
-                        peer.accepted.setdefault(key, body)
-                        answer = {"id": f"gw-{list(peer.accepted).index(key)}"}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format, *args):  # noqa: A002 - signature of the base class
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-
 @pytest.fixture
 def smtp_peer():
-    handler = SmtpPeer()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    handler.port = controller.port
-    yield handler
-    controller.stop()
+    with run_smtp_peer() as peer:
+        yield peer
 
 
 @pytest.fixture
 def http_peer():
-    peer = HttpPeer()
-    peer.thread.start()
-    yield peer
-    peer.server.shutdown()
-    peer.server.server_close()
+    with run_http_peer() as peer:
+        yield peer
 
 
 def _postgres_database():
@@ -203,8 +101,9 @@ def engine(warehouse_url):
 
 
 def seed(engine, customers: list[tuple[str, str]], campaign_id: str = CAMPAIGN) -> None:
-    """Insert a campaign whose (customer_id, channel) rows all get coupon PCT10."""
+    """Insert a campaign whose (customer_id, channel) rows all get coupon PCT10 (and planted contacts)."""
     with session_scope(engine) as s:
+        plant_contacts(s, [customer_id for customer_id, _ in customers])
         s.add(Campaign(campaign_id=campaign_id, created_at=T0, as_of=T0, budget=100.0, committed=0.0,
                        objective="profit", status="allocated", summary={}))
         s.flush()  # without a relationship() the unit of work does not order the two tables
@@ -250,8 +149,9 @@ def test_normal_run_delivers_each_message_exactly_once(engine, smtp_peer, http_p
     assert set(http_peer.accepted) == webhooks
     sample = rows[f"{CAMPAIGN}:c00:email"]
     received = smtp_peer.messages[sample.provider_message_id]
-    assert received["To"] == "c00@customers.example" and "PCT10" in received.get_payload()
-    assert http_peer.accepted[f"{CAMPAIGN}:c01:sms"]["recipient"] == rows[f"{CAMPAIGN}:c01:sms"].recipient
+    assert received["To"] == planted_contact("c00", "email") and "PCT10" in received.get_payload()
+    assert http_peer.accepted[f"{CAMPAIGN}:c01:sms"]["recipient"] == planted_contact("c01", "sms")
+    assert http_peer.accepted[f"{CAMPAIGN}:c02:push"]["recipient"] == planted_contact("c02", "push")
 
     again = deliver_campaign(engine, CAMPAIGN, settings, T0)
     assert again["enqueued"] == 0 and again["dispatched"]["sent"] == 0
@@ -280,8 +180,8 @@ def test_webhook_5xx_then_ok_is_retried_and_repeat_409_counts_as_sent(engine, ht
 
 def test_smtp_550_bounces_and_451_is_retried(engine, smtp_peer, tmp_path):
     seed(engine, [(f"m{i}", "email") for i in range(5)])
-    smtp_peer.bounce.add("m1@customers.example")
-    smtp_peer.defer["m3@customers.example"] = 1
+    smtp_peer.bounce.add(planted_contact("m1", "email"))
+    smtp_peer.defer[planted_contact("m3", "email")] = 1
     settings = live_settings(tmp_path, smtp_peer.port)
 
     result = deliver_campaign(engine, CAMPAIGN, settings, T0, max_wait_seconds=10)

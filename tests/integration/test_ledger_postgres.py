@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from mlpkg import stages
+from mlpkg.simulator.lab import harness
 from mlpkg.allocation.campaign import LedgerLimitError, allocate_campaign
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -23,8 +24,8 @@ def pg_world(pg_url, tmp_path, monkeypatch):
         _env_file=None, state_dir=tmp_path / "state", warehouse_url=pg_url, simulator_customers=600
     )
     stages.init_stores(settings)
-    stages.ingest(settings, stages.land_simulated_batch(settings, "initial")["batch_dir"])
-    shop = stages.load_world(settings)
+    stages.ingest(settings, harness.land_simulated_batch(settings, "initial")["batch_dir"])
+    shop = harness.load_world(settings)
     use_oracle(monkeypatch, shop)
     engine = make_engine(pg_url)
     yield settings, engine, shop

@@ -22,10 +22,11 @@ import pandas as pd
 import pytest
 
 from mlpkg.config import Settings, TrainerSettings
-from mlpkg.evaluation.policy_quality import read_shop_history, training_frame_from_shop
 from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from mlpkg.registry import score_with_model
 from mlpkg.simulator import Shop, ShopConfig
-from mlpkg.train import score_with_model, train_uplift_model
+from mlpkg.simulator.lab.policy_quality import read_shop_history, training_frame_from_shop
+from mlpkg.train import train_uplift_model
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 def test_two_rounds_from_a_cold_start(settings):
-    from mlpkg.evaluation.closed_loop import run_closed_loop
+    from mlpkg.simulator.lab.closed_loop import run_closed_loop
 
     rows = run_closed_loop(settings, 2, budget=40.0)
     first, second = rows

@@ -26,7 +26,8 @@ from mlpkg.config import Settings, TrainerSettings
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, split_by_arm
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
-from mlpkg.train import score_with_model, train_uplift_model
+from mlpkg.registry import score_with_model
+from mlpkg.train import train_uplift_model
 
 pytestmark = pytest.mark.model
 

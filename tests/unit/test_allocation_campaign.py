@@ -4,6 +4,7 @@ import pytest
 from sqlalchemy import select
 
 from mlpkg import stages
+from mlpkg.simulator.lab import harness
 from mlpkg.allocation.campaign import allocate_campaign
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def world(ingested, monkeypatch):
     settings, engine = ingested
-    shop = stages.load_world(settings)
+    shop = harness.load_world(settings)
     use_oracle(monkeypatch, shop)
     return settings, engine, shop
 

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from mlpkg import stages
+from mlpkg.simulator.lab import harness
 from mlpkg.allocation import shards as sh
 from mlpkg.allocation.campaign import allocate_campaign, score_population
 from mlpkg.db import models as m
@@ -21,7 +22,7 @@ CTX = stages.RunContext(dag_id="couponops_allocate", run_id="scheduled__1")
 @pytest.fixture
 def world(ingested, monkeypatch):
     settings, engine = ingested
-    shop = stages.load_world(settings)
+    shop = harness.load_world(settings)
     use_oracle(monkeypatch, shop)
     # The registry's champion is the oracle scorer: these tests are about shards, not models.
     monkeypatch.setattr(stages, "_champion", lambda settings, cold_start: ("0", "oracle"))
@@ -137,7 +138,7 @@ def test_scoring_jobs_of_one_run_are_pinned_to_one_model_version(world):
 
 
 def test_a_shard_whose_model_emits_impossible_scores_is_refused_with_the_arm_named(world, monkeypatch):
-    import mlpkg.train
+    import mlpkg.registry
     from mlpkg.validation import DataContractError
     from tests.fixtures import OracleScorer
 
@@ -150,7 +151,9 @@ def test_a_shard_whose_model_emits_impossible_scores_is_refused_with_the_arm_nam
             out["p_conv"][1:4, 2] = 1.7
             return out
 
-    monkeypatch.setattr(mlpkg.train, "load_uplift_model", lambda uri, tracking_uri=None: BrokenScorer(shop))
+    monkeypatch.setattr(
+        mlpkg.registry, "load_uplift_model", lambda uri, tracking_uri=None: BrokenScorer(shop)
+    )
     job = _jobs(settings, shop, 1)[0]
     arms = list(shop.arm_names)
     with pytest.raises(DataContractError) as err:

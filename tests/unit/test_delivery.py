@@ -32,7 +32,8 @@ from mlpkg.delivery import (
     release_claims,
     status_counts,
 )
-from mlpkg.delivery.outbox import as_utc, recipient_for
+from mlpkg.delivery.outbox import as_utc
+from tests.fixtures import plant_contacts, planted_contact
 
 pytestmark = pytest.mark.unit
 
@@ -97,8 +98,12 @@ def settings(tmp_path) -> Settings:
 
 
 def seed_campaign(engine, allocations: list[tuple[str, str | None, str | None, str]], campaign_id=CAMPAIGN):
-    """Insert a campaign with (customer_id, coupon_id, channel, policy) allocation rows."""
+    """Insert a campaign with (customer_id, coupon_id, channel, policy) allocation rows.
+
+    Every allocated customer gets planted contacts on all channels.
+    """
     with session_scope(engine) as s:
+        plant_contacts(s, [a[0] for a in allocations])
         if s.get(Coupon, "PCT10") is None:
             s.add(Coupon(coupon_id="PCT10", kind="percent_off", face_value=10, min_basket=0, inventory=1000,
                          issued=0, valid_from=T0, valid_to=T0 + timedelta(days=30)))
@@ -138,13 +143,13 @@ def test_enqueue_inserts_one_row_per_coupon_allocation_and_is_idempotent(engine)
     by_key = rows(engine)
     assert set(by_key) == {f"{CAMPAIGN}:c1:email", f"{CAMPAIGN}:c2:sms", f"{CAMPAIGN}:c3:push"}
     email = by_key[f"{CAMPAIGN}:c1:email"]
-    assert email.recipient == "c1@customers.example"
+    # Recipients come from the customers' contact rows, one column per channel.
+    assert email.recipient == planted_contact("c1", "email") == "c1@planted.example"
     assert email.status == "pending" and email.attempts == 0
     assert email.payload["coupon_id"] == "PCT10" and "10% off" in email.payload["body"]
     assert as_utc(email.created_at) == T0  # the rerun did not touch existing rows
-    sms = by_key[f"{CAMPAIGN}:c2:sms"].recipient
-    assert sms.startswith("+1555") and len(sms) == 12 and sms == recipient_for("c2", "sms")
-    assert by_key[f"{CAMPAIGN}:c3:push"].recipient == recipient_for("c3", "push")
+    assert by_key[f"{CAMPAIGN}:c2:sms"].recipient == planted_contact("c2", "sms")
+    assert by_key[f"{CAMPAIGN}:c3:push"].recipient == planted_contact("c3", "push")
 
 
 def test_enqueue_adds_only_new_allocations(engine):

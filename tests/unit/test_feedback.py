@@ -3,6 +3,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mlpkg import stages
+from mlpkg.simulator.lab import harness
 from mlpkg.allocation.campaign import allocate_campaign
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def measured(ingested, monkeypatch):
     settings, engine = ingested
-    shop = stages.load_world(settings)
+    shop = harness.load_world(settings)
     use_oracle(monkeypatch, shop)
     now = shop.now.to_pydatetime()
     allocate_campaign(
@@ -32,7 +33,7 @@ def measured(ingested, monkeypatch):
         objective="conversions",
     )
     stages.deliver(settings, "c1", now=now)
-    batch = stages.collect_feedback(settings, "c1")
+    batch = harness.simulate_responses(settings, "c1")
     later = now + pd.Timedelta(days=8)  # feedback lands after the attribution window closed
     stages.ingest_feedback(settings, batch["feedback_dir"], now=later)
     overall = stages.measure(settings, "c1", now=later)

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from mlpkg import stages
+from mlpkg.simulator.lab import harness
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 from mlpkg.validation import DataContractError
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def landed(settings, engine):
-    return settings, engine, stages.land_simulated_batch(settings, "initial")["batch_dir"]
+    return settings, engine, harness.land_simulated_batch(settings, "initial")["batch_dir"]
 
 
 def _snapshot(engine):
@@ -50,10 +51,10 @@ def test_a_bad_file_loads_nothing_and_the_batch_goes_to_quarantine(landed, tmp_p
 def test_later_incremental_batches_pass_the_volume_rule(landed):
     settings, engine, batch = landed
     stages.ingest(settings, batch)
-    shop = stages.load_world(settings)
+    shop = harness.load_world(settings)
     shop.advance(7)
     shop.save(settings.state_dir / "world.json")
-    out = stages.land_simulated_batch(settings, "round-2")
+    out = harness.land_simulated_batch(settings, "round-2")
     report = stages.ingest(settings, out["batch_dir"])
     assert report["loaded"]["events"] > 0
 

@@ -16,7 +16,8 @@ from mlpkg.simulator import HIDDEN_TYPES, Arm, Shop, ShopConfig
 pytestmark = pytest.mark.unit
 
 ISO_Z = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$"
-CSV_FILES = ["customers.csv", "consent.csv", "channels.csv", "coupons.csv", "orders.csv", "campaign_log.csv"]
+CSV_FILES = ["customers.csv", "contacts.csv", "consent.csv", "channels.csv", "coupons.csv", "orders.csv",
+             "campaign_log.csv"]
 
 
 def read(path):
@@ -99,7 +100,8 @@ def test_api_shape(exported):
     assert all(a.name == f"{a.coupon_id}@{a.channel}" for a in shop.arms)
     assert shop.now == pd.Timestamp("2025-01-01", tz="UTC") + pd.Timedelta(days=180)
     assert shop.campaign_sent_at == shop.now - pd.Timedelta(days=10)
-    assert {"customers", "consent", "channels", "coupons", "events", "orders", "campaign_log"} <= set(paths)
+    assert {"customers", "contacts", "consent", "channels", "coupons", "events", "orders",
+            "campaign_log"} <= set(paths)
 
 
 def test_customers_consent_channels_coupons_schema(exported):

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from mlpkg import stages
 from mlpkg.config import Settings
+from mlpkg.simulator.lab import harness
 
 CONTROL = "control"
 
@@ -93,10 +94,10 @@ def run_closed_loop(
     budget = float(budget if budget is not None else settings.campaign.budget)
     rows = []
     for r in range(1, rounds + 1):
-        day = stages.world_clock(settings, next_round=True, days=days_per_round)
-        shop = stages.load_world(settings)
+        day = harness.world_clock(settings, next_round=True, days=days_per_round)
+        shop = harness.load_world(settings)
         ctx = stages.RunContext(dag_id="closed_loop", run_id=f"round-{r}-{day}", logical_date=day)
-        stages.ingest(settings, stages.land_batch(settings)["batch_dir"], now=shop.now.to_pydatetime())
+        stages.ingest(settings, harness.land_next_batch(settings)["batch_dir"], now=shop.now.to_pydatetime())
         campaign = stages.campaign_id_for(day)
         summary = stages.allocate(
             settings,
@@ -108,7 +109,7 @@ def run_closed_loop(
             cold_start=True,
         )
         stages.deliver(settings, campaign, now=shop.now.to_pydatetime())
-        batch = stages.collect_feedback(settings, campaign)
+        batch = harness.simulate_responses(settings, campaign)
         later = shop.now.to_pydatetime() + timedelta(days=settings.campaign.attribution_window_days + 1)
         stages.ingest_feedback(settings, batch["feedback_dir"], now=later)
         measured = stages.measure(settings, campaign, now=later)
@@ -169,7 +170,7 @@ def _oracle_value(
 
     Customers on coupon cooldown are left out, as the product leaves them out.
     """
-    from mlpkg.evaluation.policy_quality import allocate_by_scores
+    from mlpkg.simulator.lab.policy_quality import allocate_by_scores
 
     ids = [c for c in customer_ids.tolist() if c not in cooling]
     alloc = allocate_by_scores(

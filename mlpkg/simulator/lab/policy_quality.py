@@ -1,6 +1,7 @@
 """How close does a targeting policy come to the oracle? Scored against the simulator's truth.
 
-Evaluation code may read the simulated shop's hidden truth (the product never does). Every
+Lab code, beside the simulator: it may read the simulated shop's hidden truth and imports the
+product to do so (the product never imports it). Every
 policy here is turned into an allocation by the same allocator the product uses
 (:func:`mlpkg.allocation.campaign.option_economics` and
 :func:`mlpkg.allocation.solver.solve_lagrangian`, under one budget, the coupons' inventory and
@@ -43,7 +44,10 @@ from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
 from mlpkg.config import Settings
 from mlpkg.evaluation.uplift_metrics import consent_eligibility, multi_arm_qini, qini_coefficient
 from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, build_features
+from mlpkg.models.baseline import fit_t_learner
+from mlpkg.registry import score_with_model
 from mlpkg.simulator import CONTROL, Shop
+from mlpkg.train import train_uplift_model
 
 #: Gross margin used when an objective or the oracle's profit needs one (the settings' default).
 DEFAULT_MARGIN = 0.35
@@ -512,9 +516,6 @@ def evaluate_policies(
         on the true conversion probability of the logged arm; uplift error against the truth on the
         evaluation population; timings and sizes.
     """
-    from mlpkg.models.baseline import fit_t_learner
-    from mlpkg.train import score_with_model, train_uplift_model
-
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"seed": seed, "world_seed": shop.config.seed}
