@@ -12,10 +12,10 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Select, and_, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from mlpkg.db import models as m
 
@@ -25,9 +25,9 @@ _CHUNK = 5_000
 def _insert_for(session: Session, model: type[m.Base]):  # noqa: ANN202 - dialect-specific Insert
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(model)
+        return postgresql.insert(model.__table__)
     if dialect == "sqlite":
-        return sqlite.insert(model)
+        return sqlite.insert(model.__table__)
     raise ValueError(f"upserts are implemented for sqlite and postgresql, not {dialect!r}")
 
 
@@ -40,6 +40,10 @@ def upsert_rows(
 ) -> int:
     """Insert ``rows`` into ``model``'s table; on a primary-key clash update (or keep) the row.
 
+    The statement is compiled once and executed with the rows as parameter sets (SQLAlchemy's
+    "insertmanyvalues" batches them into multi-row INSERTs), instead of compiling one statement
+    with every value inlined, which costs more than the database's work.
+
     Returns:
         The number of rows handed to the database.
     """
@@ -47,17 +51,17 @@ def upsert_rows(
         return 0
     keys = [c.name for c in model.__table__.primary_key.columns]
     columns = list(rows[0].keys())
+    stmt = _insert_for(session, model)
+    update_cols = [c for c in columns if c not in keys]
+    if update_existing and update_cols:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in update_cols}
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+    conn = session.connection()
     for start in range(0, len(rows), _CHUNK):
-        chunk = rows[start : start + _CHUNK]
-        stmt = _insert_for(session, model).values(list(chunk))
-        update_cols = [c for c in columns if c not in keys]
-        if update_existing and update_cols:
-            stmt = stmt.on_conflict_do_update(
-                index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in update_cols}
-            )
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=keys)
-        session.execute(stmt)
+        conn.execute(stmt, [dict(r) for r in rows[start : start + _CHUNK]])
     return len(rows)
 
 
@@ -372,3 +376,219 @@ def reachable_customers(session: Session) -> dict[str, set[str]]:
         attr = getattr(m.Contact, column)
         out[channel] = set(session.execute(select(m.Contact.customer_id).where(attr.is_not(None))).scalars())
     return out
+
+
+# --- consent: an event history, read as of a time -----------------------------------------------
+
+
+def record_consent_events(session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Add consent events to the history; an event already there is kept, an opt-out always wins.
+
+    Events are keyed by (customer_id, channel, updated_at), so arrival order never matters: an
+    older opt-in that arrives after a newer opt-out is stored as the older event it is. Two
+    events with the same key that disagree (in one call or across calls) become one opt-out,
+    whichever arrived first.
+
+    Args:
+        session: Open session; the caller commits.
+        rows: ``customer_id``, ``channel``, ``opted_in`` and ``updated_at`` (any time zone; naive
+            values are taken as UTC, and every timestamp is stored in UTC).
+
+    Returns:
+        The number of distinct events handed to the database.
+    """
+    events: dict[tuple[str, str, datetime], bool] = {}
+    for row in rows:
+        key = (str(row["customer_id"]), str(row["channel"]), as_utc(row["updated_at"]).to_pydatetime())
+        # PostgreSQL refuses to update one row twice in a statement: collapse the key here first.
+        events[key] = events.get(key, True) and bool(row["opted_in"])
+    values = [
+        {"customer_id": c, "channel": ch, "updated_at": ts, "opted_in": opted}
+        for (c, ch, ts), opted in sorted(events.items())
+    ]
+    table = m.Consent.__table__
+    for start in range(0, len(values), _CHUNK):
+        stmt = _insert_for(session, m.Consent).values(values[start : start + _CHUNK])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["customer_id", "channel", "updated_at"],
+            set_={"opted_in": and_(table.c.opted_in, stmt.excluded.opted_in)},
+        )
+        session.execute(stmt)
+    return len(values)
+
+
+def consent_state_query(as_of: datetime, *, inclusive: bool = True) -> Select:
+    """Return a SELECT of every (customer, channel)'s latest consent event as of ``as_of``.
+
+    Args:
+        as_of: The point in time (naive values are UTC).
+        inclusive: Count an event dated exactly ``as_of`` (True, the state at a send time) or
+            only events strictly before it (False, point-in-time features).
+
+    Returns:
+        A select of :class:`~mlpkg.db.models.Consent` rows, at most one per customer and channel:
+        the latest event in the window, an opt-out where an opt-in shares its instant.
+    """
+    cutoff = as_utc(as_of).to_pydatetime()
+    newer = aliased(m.Consent)
+
+    def within(column):  # noqa: ANN001, ANN202 - a timestamp column and its SQL condition
+        return column <= cutoff if inclusive else column < cutoff
+
+    superseded = (
+        select(newer.customer_id)
+        .where(
+            newer.customer_id == m.Consent.customer_id,
+            newer.channel == m.Consent.channel,
+            within(newer.updated_at),
+            or_(
+                newer.updated_at > m.Consent.updated_at,
+                and_(
+                    newer.updated_at == m.Consent.updated_at,
+                    newer.opted_in.is_(False),
+                    m.Consent.opted_in.is_(True),
+                ),
+            ),
+        )
+        .exists()
+    )
+    return select(m.Consent).where(within(m.Consent.updated_at), ~superseded)
+
+
+def consent_as_of(session: Session, as_of: datetime) -> dict[str, set[str]]:
+    """Return, per channel, the customers opted in as of ``as_of``.
+
+    A customer counts as opted in when their latest consent event on the channel dated at or
+    before ``as_of`` is an opt-in (an opt-out at the same instant wins). Events after ``as_of``
+    are ignored, however early they arrived; a customer without an event counts as opted out.
+
+    Args:
+        session: Open session.
+        as_of: The time the consent must hold at (a campaign's as-of, a message's send time).
+
+    Returns:
+        Customer ids keyed by channel; a channel where nobody is opted in is absent.
+    """
+    stmt = (
+        consent_state_query(as_of)
+        .where(m.Consent.opted_in.is_(True))
+        .with_only_columns(m.Consent.channel, m.Consent.customer_id)
+    )
+    out: dict[str, set[str]] = {}
+    for channel, customer_id in session.execute(stmt):
+        out.setdefault(channel, set()).add(customer_id)
+    return out
+
+
+# --- what a load would change: stored rows, campaign ledgers, log owners ----------------------------
+
+
+def rows_by_key(
+    session: Session,
+    model: type[m.Base],
+    columns: Sequence[str],
+    keys: Iterable[Any],
+    *,
+    key_column: str,
+    where: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Return the stored rows whose ``key_column`` is one of ``keys`` (chunked IN lists).
+
+    Args:
+        session: An open session.
+        model: The table.
+        columns: Columns to return (the key column is always included).
+        keys: Key values to look up.
+        key_column: Column the keys are compared with.
+        where: Extra equality filters (e.g. the log name of campaign-log rows).
+
+    Returns:
+        One dict per stored row; keys without a stored row are absent.
+    """
+    cols = [getattr(model, c) for c in dict.fromkeys([key_column, *columns])]
+    values = ids_in(keys)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(values), _CHUNK):
+        stmt = select(*cols).where(getattr(model, key_column).in_(values[start : start + _CHUNK]))
+        for col, val in (where or {}).items():
+            stmt = stmt.where(getattr(model, col) == val)
+        out += [dict(r._mapping) for r in session.execute(stmt)]
+    return out
+
+
+def campaign_send_times(session: Session) -> dict[str, datetime]:
+    """Return every campaign's id and point in time (its send, ``as_of``)."""
+    return {cid: as_of for cid, as_of in session.execute(select(m.Campaign.campaign_id, m.Campaign.as_of))}
+
+
+def campaign_ledger_rows(session: Session, campaign_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Return the allocation ledger of some campaigns with whether each customer was sent a message.
+
+    Returns:
+        Dicts with ``campaign_id``, ``customer_id``, ``coupon_id`` (None for control) and ``delivered``.
+    """
+    ids = ids_in(campaign_ids)
+    if not ids:
+        return []
+    ledger = session.execute(
+        select(m.Allocation.campaign_id, m.Allocation.customer_id, m.Allocation.coupon_id).where(
+            m.Allocation.campaign_id.in_(ids)
+        )
+    ).all()
+    sent = set(
+        session.execute(
+            select(m.Delivery.campaign_id, m.Delivery.customer_id).where(
+                m.Delivery.campaign_id.in_(ids), m.Delivery.status == "sent"
+            )
+        ).all()
+    )
+    return [
+        dict(campaign_id=c, customer_id=u, coupon_id=k, delivered=(c, u) in sent) for c, u, k in ledger
+    ]
+
+
+def order_facts(session: Session, order_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Return what the warehouse already holds about some order ids (shop orders and feedback orders).
+
+    Returns:
+        Dicts with ``order_id``, ``customer_id``, ``revenue`` and ``stored_in`` (the table).
+    """
+    ids = ids_in(order_ids)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        for oid, cid, rev in session.execute(
+            select(m.Order.order_id, m.Order.customer_id, m.Order.revenue).where(m.Order.order_id.in_(chunk))
+        ):
+            out.append(dict(order_id=oid, customer_id=cid, revenue=rev, stored_in="orders"))
+        for oid, cid, rev in session.execute(
+            select(m.FeedbackEvent.order_id, m.FeedbackEvent.customer_id, m.FeedbackEvent.revenue).where(
+                m.FeedbackEvent.order_id.in_(chunk), m.FeedbackEvent.event_type == "order"
+            )
+        ):
+            out.append(dict(order_id=oid, customer_id=cid, revenue=rev, stored_in="feedback_events"))
+    return out
+
+
+def campaign_log_owners(session: Session) -> dict[str, str]:
+    """Return each stored campaign log's name and the kind of source that owns it.
+
+    Returns:
+        ``name -> kind``: ``"shop-export"`` (a shop batch), ``"couponops-campaign"`` (a measured
+        campaign) or ``"import"`` (``couponops import-log``).
+    """
+    rows = session.execute(select(m.CampaignLog.name, m.CampaignLog.spec)).all()
+    return {name: str((spec or {}).get("format", "import")) for name, spec in rows}
+
+
+def update_rows(session: Session, model: type[m.Base], rows: Sequence[Mapping[str, Any]]) -> int:
+    """Overwrite existing rows by primary key (an explicit correction); returns the rows handed over."""
+    if not rows:
+        return 0
+    keys = [c.name for c in model.__table__.primary_key.columns]
+    for row in rows:
+        stmt = update(model).values({c: v for c, v in row.items() if c not in keys})
+        for k in keys:
+            stmt = stmt.where(getattr(model, k) == row[k])
+        session.execute(stmt)
+    return len(rows)
