@@ -73,7 +73,9 @@ def couponops_allocate():
         """Merge the shards, solve the allocation once and write the ledger."""
         from mlpkg import stages
 
-        summary = stages.allocate_scored(settings(), run_context(), list(shards), budget=conf("budget"))
+        # Index the lazy XCom sequence by its length: iterating it probes one past the end.
+        jobs = [shards[i] for i in range(len(shards))]
+        summary = stages.allocate_scored(settings(), run_context(), jobs, budget=conf("budget"))
         print(summary)
         annotate(
             LEDGER, {"campaign_id": summary["campaign_id"], "model_version": summary.get("model_version")}

@@ -1,4 +1,4 @@
-"""End to end: every DAG runs through Airflow (`make demo`) on a tiny simulated shop."""
+"""End to end: every DAG runs through Airflow (`make demo`) on a tiny simulated shop landing its exports."""
 
 import os
 import sqlite3
@@ -83,8 +83,11 @@ def test_ledger_respects_the_budget_and_covers_the_population(demo_state):
     assert budget == 120 and 0 < committed <= budget + 1e-6
     spent = con.execute("SELECT SUM(expected_cost) FROM allocations").fetchone()[0]
     assert spent == pytest.approx(committed, rel=1e-6)
+    # The population is every customer signed up before the campaign's as-of (later signups arrived
+    # with the next week's batch).
     n_alloc, n_customers = con.execute(
-        "SELECT (SELECT COUNT(*) FROM allocations), (SELECT COUNT(*) FROM customers)"
+        "SELECT (SELECT COUNT(*) FROM allocations), (SELECT COUNT(*) FROM customers "
+        "WHERE signup_date < (SELECT date(as_of) FROM campaigns))"
     ).fetchone()
     assert n_alloc == n_customers
     policies = dict(con.execute("SELECT policy, COUNT(*) FROM allocations GROUP BY policy").fetchall())
@@ -163,7 +166,12 @@ def test_retrain_is_skipped_with_its_reason_when_nothing_new_arrived(demo_state)
             (run_id,),
         ).fetchall()
     )
-    assert states == {"should_retrain": "success", "train_model": "skipped", "gate_model": "skipped"}
+    assert states == {
+        "should_retrain": "success",
+        "train_model": "skipped",
+        "gate_model": "skipped",
+        "publish_champion": "skipped",
+    }
 
 
 def _checksums(state):
@@ -205,3 +213,42 @@ def test_promote_moves_the_champion_and_history_shows_who_and_why(demo_state):
         [cli, "history"], env=env | {"COLUMNS": "250"}, capture_output=True, text=True, timeout=300
     )
     assert "e2e check" in hist.stdout and "champion" in hist.stdout
+
+
+def test_the_shop_landed_its_exports_and_each_drop_was_loaded_once(demo_state):
+    state, _ = demo_state
+    wh = sqlite3.connect(state / "warehouse.db")
+    drops = wh.execute(
+        "SELECT kind, drop_id, status FROM landed_batches ORDER BY kind, exported_at"
+    ).fetchall()
+    kinds = [k for k, _, _ in drops]
+    assert kinds.count("batches") == 2 and kinds.count("feedback") >= 1
+    assert {status for _, _, status in drops} == {"loaded"}
+    landed = {p.name for p in (state / "landing" / "batches").iterdir() if not p.name.startswith(".")}
+    assert landed == {d for k, d, _ in drops if k == "batches"}
+    assert all((state / "landing" / "batches" / d / "_SUCCESS").exists() for d in landed)
+
+
+def test_dag_runs_start_at_the_wall_clock_and_assets_carry_extras(demo_state):
+    import json
+    from datetime import UTC, datetime
+
+    state, _ = demo_state
+    con = sqlite3.connect(state / "airflow" / "airflow.db")
+    years = {int(ld[:4]) for (ld,) in con.execute("SELECT logical_date FROM dag_run")}
+    assert years == {datetime.now(UTC).year}, "runs are stamped with the real time, not the shop's"
+    rows = con.execute(
+        "SELECT a.uri, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id ORDER BY e.id"
+    ).fetchall()
+    extras = {}
+    for uri, extra in rows:
+        extras.setdefault(uri, []).append(json.loads(extra) if isinstance(extra, str) else extra)
+    assert extras["couponops://registry/champion"][0]["version"] == "1"
+    assert extras["couponops://warehouse/feedback"][0]["campaign_ids"]
+    assert extras["couponops://warehouse/allocations"][0]["campaign_id"].startswith("cmp-")
+    # One champion event per champion move, none when the gate kept the champion.
+    wh = sqlite3.connect(state / "warehouse.db")
+    moves = wh.execute(
+        "SELECT COUNT(*) FROM model_promotions WHERE alias = 'champion' AND actor = 'gate'"
+    ).fetchone()[0]
+    assert len(extras["couponops://registry/champion"]) == moves
