@@ -32,12 +32,12 @@ def ci_coverage(n_campaigns: int, n_customers: int) -> dict:
     """
     import mlpkg.registry
     from mlpkg import stages
-    from mlpkg.simulator.lab import harness
     from mlpkg.allocation.campaign import allocate_campaign
     from mlpkg.config import Settings
     from mlpkg.db import models as m
     from mlpkg.db.engine import make_engine
     from mlpkg.feedback import measure_campaign
+    from mlpkg.simulator.lab import harness
 
     with tempfile.TemporaryDirectory(prefix="couponops-measure-") as tmp:
         settings = Settings(

@@ -6,11 +6,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 from mlpkg import stages
-from mlpkg.simulator.lab import harness
 from mlpkg.allocation.campaign import LedgerLimitError, allocate_campaign
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import make_engine, session_scope
+from mlpkg.simulator.lab import harness
 from tests.fixtures import use_oracle
 
 pytestmark = pytest.mark.integration

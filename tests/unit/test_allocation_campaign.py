@@ -3,12 +3,11 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from mlpkg import stages
-from mlpkg.simulator.lab import harness
 from mlpkg.allocation.campaign import allocate_campaign
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.simulator.lab import harness
 from tests.fixtures import use_oracle
 
 pytestmark = pytest.mark.unit

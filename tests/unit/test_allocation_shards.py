@@ -6,12 +6,12 @@ import pytest
 from sqlalchemy import select
 
 from mlpkg import stages
-from mlpkg.simulator.lab import harness
 from mlpkg.allocation import shards as sh
 from mlpkg.allocation.campaign import allocate_campaign, score_population
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.simulator.lab import harness
 from tests.fixtures import use_oracle
 
 pytestmark = pytest.mark.unit

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from mlpkg import stages
-from mlpkg.simulator.lab import harness
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.simulator.lab import harness
 from mlpkg.validation import DataContractError
 
 pytestmark = pytest.mark.unit
