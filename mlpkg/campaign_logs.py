@@ -25,11 +25,13 @@ when it lives outside the state folder, copied) to ``<quarantine>/<name>-<UTC st
 column, the rule and a few failing rows.
 
 Re-importing the same file with the same spec changes nothing. Importing a different file (or the
-same file with a different spec) under an existing name *replaces* that log: its old rows are
-deleted and the new ones inserted in the same transaction, so readers see the old log or the new
-one, never a mix. A log without a propensity column is taken to be randomised with fixed arm
-shares: each row's propensity is its arm's share of the log, and the log is flagged
-``assumed_randomized``.
+same file with a different spec) under the name of an earlier *import* replaces that log: its old
+rows are deleted and the new ones inserted in the same transaction, so readers see the old log or
+the new one, never a mix. A name that a shop batch's log (``hist-...``) or a measured campaign's log
+already holds is refused: an import never touches rows another source owns. A spec that gives a
+key twice is refused too (naming the key and both lines). A log without a propensity column is
+taken to be randomised with fixed arm shares: each row's propensity is its arm's share of the log,
+and the log is flagged ``assumed_randomized``.
 """
 
 from __future__ import annotations
@@ -56,16 +58,19 @@ from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from mlpkg.validation import DataContractError, Failure, ValidationReport, validate_campaign_log
-from mlpkg.validation.contract import DEFAULT_REVENUE_CAP, MAX_SAMPLE_ROWS, plain_value
+from mlpkg.validation.contract import DEFAULT_REVENUE_CAP, MAX_SAMPLE_ROWS, LineMap, plain_value
 
 # The raw readers' CSV/Parquet handling (strict UTF-8, empty and truncated files) is exactly what an
 # imported log needs; only the column schema differs, so the readers' building blocks are reused.
-from mlpkg.validation.readers import SUPPORTED_SUFFIXES, _fail, _read_csv, _read_parquet
+from mlpkg.validation.readers import _fail, _read_csv, _read_parquet, read_file_bytes, text_problems
 
 #: Arm name every log's control label is stored under (the model's head 0).
 CONTROL_ARM = "control"
 #: Columns of the model input frame; a feature may not take one of these names.
 RESERVED_COLUMNS = frozenset({"customer_id", "arm", "converted", "revenue", "propensity", "log_name"})
+#: Owner kind of logs written by ``import-log`` (shop batches own ``shop-export`` logs, measured
+#: campaigns ``couponops-campaign`` logs); an import never replaces a log another source owns.
+IMPORT_LOG_KIND = "import"
 #: File written next to a quarantined log.
 QUARANTINE_RESULT_FILE = "validation_result.json"
 #: An undeclared column whose non-blank values are at least this share numbers is typed numeric, so a
@@ -259,50 +264,67 @@ def load_log_spec(path: Path) -> LogSpec:
     if not path.is_file():
         raise FileNotFoundError(f"log spec {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
+    except _DuplicateKeyError as err:
+        raise LogSpecError(f"{path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise LogSpecError(f"{path}: not a readable UTF-8 YAML file: {err}") from None
     return parse_log_spec(data, source=str(path))
 
 
+class _DuplicateKeyError(ValueError):
+    """A YAML mapping names the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last).
+
+    A repeated ``outcomes:`` would otherwise silently drop the first block, and with it turn an
+    outcome column into a model feature.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Build a mapping, raising on a duplicate key with both of its lines."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKeyError(
+                    f"duplicate key {key!r} at line {line} (first given at line {seen[key]}); "
+                    "each key may appear once in a log spec"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 # --- reading and checking -----------------------------------------------------------------------
 
 
-def read_log_file(path: Path) -> tuple[pd.DataFrame, int | None]:
+def read_log_file(path: Path) -> tuple[pd.DataFrame, int | LineMap | None]:
     """Read a campaign log file without assuming its columns.
 
     Args:
-        path: A UTF-8 ``.csv`` with a header row, or a ``.parquet`` file.
+        path: A UTF-8 ``.csv`` (or ``.csv.gz``) with a header row, or a ``.parquet`` file; not a
+            symbolic link (it would be neither followed nor copied into quarantine).
 
     Returns:
-        The frame (CSV: every value as text; Parquet: its stored types) and the file line of data
-        row 0 (2 for CSV, ``None`` for Parquet).
+        The frame (CSV: every value as text, exactly as written; Parquet: its stored types) and
+        the file line of data row 0 (2 for CSV, a :class:`~mlpkg.validation.contract.LineMap` when
+        quoted fields span lines, ``None`` for Parquet).
 
     Raises:
         FileNotFoundError: The file does not exist.
-        DataContractError: The file has an unsupported suffix, is empty, header-only, truncated or
-            not UTF-8, or is not readable Parquet.
+        DataContractError: The file has an unsupported suffix, is a symbolic link, empty,
+            header-only, truncated, not UTF-8, has a duplicated header, holds a NUL byte, or is not
+            readable Parquet.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise _fail(
-            path,
-            [Failure("file_type", None, f"suffix {suffix!r} is not one of {SUPPORTED_SUFFIXES}", 1)],
-            "unsupported file type",
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"campaign log {path} does not exist")
-    if path.stat().st_size == 0:
-        raise _fail(
-            path,
-            [Failure("not_empty", None, "file is empty (0 bytes); expected a header row", 0)],
-            "file is empty (0 bytes)",
-        )
-    if suffix == ".csv":
-        frame, line_offset = _read_csv(path, path.read_bytes())
-    else:
+    fmt, data = read_file_bytes(path)
+    if fmt == "parquet":
         frame, line_offset = _read_parquet(path), None
+    else:
+        frame, line_offset = _read_csv(path, data)
     frame.columns = [str(c) for c in frame.columns]
     if frame.empty:
         raise _fail(
@@ -310,7 +332,16 @@ def read_log_file(path: Path) -> tuple[pd.DataFrame, int | None]:
             [Failure("not_empty", None, "file has a header but no data rows", 0)],
             "header only, no data rows",
         )
-    return frame.reset_index(drop=True), line_offset
+    frame = frame.reset_index(drop=True)
+    nul = [
+        f
+        for col in frame.columns
+        if pd.api.types.is_string_dtype(frame[col].dtype) or frame[col].dtype == object
+        for f in text_problems(frame, col, identifier=False, line_offset=line_offset)
+    ]
+    if nul:
+        raise _fail(path, nul, "NUL byte(s) in text values")
+    return frame, line_offset
 
 
 def _numbers(s: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
@@ -445,6 +476,16 @@ def check_campaign_log(
             df,
             [*show, col],
         )
+        converted, _, _ = _numbers(df[spec.outcomes.conversion])
+        report.failures += _failure(
+            "revenue_needs_conversion",
+            col,
+            f"revenue {col} must be 0 where conversion {spec.outcomes.conversion} is 0 (revenue without "
+            "a conversion)",
+            num.fillna(0.0).gt(0) & converted.eq(0),
+            df,
+            [*show, spec.outcomes.conversion, col],
+        )
 
     if spec.features is None:
         numeric, categorical, inferred_warnings = _infer_features(df, spec)
@@ -503,11 +544,15 @@ def _quarantine(file: Path, spec: LogSpec, settings: Settings, payload: dict[str
     # Files that landed in the state folder belong to CouponOps and are moved, as rejected batches
     # are; a user's own export elsewhere is copied so their original is never touched.
     moved = file.resolve().is_relative_to(settings.state_dir.resolve())
-    if moved:
+    linked = file.is_symlink()  # a link is refused and never followed: its target is not copied
+    if linked:
+        moved = False
+    elif moved:
         shutil.move(str(file), str(dest / file.name))
     else:
         shutil.copy2(file, dest / file.name)
-    payload = {**payload, "quarantined_file": str(dest / file.name), "original_moved": moved}
+    kept = None if linked else str(dest / file.name)
+    payload = {**payload, "quarantined_file": kept, "original_moved": moved}
     (dest / QUARANTINE_RESULT_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     return dest, moved
 
@@ -590,7 +635,25 @@ def import_campaign_log(
     }
     rows = _log_rows(df, spec, arm, propensity, numeric, categorical)
     with session_scope(engine) as session:
+        owner = q.campaign_log_owners(session).get(spec.name, IMPORT_LOG_KIND)
+    if owner != IMPORT_LOG_KIND:
+        report.failures.append(
+            Failure(
+                "log_name_owned",
+                "name",
+                f"campaign log name {spec.name!r} belongs to a log from another source ({owner}, e.g. a "
+                "shop batch); an import may not replace it; choose another `name` in the spec",
+                1,
+            )
+        )
+        raise _reject(file, spec, settings, report)
+    with session_scope(engine) as session:
         existing = session.get(m.CampaignLog, spec.name)
+        if existing is not None and q.campaign_log_owners(session).get(spec.name) != IMPORT_LOG_KIND:
+            # Another source took the name between the check and this transaction.
+            raise ValueError(
+                f"campaign log name {spec.name!r} was just taken by another source; nothing written"
+            )
         if existing is not None and existing.spec == record and existing.source == str(file):
             status = "unchanged"
         else:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlpkg import stages
@@ -69,7 +70,8 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         try:
             return fn(*args, **kwargs)
         except known as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            # One unwrapped line per message line; the text is escaped so ids in brackets stay text.
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(code=2) from exc
 
 
@@ -86,9 +88,23 @@ def ingest(
     batch_dir: Annotated[
         Path | None, typer.Argument(help="One batch folder; default: every new batch of the landing zone")
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and report what would change; write and move nothing")
+    ] = False,
 ) -> None:
     """Validate batches against their data contracts and load them into the warehouse."""
     settings = get_settings()
+    if dry_run:
+        if batch_dir is None:
+            console.print("[red]error:[/red] --dry-run needs a BATCH_DIR (one batch folder to check)")
+            raise typer.Exit(code=2)
+        result = _run(stages.ingest, settings, batch_dir, dry_run=True)
+        rows = [{"table": t, **c} for t, c in result["changes"].items()]
+        _show(f"dry run of {result['batch']}: what would change (nothing was written)", rows)
+        if result["skipped"]:
+            skipped = ", ".join(result["skipped"])
+            console.print(f"already loaded (same checksum), skipped: {skipped}", markup=False)
+        return
     if batch_dir is None:
         result = _run(stages.ingest_landed, settings)
         if result["skipped"]:
@@ -278,6 +294,8 @@ def report(
     """Print the loop summary: data, model, allocation, delivery and measured outcomes."""
     from mlpkg.reports import loop_summary
 
+    if campaign:
+        _run(stages.require_campaign, get_settings(), campaign)
     summary = _run(loop_summary, get_settings(), campaign)
     _show("rows ingested and validated", summary.get("ingested_rows", {}))
     _show("model registry", {k: v for k, v in summary.get("model", {}).items() if k != "metrics"})
@@ -297,11 +315,18 @@ def report(
 
 
 @app.command()
-def history(limit: int = 20) -> None:
+def history(
+    limit: int = 20,
+    campaign: Annotated[str | None, typer.Option(help="Show only this campaign")] = None,
+) -> None:
     """Show alias moves (who/why/when), campaigns and retraining decisions."""
     from mlpkg.reports import history as _history
 
+    if campaign:
+        _run(stages.require_campaign, get_settings(), campaign)
     for title, rows in _run(_history, get_settings(), limit).items():
+        if campaign and title == "campaigns":
+            rows = [r for r in rows if r["campaign"] == campaign]
         _show(title.replace("_", " "), rows)
 
 

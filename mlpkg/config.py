@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         None, description="MLflow tracking URI; default: SQLite file in the state folder."
     )
     mlflow_artifact_root: str | None = None
+    mlflow_ui_url: str | None = Field(
+        "http://127.0.0.1:5000",
+        description="Where people open the MLflow UI (links from Airflow); None: no MLflow links.",
+    )
     mlflow_experiment: str = "couponops"
     registered_model_name: str = "couponops-uplift"
     source: Literal["landing", "simulator"] = Field(
@@ -226,7 +230,7 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("sms_webhook_url", "push_webhook_url")
+    @field_validator("sms_webhook_url", "push_webhook_url", "mlflow_ui_url")
     @classmethod
     def _http_webhook(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None and not v.lower().startswith(("http://", "https://")):

@@ -9,6 +9,7 @@ nothing at all.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,19 +23,28 @@ from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 
+_log = logging.getLogger(__name__)
+
 # Load order respects foreign keys (channels/customers before contacts and consent, customers
-# before events).
+# before events). The names are the usual ones; any letter case is accepted (``Orders.CSV``), and
+# one table may come as exactly one file (see mlpkg.validation.readers.scan_batch).
 RAW_FILES: dict[str, tuple[str, ...]] = {
-    "channels": ("channels.csv", "channels.parquet"),
-    "coupons": ("coupons.csv", "coupons.parquet"),
-    "customers": ("customers.csv", "customers.parquet"),
-    "contacts": ("contacts.csv", "contacts.parquet"),
-    "consent": ("consent.csv", "consent.parquet"),
-    "events": ("events.parquet", "events.csv"),
-    "orders": ("orders.csv", "orders.parquet"),
-    "campaign_log": ("campaign_log.csv", "campaign_log.parquet"),
-    "feedback": ("feedback.csv", "feedback.parquet"),
+    table: tuple(f"{table}{suffix}" for suffix in suffixes)
+    for table, suffixes in {
+        "channels": (".csv", ".csv.gz", ".parquet"),
+        "coupons": (".csv", ".csv.gz", ".parquet"),
+        "customers": (".csv", ".csv.gz", ".parquet"),
+        "contacts": (".csv", ".csv.gz", ".parquet"),
+        "consent": (".csv", ".csv.gz", ".parquet"),
+        "events": (".parquet", ".csv", ".csv.gz"),
+        "orders": (".csv", ".csv.gz", ".parquet"),
+        "campaign_log": (".csv", ".csv.gz", ".parquet"),
+        "feedback": (".csv", ".csv.gz", ".parquet"),
+    }.items()
 }
+
+#: Source (and owner kind) of campaign logs that arrive in a shop batch.
+SHOP_LOG_SOURCE = "shop-export"
 
 #: Contact columns of ``contacts.csv``: personal data that only delivery reads (never features).
 CONTACT_COLUMNS: tuple[str, ...] = ("email", "phone", "push_token")
@@ -49,6 +59,8 @@ class IngestReport:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     data_docs: str | None = None
+    dry_run: bool = False
+    changes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """Return a JSON-friendly dict (for XCom and logs)."""
@@ -58,30 +70,46 @@ class IngestReport:
             "skipped": self.skipped,
             "warnings": self.warnings,
             "data_docs": self.data_docs,
+            "dry_run": self.dry_run,
+            "changes": self.changes,
         }
 
 
-def discover_batch(batch_dir: Path) -> dict[str, Path]:
-    """Map table names to the raw files present in ``batch_dir``.
+def discover_batch(batch_dir: Path, *, protected: tuple[Path, ...] = ()) -> dict[str, Path]:
+    """Map table names to the raw files present in ``batch_dir`` (names in any letter case).
+
+    Nothing is read. Files the gate will refuse (symbolic links, two files of one table, other
+    compressed files) are left out here; the gate quarantines the batch for them.
+
+    Args:
+        batch_dir: The batch folder.
+        protected: Folders the batch may neither be nor contain (the state folder); the working
+            directory, ``/`` and the home folder always are.
 
     Raises:
-        FileNotFoundError: the folder does not exist or holds no known raw file.
+        FileNotFoundError: the folder does not exist or holds no raw file and nothing refused.
+        mlpkg.validation.DataContractError: the folder is a symbolic link, the working directory,
+            ``/``, the home folder or a protected folder, or contains one (nothing is read or moved).
     """
-    batch_dir = Path(batch_dir)
-    if not batch_dir.is_dir():
-        raise FileNotFoundError(f"batch folder {batch_dir} does not exist")
-    found: dict[str, Path] = {}
-    for table, names in RAW_FILES.items():
-        for name in names:
-            if (batch_dir / name).exists():
-                found[table] = batch_dir / name
-                break
-    if not found:
+    from mlpkg.validation.readers import resolve_batch_folder, scan_batch
+
+    batch_dir = resolve_batch_folder(batch_dir, protected=protected)
+    scan = scan_batch(batch_dir)
+    found = {t: scan.tables[t] for t in RAW_FILES if t in scan.tables}
+    if not found and not scan.failures:
         expected = ", ".join(n for names in RAW_FILES.values() for n in names[:1])
+        seen = f" (it holds {', '.join(p.name for p in scan.others)})" if scan.others else ""
         raise FileNotFoundError(
-            f"batch folder {batch_dir} holds none of the raw files CouponOps reads ({expected})"
+            f"batch folder {batch_dir} holds none of the raw files CouponOps reads ({expected}){seen}"
         )
     return found
+
+
+def _refused_files(batch_dir: Path) -> bool:
+    """Return whether the gate refuses some file of the batch (it must run even if nothing is new)."""
+    from mlpkg.validation.readers import scan_batch
+
+    return bool(scan_batch(Path(batch_dir)).failures)
 
 
 def _py(value):  # noqa: ANN001, ANN202 - converts any pandas scalar to a DB-friendly Python value
@@ -103,12 +131,22 @@ def _records(df: pd.DataFrame, columns: list[str]) -> list[dict]:
 
 
 def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  # noqa: ANN001
+    """Write one validated table; facts are inserted once, snapshot tables take the newer state.
+
+    The gate has already refused any row that contradicts a stored fact (see
+    :mod:`mlpkg.validation.references`), so inserting with "do nothing" on a stored key only
+    skips identical replays; an order flagged ``is_correction`` is the one explicit overwrite.
+    """
     if table == "channels":
+        # A snapshot of settings: the newer cost and capacity replace the older.
         return q.upsert_rows(session, m.Channel, _records(df, ["channel", "send_cost", "daily_capacity"]))
     if table == "coupons":
+        # kind, face value and minimum basket are immutable (checked by the gate); inventory and
+        # validity are the catalogue's current state. ``issued`` is ours and never in the file.
         cols = ["coupon_id", "kind", "face_value", "min_basket", "inventory", "valid_from", "valid_to"]
         return q.upsert_rows(session, m.Coupon, _records(df, cols))
     if table == "customers":
+        # signup_date is immutable (checked by the gate); region, device and segment follow the shop.
         df = df.assign(signup_date=pd.to_datetime(df["signup_date"]).dt.date)
         return q.upsert_rows(
             session, m.Customer, _records(df, ["customer_id", "signup_date", "region", "device", "segment"])
@@ -119,18 +157,22 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
         cols = ["customer_id", *CONTACT_COLUMNS, "updated_at"]
         return q.upsert_rows(session, m.Contact, _records(df, cols))
     if table == "consent":
+        # A history of events, never overwritten: an older opt-in arriving late cannot undo an opt-out.
         df = df.assign(opted_in=df["opted_in"].astype(bool))
-        return q.upsert_rows(
-            session, m.Consent, _records(df, ["customer_id", "channel", "opted_in", "updated_at"])
-        )
+        cols = ["customer_id", "channel", "opted_in", "updated_at"]
+        return q.record_consent_events(session, _records(df, cols))
     if table == "events":
         df = df.assign(category=df["category"].fillna(""))
         cols = ["event_id", "customer_id", "ts", "event_type", "category"]
-        return q.upsert_rows(session, m.Event, _records(df, cols))
+        return q.upsert_rows(session, m.Event, _records(df, cols), update_existing=False)
     if table == "orders":
+        from mlpkg.validation.references import correction_flags
+
         df = df.assign(coupon_id=df["coupon_id"].replace("", None))
         cols = ["order_id", "customer_id", "ts", "revenue", "n_items", "coupon_id"]
-        return q.upsert_rows(session, m.Order, _records(df, cols))
+        corrected = correction_flags(df)[0].to_numpy()
+        n = q.upsert_rows(session, m.Order, _records(df[~corrected], cols), update_existing=False)
+        return n + q.upsert_rows(session, m.Order, _records(df[corrected], cols))
     if table == "campaign_log":
         return _load_campaign_log(session, df, now)
     if table == "feedback":
@@ -155,32 +197,22 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
 
 
 def _load_campaign_log(session, df: pd.DataFrame, now: datetime) -> int:  # noqa: ANN001
-    """Load a simulator/shop-format campaign log (features come from the warehouse as of sent_at)."""
+    """Load a shop-format campaign log (features come from the warehouse as of sent_at).
+
+    A log keeps its shop name (``hist-...``); rows already stored for a customer are kept (the gate
+    refused any that would change), and a later batch can only add customers to the log. The gate
+    also refuses a name that another source (an imported or a measured log) owns.
+    """
     total = 0
     for name, part in df.groupby("campaign_id", sort=True):
+        name = str(name)
         treated = part[part["arm"] != "control"]
         costs = treated.groupby("arm")["coupon_cost"].mean().round(4).to_dict() if len(treated) else {}
-        q.upsert_rows(
-            session,
-            m.CampaignLog,
-            [
-                dict(
-                    name=str(name),
-                    source="shop-export",
-                    control_label="control",
-                    arm_costs=costs,
-                    spec={"format": "shop-export"},
-                    assumed_randomized=False,
-                    n_rows=len(part),
-                    sent_at=pd.Timestamp(part["sent_at"].min()).to_pydatetime(),
-                    imported_at=now,
-                )
-            ],
-        )
+        sent_at = pd.Timestamp(part["sent_at"].min()).to_pydatetime()
         outcomes = part[["opened", "clicked", "redeemed", "coupon_cost"]].astype(float).to_dict("records")
         rows = [
             dict(
-                log_name=str(name),
+                log_name=name,
                 customer_id=cid,
                 arm=arm,
                 propensity=float(p),
@@ -199,23 +231,172 @@ def _load_campaign_log(session, df: pd.DataFrame, now: datetime) -> int:  # noqa
                 strict=True,
             )
         ]
-        total += q.upsert_rows(session, m.CampaignLogRow, rows)
+        existing = session.get(m.CampaignLog, name)
+        if existing is None:
+            session.add(
+                m.CampaignLog(
+                    name=name,
+                    source=SHOP_LOG_SOURCE,
+                    control_label="control",
+                    arm_costs=costs,
+                    spec={"format": SHOP_LOG_SOURCE},
+                    assumed_randomized=False,
+                    n_rows=len(part),
+                    sent_at=sent_at,
+                    imported_at=now,
+                )
+            )
+            session.flush()
+        total += q.upsert_rows(session, m.CampaignLogRow, rows, update_existing=False)
+        if existing is not None:
+            existing.n_rows = q.count_log_rows(session, name)
+            existing.arm_costs = {**costs, **(existing.arm_costs or {})}
+            if existing.sent_at is None or q.as_utc(sent_at) < q.as_utc(existing.sent_at):
+                existing.sent_at = sent_at
     return total
 
 
-def ingest_batch(engine: Engine, batch_dir: Path, settings: Settings, *, now: datetime) -> IngestReport:
+#: Warehouse model, key columns (raw name -> model column) and compared columns of each raw table.
+_STORED: dict[str, tuple[type[m.Base], dict[str, str], tuple[str, ...]]] = {
+    "channels": (m.Channel, {"channel": "channel"}, ("send_cost", "daily_capacity")),
+    "coupons": (m.Coupon, {"coupon_id": "coupon_id"},
+                ("kind", "face_value", "min_basket", "inventory", "valid_from", "valid_to")),
+    "customers": (m.Customer, {"customer_id": "customer_id"}, ("signup_date", "region", "device", "segment")),
+    "events": (m.Event, {"event_id": "event_id"}, ("customer_id", "ts", "event_type", "category")),
+    "orders": (m.Order, {"order_id": "order_id"}, ("customer_id", "ts", "revenue", "n_items", "coupon_id")),
+    "feedback": (
+        m.FeedbackEvent,
+        {"event_id": "event_id"},
+        ("campaign_id", "customer_id", "event_type", "ts", "coupon_id", "channel", "order_id", "revenue"),
+    ),
+    "campaign_log": (m.CampaignLogRow, {"campaign_id": "log_name", "customer_id": "customer_id"},
+                     ("arm", "propensity", "converted", "revenue")),
+}
+
+
+class WarehouseView:
+    """Read-only answers about the warehouse for the gate's rules across batches.
+
+    Implements :class:`mlpkg.validation.contract.WarehouseView`; every answer is read in its own
+    short transaction before the batch loads.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        """Bind the view to a warehouse."""
+        self.engine = engine
+
+    def stored_rows(self, table: str, keys: list) -> pd.DataFrame:
+        """Return the stored rows of a raw table whose natural key is in ``keys`` (raw column names)."""
+        model, key_map, columns = _STORED[table]
+        raw_keys = list(key_map)
+        # A null key is the not-null rule's business; it cannot match a stored row.
+        keys = [k for k in keys if all(pd.notna(v) for v in (k if isinstance(k, tuple) else (k,)))]
+        out: list[dict] = []
+        with session_scope(self.engine) as session:
+            if len(raw_keys) == 1:
+                out = q.rows_by_key(
+                    session, model, columns, [str(k) for k in keys], key_column=key_map[raw_keys[0]]
+                )
+            else:
+                # Composite keys (campaign log rows): one IN list per leading value.
+                by_first: dict[str, list[str]] = {}
+                for first, second in keys:
+                    by_first.setdefault(str(first), []).append(str(second))
+                for first, seconds in by_first.items():
+                    found = q.rows_by_key(session, model, columns, seconds, key_column=key_map[raw_keys[1]],
+                                          where={key_map[raw_keys[0]]: first})
+                    out += [{**r, key_map[raw_keys[0]]: first} for r in found]
+        frame = pd.DataFrame(out, columns=[*{key_map[k]: None for k in raw_keys}, *columns])
+        frame = frame.rename(columns={v: k for k, v in key_map.items()})
+        return frame.astype({k: "str" for k in raw_keys})
+
+    def campaigns(self) -> dict[str, datetime]:
+        """Return every known campaign id and its send time."""
+        with session_scope(self.engine) as session:
+            return {k: q.as_utc(v).to_pydatetime() for k, v in q.campaign_send_times(session).items()}
+
+    def campaign_ledger(self, campaign_ids: list[str]) -> pd.DataFrame:
+        """Return the allocations of some campaigns with whether a message was sent."""
+        with session_scope(self.engine) as session:
+            rows = q.campaign_ledger_rows(session, [c for c in campaign_ids if pd.notna(c)])
+        return pd.DataFrame(rows, columns=["campaign_id", "customer_id", "coupon_id", "delivered"])
+
+    def order_facts(self, order_ids: list[str]) -> pd.DataFrame:
+        """Return the stored customer and revenue of some order ids (orders and feedback orders)."""
+        with session_scope(self.engine) as session:
+            rows = q.order_facts(session, [o for o in order_ids if pd.notna(o)])
+        return pd.DataFrame(rows, columns=["order_id", "customer_id", "revenue", "stored_in"])
+
+    def log_owners(self) -> dict[str, str]:
+        """Return each stored campaign log's name and owning source kind."""
+        with session_scope(self.engine) as session:
+            return q.campaign_log_owners(session)
+
+
+def plan_changes(view: WarehouseView, frames: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    """Count what loading validated frames would do per table: new, unchanged, updated and corrected rows.
+
+    Facts (events, orders, feedback, campaign-log rows) that are stored already are unchanged
+    replays, since the gate refuses contradictions; an order flagged ``is_correction`` that differs
+    is corrected; a snapshot row (customers, coupons, channels) that differs is updated.
+    """
+    from mlpkg.validation.readers import RAW_SCHEMAS
+    from mlpkg.validation.references import _comparable, correction_flags
+
+    out: dict[str, dict[str, int]] = {}
+    for table, df in frames.items():
+        if table not in _STORED:
+            out[table] = {"rows": len(df)}
+            continue
+        schema = RAW_SCHEMAS[table]
+        key = list(schema.key)
+        keys = list(df[key[0]]) if len(key) == 1 else list(df[key].itertuples(index=False, name=None))
+        stored = view.stored_rows(table, keys)
+        frame = df.assign(_corr=correction_flags(df)[0].to_numpy() if table == "orders" else False)
+        merged = frame.merge(stored, on=key, how="left", suffixes=("", "__stored"), indicator=True)
+        found = (merged["_merge"] == "both").to_numpy()
+        differ = np.zeros(len(merged), dtype=bool)
+        for col in _STORED[table][2]:
+            if col in df.columns and f"{col}__stored" in merged.columns:
+                kind = schema.column(col).kind
+                old = _comparable(merged[f"{col}__stored"], kind, col)
+                differ |= (_comparable(merged[col], kind, col) != old).to_numpy()
+        differ &= found
+        corrected = differ & merged["_corr"].astype(bool).to_numpy()
+        out[table] = {
+            "new": int((~found).sum()),
+            "unchanged": int((found & ~differ).sum()),
+            "updated": int((differ & ~corrected).sum()),
+            "corrected": int(corrected.sum()),
+        }
+    return out
+
+
+def ingest_batch(
+    engine: Engine, batch_dir: Path, settings: Settings, *, now: datetime, dry_run: bool = False
+) -> IngestReport:
     """Validate a raw batch and load its new files into the warehouse in one transaction.
 
+    Args:
+        engine: The warehouse.
+        batch_dir: The batch folder.
+        settings: Settings (quarantine and Data Docs folders, strict columns).
+        now: The run's time (ingestion stamp and the latest plausible timestamp).
+        dry_run: Validate and report what would change (``report.changes``) without writing,
+            moving or quarantining anything.
+
     Raises:
-        mlpkg.validation.DataContractError: the batch broke its data contract; it was moved to
-            the quarantine folder and the warehouse is unchanged.
+        mlpkg.validation.DataContractError: the batch broke its data contract (including a row that
+            contradicts a stored fact or another file of the batch); it was moved to the quarantine
+            folder and the warehouse is unchanged (in a dry run nothing is moved).
     """
     from mlpkg.validation import ValidationContext, gate_batch
     from mlpkg.validation.contract import DEFAULT_CHANNELS
 
     batch_dir = Path(batch_dir)
-    files = discover_batch(batch_dir)
-    report = IngestReport(batch=batch_dir.name)
+    files = discover_batch(batch_dir, protected=(settings.state_dir,))
+    report = IngestReport(batch=batch_dir.name, dry_run=dry_run)
+    view = WarehouseView(engine)
     with session_scope(engine) as session:
         sums = {t: q.file_sha256(p) for t, p in files.items()}
         new = {t: p for t, p in files.items() if not q.is_file_ingested(session, sums[t], t)}
@@ -227,19 +408,27 @@ def ingest_batch(engine: Engine, batch_dir: Path, settings: Settings, *, now: da
             now=now,
             previous_row_counts=_previous_counts(session),
             strict=settings.strict_columns,
+            warehouse=view,
         )
-    if not new:
+    if not new and not _refused_files(batch_dir):
         return report
-    result = gate_batch(
-        batch_dir,
-        context=context,
-        quarantine_dir=settings.quarantine_dir,
-        data_docs_dir=settings.data_docs_dir,
-    )
+    if dry_run:
+        result = _gate_dry_run(batch_dir, context)
+    else:
+        result = gate_batch(
+            batch_dir,
+            context=context,
+            quarantine_dir=settings.quarantine_dir,
+            data_docs_dir=settings.data_docs_dir,
+        )
     report.warnings = list(result.warnings) + [
         f"{table}: {w.describe(1)}" for table, rep in result.reports.items() for w in rep.warnings
     ]
+    if dry_run:
+        report.changes = plan_changes(view, {t: result.frames[t] for t in RAW_FILES if t in new})
+        return report
     report.data_docs = str(result.data_docs_index) if result.data_docs_index else None
+    _log.info("loading batch %s: %s in one transaction", batch_dir.name, ", ".join(sorted(new)))
     with session_scope(engine) as session:
         for table in RAW_FILES:
             if table not in new:
@@ -256,6 +445,27 @@ def ingest_batch(engine: Engine, batch_dir: Path, settings: Settings, *, now: da
                 now=now,
             )
     return report
+
+
+def _gate_dry_run(batch_dir: Path, context) -> object:  # noqa: ANN001 - ValidationContext, BatchValidation
+    """Run the gate on a copy of the batch so a refusal moves nothing; re-raise it as a dry-run refusal."""
+    import shutil
+    import tempfile
+
+    from mlpkg.validation import DataContractError, gate_batch
+
+    with tempfile.TemporaryDirectory(prefix="couponops-dry-run-") as tmp:
+        copy = Path(tmp) / batch_dir.name
+        shutil.copytree(batch_dir, copy, symlinks=True)  # a link stays a link: the scan refuses it
+        try:
+            return gate_batch(copy, context=context, quarantine_dir=Path(tmp) / "quarantine",
+                              data_docs_dir=Path(tmp) / "docs")
+        except DataContractError as err:
+            details = str(err).split("\n", 1)[1] if "\n" in str(err) else ""
+            head = (f"dry run: batch '{batch_dir.name}' would be rejected by the data contract "
+                    f"(nothing was written, moved or quarantined)")
+            raise DataContractError(f"{head}\n{details}".rstrip(), failures=err.failures,
+                                    reports=err.reports) from None
 
 
 # Full-snapshot tables are comparable batch to batch; event tables are incremental (a day's
@@ -295,7 +505,8 @@ def read_history(
     """
     tables = {
         "customers": (select(m.Customer), m.Customer.customer_id),
-        "consent": (select(m.Consent).where(m.Consent.updated_at < as_of), m.Consent.customer_id),
+        # Each (customer, channel)'s latest consent event before as_of, not the whole history.
+        "consent": (q.consent_state_query(as_of, inclusive=False), m.Consent.customer_id),
         "events": (select(m.Event).where(m.Event.ts < as_of), m.Event.customer_id),
         "orders": (select(m.Order).where(m.Order.ts < as_of), m.Order.customer_id),
     }

@@ -88,8 +88,9 @@ def build_features(
         orders: ``customer_id``, ``ts``, ``revenue``, ``coupon_id`` (empty or missing = none).
         as_of: The point in time; rows at or after it are ignored. Naive values are UTC.
         consent: Optional ``customer_id``, ``channel``, ``opted_in``, ``updated_at``; the latest
-            row before ``as_of`` per customer and channel counts. Without it (or without a row),
-            a customer counts as not opted in, since nobody may be messaged without consent.
+            row before ``as_of`` per customer and channel counts (the opt-out where rows tie).
+            Without it (or without a row), a customer counts as not opted in, since nobody may be
+            messaged without consent.
 
     Returns:
         ``customer_id``, then :data:`NUMERIC_FEATURES` (float64) and :data:`CATEGORICAL_FEATURES`
@@ -161,15 +162,20 @@ def build_features(
         feats[f"consent_{ch}"] = np.zeros(n)
     if consent is not None and len(consent):
         c = consent[_age_days(consent["updated_at"], as_of) > 0]
-        c = c.assign(_age=_age_days(c["updated_at"], as_of))
-        latest = c.sort_values("_age", ascending=False, kind="stable").drop_duplicates(
+        c = c.assign(
+            _age=_age_days(c["updated_at"], as_of),
+            _in=pd.to_numeric(c["opted_in"], errors="coerce").fillna(0.0).to_numpy(float) > 0,
+        )
+        # The latest event counts; between events at the same instant the opt-out does, so the
+        # feature never depends on the order the rows came in.
+        latest = c.sort_values(["_age", "_in"], ascending=False, kind="stable").drop_duplicates(
             ["customer_id", "channel"], keep="last"
         )
         for ch in CHANNELS:
             rows = latest[latest["channel"].astype(str) == ch]
             code = _codes(index, rows["customer_id"])
             ok = code >= 0
-            feats[f"consent_{ch}"][code[ok]] = rows["opted_in"].to_numpy(float, na_value=0.0)[ok] > 0
+            feats[f"consent_{ch}"][code[ok]] = rows["_in"].to_numpy(bool)[ok]
 
     out = pd.DataFrame({"customer_id": ids.to_numpy()})
     for name in NUMERIC_FEATURES:

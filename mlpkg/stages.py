@@ -8,6 +8,7 @@ Nothing here imports Airflow: the run's context is passed in as a :class:`RunCon
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,23 +70,28 @@ def git_commit() -> str:
 
 
 def init_stores(settings: Settings) -> dict:
-    """Create the state folders, migrate the warehouse and create the MLflow experiment.
+    """Create the state folders, migrate the warehouse and create the MLflow experiments.
+
+    Both experiments (training and campaigns) are created if missing and typed for model training,
+    so the MLflow UI opens them on their runs; an existing one only gets the type tag (idempotent).
 
     Returns:
         Where the stores are, with any password in their URLs masked (the result is printed).
     """
-    import mlflow
-
     from mlpkg.db.engine import migrate
+    from mlpkg.registry import TRAINING_EXPERIMENT_DESCRIPTION, ensure_experiment, make_client
+    from mlpkg.reports import campaign_experiment
 
     settings.ensure_dirs()
     migrate(settings.resolved_warehouse_url)
-    client = mlflow.MlflowClient(tracking_uri=settings.resolved_tracking_uri)
-    exp = client.get_experiment_by_name(settings.mlflow_experiment)
-    if exp is None:
-        client.create_experiment(
-            settings.mlflow_experiment, artifact_location=settings.resolved_artifact_root
-        )
+    client = make_client(settings.resolved_tracking_uri)
+    ensure_experiment(
+        client,
+        settings.mlflow_experiment,
+        artifact_location=settings.resolved_artifact_root,
+        description=TRAINING_EXPERIMENT_DESCRIPTION,
+    )
+    campaign_experiment(settings, client)
     return {
         "state_dir": str(settings.state_dir),
         "warehouse": mask_url(settings.resolved_warehouse_url),
@@ -205,12 +211,56 @@ def campaign_id_for(logical_date: str | datetime | None) -> str:
 # --- product stages ------------------------------------------------------------------------------------
 
 
-def ingest(settings: Settings, batch_dir: str | Path, *, now: datetime | None = None) -> dict:
-    """Validate and load one raw batch (see :func:`mlpkg.data.ingest_batch`)."""
+def ingest(
+    settings: Settings, batch_dir: str | Path, *, now: datetime | None = None, dry_run: bool = False
+) -> dict:
+    """Validate and load one raw batch (see :func:`mlpkg.data.ingest_batch`).
+
+    With ``dry_run`` the batch is validated and ``changes`` says, per table, how many rows would be
+    new, unchanged replays, updated snapshot rows or corrected orders; nothing is written or moved.
+    """
     from mlpkg.data import ingest_batch
 
-    report = ingest_batch(_engine(settings), Path(batch_dir), settings, now=now or utcnow())
+    report = ingest_batch(_engine(settings), Path(batch_dir), settings, now=now or utcnow(), dry_run=dry_run)
     return report.as_dict()
+
+
+def check_budget(budget: float | None) -> float | None:
+    """Return a campaign budget if it is usable (``None`` means the configured default).
+
+    Raises:
+        ValueError: The budget is not a finite number (``inf``, ``nan``) or is negative.
+    """
+    if budget is None:
+        return None
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a finite number, got {budget!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"budget must be a finite number, got {value}")
+    if value < 0:
+        raise ValueError(f"budget must be positive, got {value:g}")
+    return value
+
+
+def require_campaign(settings: Settings, campaign_id: str) -> str:
+    """Return ``campaign_id`` if the warehouse holds that campaign.
+
+    Raises:
+        LookupError: No such campaign; the message lists the known ids (or says there are none).
+    """
+    from sqlalchemy import select
+
+    from mlpkg.db import models as m
+    from mlpkg.db.engine import session_scope
+
+    with session_scope(_engine(settings)) as session:
+        if session.get(m.Campaign, campaign_id) is not None:
+            return campaign_id
+        known = sorted(session.execute(select(m.Campaign.campaign_id)).scalars())
+    listing = f"known campaign ids: {', '.join(known)}" if known else "the warehouse holds no campaign yet"
+    raise LookupError(f"unknown campaign id {campaign_id!r} in table campaigns; {listing}")
 
 
 def import_log(
@@ -256,6 +306,8 @@ def train(
 ) -> dict:
     """Build a point-in-time training snapshot, train, log and register a model version.
 
+    The MLflow run is named ``train · <dag or cli> · <date>`` (the run's logical date, else
+    ``now``) and renamed ``<dag or cli> · v<version> · <date>`` once the version is registered.
     Idempotent per run: a second call with the same run context returns the first result.
     """
     import pandas as pd
@@ -265,6 +317,7 @@ def train(
     from mlpkg.data import training_frame
     from mlpkg.db import models as m
     from mlpkg.db.engine import session_scope
+    from mlpkg.db.queries import as_utc
     from mlpkg.features import feature_snapshot_id
     from mlpkg.train import train_uplift_model
 
@@ -288,7 +341,11 @@ def train(
     numeric, categorical, arms = training_columns(engine, frame)
     snapshot_id = feature_snapshot_id(frame)
     snap_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(snap_dir / f"{snapshot_id}.parquet", index=False)
+    snapshot_path = snap_dir / f"{snapshot_id}.parquet"
+    frame.to_parquet(snapshot_path, index=False)
+    # Short names the MLflow UI does not cut to one shared prefix: who trained, which version, when.
+    who = ctx.dag_id.removeprefix("couponops_")
+    day = (as_utc(ctx.logical_date) if ctx.logical_date else as_utc(now or utcnow())).date().isoformat()
     tags = {
         **ctx.tags(),
         "data.snapshot_id": snapshot_id,
@@ -303,9 +360,12 @@ def train(
         settings=settings,
         tracking_uri=settings.resolved_tracking_uri,
         experiment=settings.mlflow_experiment,
-        run_name=f"train-{ctx.run_id}",
+        run_name=f"train · {who} · {day}",
         tags=tags,
         registered_model_name=model_name,
+        snapshot_id=snapshot_id,
+        snapshot_source=str(snapshot_path),
+        version_run_name=f"{who} · v{{version}} · {day}",
     )
     test_path = snap_dir / f"{snapshot_id}-test.parquet"
     pd.DataFrame(result.test_frame).to_parquet(test_path, index=False)
@@ -314,7 +374,7 @@ def train(
         session.add(
             m.TrainingRun(
                 mlflow_run_id=result.mlflow_run_id,
-                model_name=settings.registered_model_name,
+                model_name=model_name,
                 model_version=result.registered_version,
                 trained_at=now or utcnow(),
                 n_rows=len(frame),
@@ -360,7 +420,7 @@ def gate(
         now=now or utcnow(),
         run_id=run_id,
     )
-    return {**decision.as_dict(), "model_name": name}
+    return {**decision.as_dict(), "model_name": name, "summary": decision.sentence()}
 
 
 def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dict:
@@ -368,8 +428,16 @@ def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dic
     from mlpkg.registry import make_client
     from mlpkg.registry import promote as _promote
 
+    client = make_client(settings.resolved_tracking_uri)
+    name = settings.registered_model_name
+    versions = sorted(
+        (str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=lambda v: int(v)
+    )
+    if str(version) not in versions:
+        listing = f"its versions: {', '.join(versions)}" if versions else "it has no versions (train first)"
+        raise LookupError(f"registered model {name!r} has no version {str(version)!r}; {listing}")
     previous = _promote(
-        make_client(settings.resolved_tracking_uri),
+        client,
         _engine(settings),
         name=settings.registered_model_name,
         version=str(version),
@@ -414,6 +482,7 @@ def allocate(
     from mlpkg.allocation.campaign import allocate_campaign
     from mlpkg.db.queries import as_utc
 
+    budget = check_budget(budget)
     version, model_uri = _champion(settings, cold_start=cold_start)
     return allocate_campaign(
         _engine(settings),
@@ -512,6 +581,7 @@ def allocate_scored(
     from mlpkg.allocation.shards import ScoringJob, ShardMismatchError, merge_shards, shard_dir
     from mlpkg.db.queries import as_utc
 
+    budget = check_budget(budget)
     if not shards:
         raise ShardMismatchError(f"run {ctx.run_key}: no scoring shards to allocate from")
     job = ScoringJob.from_dict(shards[0])
@@ -549,6 +619,7 @@ def plan(
     from mlpkg.allocation.plan import budget_curve, plot_budget_curve
     from mlpkg.db.queries import as_utc
 
+    budgets = [check_budget(b) for b in budgets] if budgets else budgets
     _, model_uri = _champion(settings, cold_start=False)
     objective = objective or settings.campaign.objective
     table = budget_curve(
@@ -584,6 +655,7 @@ def allocate_log(
     """Allocate an imported log's arms to a customers file within a budget; write ``customer_id,arm``."""
     from mlpkg.allocation.imported import allocate_imported
 
+    budget = check_budget(budget)
     return allocate_imported(
         _engine(settings),
         settings,
@@ -599,6 +671,7 @@ def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None
     """Enqueue a campaign's messages in the outbox and send them exactly-once in effect."""
     from mlpkg.delivery.dispatch import deliver_campaign
 
+    require_campaign(settings, campaign_id)
     return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
 
 

@@ -41,11 +41,16 @@ def planted_contact(customer_id: str, channel: str) -> str:
     return f"ptk-{customer_id}-{zlib.crc32(customer_id.encode()):08x}"
 
 
-def plant_contacts(session, customer_ids, channels=("email", "sms", "push")) -> None:
-    """Add customers (if missing) with planted contacts on ``channels`` only (others left empty)."""
+def plant_contacts(session, customer_ids, channels=("email", "sms", "push"), consent=True) -> None:
+    """Add customers (if missing) with planted contacts on ``channels`` only (others left empty).
+
+    With ``consent`` the customers are also opted in to those channels (dated 2025-01-01), as a
+    shop's customers who gave an address for marketing are: delivery sends only to them.
+    """
     from datetime import UTC, date, datetime
 
-    from mlpkg.db.models import Contact, Customer
+    from mlpkg.db import queries as q
+    from mlpkg.db.models import Channel, Contact, Customer
 
     for cid in customer_ids:
         session.merge(Customer(customer_id=cid, signup_date=date(2025, 1, 1), region="north", device="ios",
@@ -55,3 +60,12 @@ def plant_contacts(session, customer_ids, channels=("email", "sms", "push")) -> 
     for cid in customer_ids:
         values = {columns[ch]: planted_contact(cid, ch) for ch in channels}
         session.merge(Contact(customer_id=cid, updated_at=datetime(2025, 1, 1, tzinfo=UTC), **values))
+    if consent:
+        for ch in channels:  # consent rows point at the channel
+            if session.get(Channel, ch) is None:
+                session.add(Channel(channel=ch, send_cost=0.01, daily_capacity=100_000))
+        session.flush()
+        q.record_consent_events(session, [
+            dict(customer_id=cid, channel=ch, opted_in=True, updated_at=datetime(2025, 1, 1, tzinfo=UTC))
+            for cid in customer_ids for ch in channels
+        ])

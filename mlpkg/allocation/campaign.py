@@ -351,9 +351,10 @@ def score_population(
     cfg = settings.campaign
     feats = customer_features(engine, as_of, customer_ids).sort_values("customer_id").reset_index(drop=True)
     coupons, channels = read_offer(engine)
-    with engine.connect() as conn:
-        consent = pd.read_sql(select(m.Consent).where(m.Consent.opted_in.is_(True)), conn)
     with session_scope(engine) as session:
+        # Consent as of the campaign's time: an opt-out dated before it excludes the customer even
+        # when an older opt-in arrived later, and an opt-in dated after it does not count yet.
+        consented = q.consent_as_of(session, as_of)
         cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days), until=as_of)
         reachable = q.reachable_customers(session)
     if model_uri is None:
@@ -371,7 +372,6 @@ def score_population(
         scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin
     )
     n, k = value.shape
-    consented = consent.groupby("channel")["customer_id"].agg(set).to_dict()
     eligible = np.zeros((n, k), dtype=bool)
     for j, arm in enumerate(catalog.arms):
         channel = arm.split("@")[1]

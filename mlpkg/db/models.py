@@ -89,13 +89,19 @@ class Coupon(Base):
 
 
 class Consent(Base):
-    """Marketing consent of one customer for one channel."""
+    """One marketing-consent event: a customer opted in to, or out of, one channel at ``updated_at``.
+
+    The table is a history, keyed by (customer, channel, updated_at): the state at a time is the
+    latest event at or before it, whatever order the events arrived in (see
+    :func:`mlpkg.db.queries.consent_as_of`). Two events for the same key and instant that disagree
+    are stored as one opt-out: nobody is messaged on a contradictory record, whichever came first.
+    """
 
     __tablename__ = "consent"
     customer_id: Mapped[str] = mapped_column(ForeignKey("customers.customer_id"), primary_key=True)
     channel: Mapped[str] = mapped_column(ForeignKey("channels.channel"), primary_key=True)
     opted_in: Mapped[bool] = mapped_column(Boolean)
-    updated_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS, primary_key=True)
 
 
 class Contact(Base):
@@ -236,8 +242,9 @@ class Allocation(Base):
 class Delivery(Base):
     """Outbox row: one message to send; ``dedup_key`` makes sends exactly-once in effect.
 
-    A treated customer without a contact for the channel gets a ``skipped`` row (no recipient,
-    the reason in ``last_error``) so the ledger shows why no message went out.
+    A treated customer without a contact for the channel, or not opted in to it at the send time,
+    gets a ``skipped`` row (no recipient, the reason in ``last_error``) so the ledger shows why no
+    message went out.
     """
 
     __tablename__ = "deliveries"
@@ -247,7 +254,7 @@ class Delivery(Base):
     customer_id: Mapped[str] = mapped_column(String(64))
     channel: Mapped[str] = mapped_column(String(16))
     coupon_id: Mapped[str] = mapped_column(String(64))
-    # None only for a skipped row (no contact for the channel; the reason is in last_error).
+    # None only for a skipped row (no contact or no consent for the channel; the reason is in last_error).
     recipient: Mapped[str | None] = mapped_column(String(256), nullable=True)
     payload: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="pending")

@@ -592,3 +592,109 @@ def update_rows(session: Session, model: type[m.Base], rows: Sequence[Mapping[st
             stmt = stmt.where(getattr(model, k) == row[k])
         session.execute(stmt)
     return len(rows)
+
+
+def count_log_rows(session: Session, log_name: str) -> int:
+    """Count the stored rows of one campaign log."""
+    return int(
+        session.execute(
+            select(func.count()).select_from(m.CampaignLogRow).where(m.CampaignLogRow.log_name == log_name)
+        ).scalar_one()
+    )
+
+
+# --- the Campaigns view (read only) ---------------------------------------------------------------------
+
+
+def campaign_run_rows(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the latest campaigns, newest first, with the number of messages actually sent.
+
+    Returns:
+        One plain dict per campaign: its columns (``summary`` excluded) and ``sent``.
+    """
+    sent = (
+        select(m.Delivery.campaign_id, func.count().label("sent"))
+        .where(m.Delivery.status == "sent")
+        .group_by(m.Delivery.campaign_id)
+        .subquery()
+    )
+    stmt = (
+        select(m.Campaign, func.coalesce(sent.c.sent, 0))
+        .outerjoin(sent, sent.c.campaign_id == m.Campaign.campaign_id)
+        .order_by(m.Campaign.created_at.desc(), m.Campaign.campaign_id.desc())
+        .limit(limit)
+    )
+    columns = [c.name for c in m.Campaign.__table__.columns if c.name not in ("summary", "lock_owner")]
+    return [
+        {**{c: getattr(campaign, c) for c in columns}, "sent": int(n)}
+        for campaign, n in session.execute(stmt).all()
+    ]
+
+
+def overall_campaign_metrics(session: Session, campaign_ids: Iterable[str]) -> dict[str, dict[str, dict]]:
+    """Return the ``overall`` measurements of campaigns: ``campaign_id -> group -> metrics``."""
+    ids = list(campaign_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(m.CampaignMetric.campaign_id, m.CampaignMetric.breakdown_value, m.CampaignMetric.metrics)
+        .where(m.CampaignMetric.breakdown == "overall", m.CampaignMetric.campaign_id.in_(ids))
+    ).all()
+    out: dict[str, dict[str, dict]] = {}
+    for campaign_id, group, metrics in rows:
+        out.setdefault(campaign_id, {})[group] = dict(metrics or {})
+    return out
+
+
+def current_aliases(session: Session) -> dict[tuple[str, str], str]:
+    """Return where each alias points after its latest recorded move: ``(model, alias) -> version``."""
+    latest = (
+        select(func.max(m.ModelPromotion.id))
+        .group_by(m.ModelPromotion.model_name, m.ModelPromotion.alias)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(m.ModelPromotion.model_name, m.ModelPromotion.alias, m.ModelPromotion.version).where(
+            m.ModelPromotion.id.in_(latest)
+        )
+    ).all()
+    return {(name, alias): version for name, alias, version in rows}
+
+
+def training_runs_of_versions(session: Session, model_name: str, versions: Iterable[str]) -> dict[str, str]:
+    """Return the MLflow run that trained each registered version: ``version -> mlflow_run_id``."""
+    wanted = [v for v in set(versions) if v]
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(m.TrainingRun.model_version, m.TrainingRun.mlflow_run_id)
+        .where(m.TrainingRun.model_name == model_name, m.TrainingRun.model_version.in_(wanted))
+        .order_by(m.TrainingRun.trained_at)
+    ).all()
+    return {version: run_id for version, run_id in rows}
+
+
+def batch_as_of(session: Session, *, as_of: datetime, loaded_by: datetime) -> str | None:
+    """Return the newest shop batch a campaign saw: exported by its ``as_of``, else loaded by ``loaded_by``.
+
+    Landing-zone drops carry their export time; a batch loaded by hand (``couponops ingest DIR``)
+    only its load time.
+    """
+    landed = session.execute(
+        select(m.LandedBatch.drop_id)
+        .where(
+            m.LandedBatch.kind == "batches",
+            m.LandedBatch.status == "loaded",
+            m.LandedBatch.exported_at <= as_of,
+        )
+        .order_by(m.LandedBatch.exported_at.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if landed is not None:
+        return landed
+    return session.execute(
+        select(m.IngestedFile.batch)
+        .where(m.IngestedFile.loaded_at <= loaded_by)
+        .order_by(m.IngestedFile.loaded_at.desc())
+        .limit(1)
+    ).scalar_one_or_none()

@@ -8,11 +8,13 @@ moves through these states::
        |                | \----mark_failed (last attempt)---> failed
        +--mark_failed---+      (retryable: due again after an exponential backoff)
 
-    skipped  (terminal from the start: the customer has no contact for the channel)
+    skipped  (terminal from the start: no contact for the channel, or no consent to it)
 
 Recipients come from the ``contacts`` table (email address, phone number, push token). A treated
 customer without a contact for the arm's channel is never sent anything: the row is written as
-``skipped`` with no recipient and the reason (``"no sms contact"``) in ``last_error``.
+``skipped`` with no recipient and the reason (``"no sms contact"``) in ``last_error``. Nor is a
+customer not opted in to the channel as of the send time (``"no sms consent"``): consent is read
+again at enqueue time, so an opt-out dated after the allocation but before the send still holds.
 
 A ``sending`` row whose claim is older than the lease (its worker died mid-send) is due again
 and is claimed as it is.
@@ -32,6 +34,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlpkg.db.models import Allocation, Contact, Coupon, Delivery
+from mlpkg.db.queries import consent_as_of
 
 TERMINAL_STATUSES: tuple[str, ...] = ("sent", "failed", "bounced", "skipped")
 STATUSES: tuple[str, ...] = ("pending", "sending", *TERMINAL_STATUSES)
@@ -82,6 +85,11 @@ def recipient_for(contact: Contact | None, channel: str) -> str | None:
 def skip_reason(channel: str) -> str:
     """Return the reason recorded on a delivery skipped for want of a contact on ``channel``."""
     return f"no {channel} contact"
+
+
+def consent_skip_reason(channel: str) -> str:
+    """Return the reason recorded on a delivery skipped for want of consent to ``channel``."""
+    return f"no {channel} consent"
 
 
 def describe_offer(coupon: Coupon | None, coupon_id: str) -> str:
@@ -135,20 +143,24 @@ def enqueue_campaign(
     Only ``model`` and ``explore`` allocations with a coupon and a channel produce a row. The
     recipient is looked up in ``contacts``: with one the row is ``pending``; without a contact
     for the channel it is ``skipped`` with the reason (``"no email contact"``) in ``last_error``
-    and is never sent. Re-running is harmless: rows whose ``dedup_key`` already exists are left
-    untouched (a skipped row stays skipped even if contacts arrive later: the campaign's
-    measurement window has started).
+    and is never sent. A customer with a contact who is not opted in to the channel as of the
+    send time (latest consent event at or before ``sent_at``) is ``skipped`` the same way, with
+    ``"no email consent"`` and no recipient. Re-running is harmless: rows whose ``dedup_key``
+    already exists are left untouched (a skipped row stays skipped even if contacts or consent
+    arrive later: the campaign's measurement window has started).
 
     Args:
         session: Open session; the caller commits.
         campaign_id: The campaign whose allocation ledger is read.
         now: Creation time of new rows.
-        sent_at: The send time the messages state, on the campaign's clock (default ``now``).
+        sent_at: The send time the messages state, on the campaign's clock (default ``now``);
+            consent is checked as of this time.
 
     Returns:
         The number of rows added by this call (pending and skipped).
     """
     now = as_utc(now)
+    send_time = as_utc(sent_at) if sent_at is not None else now
     allocations = session.execute(
         select(Allocation.customer_id, Allocation.channel, Allocation.coupon_id, Contact)
         .outerjoin(Contact, Contact.customer_id == Allocation.customer_id)
@@ -167,9 +179,14 @@ def enqueue_campaign(
         c.coupon_id: c for c in session.scalars(select(Coupon).where(Coupon.coupon_id.in_(coupon_ids)))
     }
     offers = {cid: describe_offer(coupons.get(cid), cid) for cid in coupon_ids}
+    consented = consent_as_of(session, send_time)
     rows = []
     for a in allocations:
         recipient = recipient_for(a.Contact, a.channel)
+        reason = None if recipient else skip_reason(a.channel)
+        if reason is None and a.customer_id not in consented.get(a.channel, set()):
+            # The address is not even recorded: the message must never go out.
+            recipient, reason = None, consent_skip_reason(a.channel)
         rows.append(
             {
                 "dedup_key": dedup_key_for(campaign_id, a.customer_id, a.channel),
@@ -179,11 +196,11 @@ def enqueue_campaign(
                 "coupon_id": a.coupon_id,
                 "recipient": recipient,
                 "payload": render_payload(
-                    campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id], sent_at or now
+                    campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id], send_time
                 ),
-                "status": "pending" if recipient else "skipped",
+                "status": "skipped" if reason else "pending",
                 "attempts": 0,
-                "last_error": None if recipient else skip_reason(a.channel),
+                "last_error": reason,
                 "created_at": now,
             }
         )

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mlpkg.validation.contract import MAX_SAMPLE_ROWS, Failure, ValidationReport, plain_value
-from mlpkg.validation.readers import RAW_SCHEMAS
+from mlpkg.validation.readers import MAX_LENGTHS, RAW_SCHEMAS, text_problems
 
 #: Drift is watched on these columns unless the context names others.
 DEFAULT_DRIFT_COLUMNS: dict[str, list[str]] = {
@@ -350,7 +350,9 @@ def validate_campaign_log(
         max_rows: Failing rows kept per failure.
 
     Returns:
-        A report with a failure for: missing columns, null/duplicate ids, labels outside the spec,
+        A report with a failure for: missing columns, null/duplicate ids, ids not stored as text,
+        with surrounding whitespace, control or invisible characters or longer than the warehouse
+        column, labels outside the spec,
         fewer than two arms or no control rows, propensities outside (0, 1], non-numeric or
         non-finite outcomes; and a warning for declared arms without rows.
     """
@@ -375,6 +377,8 @@ def validate_campaign_log(
     ids = df[id_column]
     fail("ids_not_null", id_column, f"{id_column} must not be null or empty",
          ids.isna() | (ids.astype("str").str.strip() == ""))
+    # Ids are exact strings: a float-typed id column or " u1" would silently make new units.
+    report.failures += text_problems(df, id_column, max_length=MAX_LENGTHS[("campaign_log", "customer_id")])
     if unique_ids:
         fail("ids_unique", id_column, f"{id_column} must be unique (one row per unit)",
              ids.notna() & ids.duplicated(keep=False))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +50,29 @@ def _utc(value: Any) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
+class WarehouseView(Protocol):
+    """What the cross-batch rules may ask about the warehouse (implemented by the ingest stage).
+
+    Validation stays pure of the database: the ingest stage hands in an object with these methods,
+    each answering from the warehouse as it is before the batch loads.
+    """
+
+    def stored_rows(self, table: str, keys: Sequence[Any]) -> pd.DataFrame:
+        """Return the stored rows of a raw table whose natural key is in ``keys`` (raw column names)."""
+
+    def campaigns(self) -> dict[str, dt.datetime]:
+        """Return every known campaign id and its send time (``as_of``)."""
+
+    def campaign_ledger(self, campaign_ids: Sequence[str]) -> pd.DataFrame:
+        """Return ``campaign_id, customer_id, coupon_id, delivered`` of the campaigns' allocations."""
+
+    def order_facts(self, order_ids: Sequence[str]) -> pd.DataFrame:
+        """Return ``order_id, customer_id, revenue, stored_in`` of orders already stored under these ids."""
+
+    def log_owners(self) -> dict[str, str]:
+        """Return each stored campaign log's name and owning source kind."""
+
+
 @dataclass
 class ValidationContext:
     """Parameters the data contract needs beyond the frame itself.
@@ -72,6 +95,9 @@ class ValidationContext:
         revenue_cap: Upper bound for any revenue value.
         strict: Unexpected extra columns fail instead of warning.
         max_sample_rows: Failing rows kept per failure.
+        warehouse: The warehouse as it is before the batch loads, for the rules across batches
+            (contradictions with stored rows, known campaigns, their ledgers and send times);
+            ``None`` checks a batch on its own.
     """
 
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
@@ -88,6 +114,7 @@ class ValidationContext:
     revenue_cap: float = DEFAULT_REVENUE_CAP
     strict: bool = False
     max_sample_rows: int = MAX_SAMPLE_ROWS
+    warehouse: WarehouseView | None = None
     # One Great Expectations context per ValidationContext, created on first use.
     _runner: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -140,6 +167,34 @@ def _gx_json(result: Any) -> dict[str, Any] | None:
     except (TypeError, ValueError, AttributeError) as err:
         # A result GX cannot serialise must not hide the report itself.
         return {"error": f"GX result not serialisable: {err}"}
+
+
+class LineMap:
+    """The file line of each data row of a CSV whose quoted fields span several lines.
+
+    It stands where a constant line offset (2 for a CSV with a header) stands elsewhere:
+    ``position + line_map`` is the line on which data row ``position`` starts, so every rule that
+    writes ``pos + line_offset`` names the right line also after embedded newlines.
+
+    Args:
+        lines: First line of each data row, in row order.
+    """
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: Sequence[int]) -> None:
+        """Keep the first line of every data row."""
+        self.lines = tuple(int(n) for n in lines)
+
+    def __radd__(self, position: int) -> int:
+        """Return the line of data row ``position``."""
+        return self.lines[int(position)]
+
+    __add__ = __radd__
+
+    def __repr__(self) -> str:
+        """Return a short description (the map can hold millions of lines)."""
+        return f"LineMap({len(self.lines)} rows)"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from mlpkg.validation.contract import (
     plain_value,
     without_personal_data,
 )
-from mlpkg.validation.readers import RAW_SCHEMAS, find_table_files, read_table
+from mlpkg.validation.readers import RAW_SCHEMAS, read_raw_table, resolve_batch_folder, scan_batch
+from mlpkg.validation.references import OPTIONAL_COLUMNS, check_batch_references
 from mlpkg.validation.suites import SUITE_TABLES, build_suite
 
 DATA_DOCS_SITE = "couponops"
@@ -270,6 +271,9 @@ def validate_table(
     report.failures += check_column_types(frame, table)
     report.failures += check_finite(frame, **kw)
     extra_fail, extra_warn = check_extra_columns(frame, table, strict=context.strict)
+    optional = set(OPTIONAL_COLUMNS.get(table, ()))
+    extra_fail = [f for f in extra_fail if f.column not in optional]
+    extra_warn = [f for f in extra_warn if f.column not in optional]
     report.failures += extra_fail
     report.warnings += extra_warn
     if context.known_customers is not None and table in _CUSTOMER_REF_TABLES:
@@ -320,14 +324,26 @@ class BatchValidation:
 
 
 def _quarantine(batch_dir: Path, quarantine_dir: Path, payload: dict[str, Any]) -> Path:
+    """Move a (resolved) batch folder to quarantine and write its ``validation_result.json``.
+
+    The result file is written whatever happens to the move: when the folder cannot be moved, the
+    quarantine folder holds the result alone, with the reason in ``quarantine_error``. Symbolic
+    links inside the batch move as links; their targets are never copied.
+    """
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    dest = quarantine_dir / f"{batch_dir.name}-{stamp}"
+    base = batch_dir.name or "batch"
+    dest = quarantine_dir / f"{base}-{stamp}"
     n = 1
     while dest.exists():
         n += 1
-        dest = quarantine_dir / f"{batch_dir.name}-{stamp}-{n}"
-    shutil.move(str(batch_dir), str(dest))
+        dest = quarantine_dir / f"{base}-{stamp}-{n}"
+    try:
+        # Across file systems shutil.move copies a folder with symlinks=True: links stay links.
+        shutil.move(str(batch_dir), str(dest))
+    except OSError as err:
+        dest.mkdir(parents=True, exist_ok=True)
+        payload = {**payload, "quarantine_error": f"the batch folder could not be moved: {err}"}
     (dest / QUARANTINE_RESULT_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     return dest
 
@@ -339,6 +355,7 @@ def gate_batch(
     context: ValidationContext,
     quarantine_dir: Path,
     data_docs_dir: Path,
+    protected: Sequence[Path] = (),
 ) -> BatchValidation:
     """Validate every raw file of a batch folder; quarantine the folder if anything fails.
 
@@ -351,6 +368,8 @@ def gate_batch(
         context: Run parameters.
         quarantine_dir: Where a rejected batch goes (``<batch>-<UTC timestamp>/``).
         data_docs_dir: Root of the GX Data Docs site (built on success and failure).
+        protected: Folders the batch folder may neither be nor contain (e.g. the state folder);
+            the working directory, ``/``, the home folder and the two folders above always are.
 
     Returns:
         The reports, the typed frames and the Data Docs index.
@@ -358,23 +377,25 @@ def gate_batch(
     Raises:
         DataContractError: Any table failed; the folder has been moved (``err.quarantine_path``)
             and ``validation_result.json`` written there; the message names every failing file,
-            expectation, column and up to five rows.
+            expectation, column and up to five rows. A batch holding a symbolic link, two files of
+            one table or an unsupported data file is quarantined without reading any file. A batch
+            folder that is a link, the working directory, ``/``, home or a protected folder (or
+            contains one) is refused before anything is read or moved (no quarantine).
         FileNotFoundError: ``batch_dir`` does not exist.
     """
-    batch_dir = Path(batch_dir)
-    if not batch_dir.is_dir():
-        raise FileNotFoundError(f"batch folder {batch_dir} does not exist")
+    batch_dir = resolve_batch_folder(batch_dir, protected=(quarantine_dir, data_docs_dir, *protected))
     tables = dict(tables or {})
     runner = ExpectationRunner(data_docs_dir, run_name=batch_dir.name)
     reports: dict[str, ValidationReport] = {}
     frames: dict[str, pd.DataFrame] = {}
     warnings: list[str] = []
-    try:
-        files, others = find_table_files(batch_dir)
-    except DataContractError as err:
-        files, others = {}, []
-        reports["batch"] = ValidationReport("batch", str(batch_dir), failures=err.failures)
-    warnings += [f"{p.name}: not a raw table of the contract (ignored)" for p in others]
+    scan = scan_batch(batch_dir)
+    files = scan.tables
+    warnings += scan.warnings
+    if scan.failures:
+        # Refused before reading: no file of a batch with a link or an ambiguous table is opened.
+        files = {}
+        reports["batch"] = ValidationReport("batch", str(batch_dir), failures=scan.failures)
     names = [t for t in RAW_SCHEMAS if t in files or t in tables]
     names += [t for t in tables if t not in names]
     order = [t for t in _REFERENCE_TABLES if t in names] + [t for t in names if t not in _REFERENCE_TABLES]
@@ -382,27 +403,36 @@ def gate_batch(
         reports["batch"] = ValidationReport("batch", str(batch_dir), failures=[Failure(
             "batch_not_empty", None, f"no raw table files found (expected any of {list(RAW_SCHEMAS)})", 0)])
     ctx = context
+    offsets: dict[str, int | None] = {}
     for table in order:
         path = files.get(table)
         source = str(path) if path is not None else f"{table} (in memory)"
+        read_warnings: list[Failure] = []
         if table in tables:
             frame, line_offset = tables[table], None
         else:
             try:
-                frame = read_table(path, table)
+                read = read_raw_table(path, table)
             except DataContractError as err:
                 reports[table] = ValidationReport(table, source, failures=err.failures)
                 continue
-            line_offset = 2 if path.suffix.lower() == ".csv" else None
+            # line_offset is 2 for a CSV, or a LineMap when quoted fields span lines.
+            frame, line_offset, read_warnings = read.frame, read.line_offset, read.warnings
         frames[table] = frame
+        offsets[table] = line_offset
         reports[table] = validate_table(frame, table, context=ctx, source=source, line_offset=line_offset,
                                         runner=runner)
+        reports[table].warnings += read_warnings
         if table in ("customers", "coupons"):
             id_col = f"{table[:-1]}_id"
             known_attr = f"known_{table}"
             ids = set(frame[id_col].dropna().astype("str"))
             previous = getattr(ctx, known_attr)
             ctx = dataclasses.replace(ctx, **{known_attr: ids | set(previous or ())})
+    # Rules across the batch's tables and the stored batches run once every frame is read.
+    names_of = {t: files[t].name for t in frames if t in files}
+    for table, found in check_batch_references(frames, ctx, offsets, names_of).items():
+        reports[table].failures += found
     docs = runner.build_data_docs()
     failed = [r for r in reports.values() if not r.success]
     if not failed:

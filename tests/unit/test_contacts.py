@@ -348,7 +348,14 @@ def test_delivery_sends_to_real_contacts_and_skips_customers_without_one(shop_st
     pool = contacts.drop(index=owners)
     no_phone = pool.index[pool["phone"].isna()][:4].tolist()
     no_push = pool.index[pool["push_token"].isna() & pool["phone"].notna()][:3].tolist()
-    with_all = pool.dropna().index[:5].tolist()
+    # Delivery sends only to customers opted in to the channel as of the send: the canary's owner
+    # opts in to email, the others with every contact are picked among those opted in everywhere.
+    with session_scope(engine) as s:
+        q.record_consent_events(s, [dict(customer_id=owners[0], channel="email", opted_in=True,
+                                         updated_at=T0 - timedelta(days=1))])
+        consented = q.consent_as_of(s, T0)
+    everywhere = set.intersection(*(consented.get(ch, set()) for ch in CHANNEL_COLUMN))
+    with_all = [c for c in pool.dropna().index if c in everywhere][:5]
     arms = {
         **{c: "sms" for c in no_phone},
         **{c: "push" for c in no_push},

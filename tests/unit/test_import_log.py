@@ -166,6 +166,8 @@ def test_a_new_file_under_the_same_name_replaces_the_log(store, shop_export, tmp
     smaller = tmp_path / "spring_v2.csv"
     part = frame.iloc[: len(frame) // 3].copy()
     part["purchased"] = 1 - part["purchased"]
+    # Revenue without a conversion is refused: a customer who no longer converted spent nothing.
+    part["order_value"] = part["order_value"].where(part["purchased"] == 1, 0.0)
     part.to_csv(smaller, index=False)
 
     result = stages.import_log(settings, smaller, spec, now=NOW)
@@ -196,6 +198,7 @@ def test_parquet_with_declared_features_and_logged_propensities(store, tmp_path)
             "note": "ignored",
         }
     )
+    df["spend"] = df["spend"].where(df["bought"] == 1, 0.0)  # no revenue without a conversion
     df.loc[3, "age"] = np.nan  # a blank numeric feature is stored as null and imputed later
     path = tmp_path / "ab.parquet"
     df.to_parquet(path, index=False)

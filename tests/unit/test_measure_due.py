@@ -133,6 +133,13 @@ def test_orders_reported_for_another_campaign_do_not_count(sent):
             }
         ]
     )
+    # Feedback must name a campaign CouponOps ran and a customer of its ledger: "other" is one.
+    with session_scope(engine) as s:
+        s.add(m.Campaign(campaign_id="other", created_at=shop.now, as_of=shop.now, budget=0.0,
+                         objective="conversions", status="allocated", summary={}))
+        s.flush()
+        s.add(m.Allocation(campaign_id="other", customer_id=quiet, arm="control", policy="control",
+                           propensity=1.0, created_at=shop.now))
     _load(settings, orphan, tmp / "fb-other")
     after = attribute_campaign(engine, "c1", 7)
     assert after.set_index("customer_id").loc[quiet, "converted"] == 0

@@ -38,7 +38,7 @@ def test_empty_landing_zone_loads_nothing_and_says_why(settings, engine):
     feedback = stages.ingest_landed_feedback(s)
     assert feedback["skipped"] and "feedback" in feedback["reason"]
     assert _counts(engine) == before
-    assert not (settings.state_dir / "zone").exists(), "an empty landing zone stays empty: nothing is invented"
+    assert not (settings.state_dir / "zone").exists(), "the empty zone stays empty: nothing is invented"
 
 
 def test_only_complete_drops_count_and_the_oldest_export_comes_first(settings, engine, tmp_path):

@@ -99,7 +99,7 @@ def _frames() -> dict[str, pd.DataFrame]:
                "2026-02-01T09:02:00Z"],
         "coupon_id": ["PCT10", "PCT10", "PCT10", "PCT20"],
         "channel": ["email", "email", "", "email"],
-        "order_id": ["", "", "o2", ""],
+        "order_id": ["", "", "o9", ""],
         "revenue": [0.0, 0.0, 55.0, 0.0],
     })
     return {"customers": customers, "consent": consent, "channels": channels, "coupons": coupons,

@@ -1,0 +1,122 @@
+"""CLI mistakes get one clean line and exit code 2: bad budgets, unknown campaigns, unknown versions."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mlpkg.db import models as m
+from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
+
+pytestmark = pytest.mark.unit
+
+
+def _cli(*args):
+    from mlpkg.cli import app
+    from mlpkg.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        get_settings.cache_clear()
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    # MLflow logs the creation of a fresh tracking store on first use; that is not the CLI speaking.
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and " INFO mlflow." not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ("inf", "budget must be a finite number, got inf"),
+        ("nan", "budget must be a finite number, got nan"),
+        ("-5", "budget must be positive, got -5"),
+    ],
+)
+def test_bad_budgets_get_their_own_message(ingested, budget, message):
+    settings, engine = ingested
+    with session_scope(engine) as s:
+        before = q.table_counts(s)
+    line = _one_error_line(_cli("allocate", "--campaign", "c-bad", "--budget", budget))
+    assert message in line and "concurrently" not in line
+    with session_scope(engine) as s:
+        assert q.table_counts(s) == before
+
+
+def test_a_bad_budget_for_an_imported_log_is_refused_too(ingested, tmp_path):
+    customers = tmp_path / "customers.csv"
+    customers.write_text("customer_id,x\nu1,1\n")
+    line = _one_error_line(
+        _cli(
+            "allocate",
+            "--log",
+            "any",
+            "--customers",
+            customers,
+            "--budget",
+            "inf",
+            "--out",
+            tmp_path / "o.csv",
+        )
+    )
+    assert "budget must be a finite number, got inf" in line
+
+
+@pytest.mark.parametrize(
+    "command", [["deliver", "--campaign"], ["report", "--campaign"], ["history", "--campaign"]]
+)
+def test_unknown_campaign_ids_are_named_with_the_known_ones(ingested, command):
+    settings, engine = ingested
+    line = _one_error_line(_cli(*command, "nope"))
+    assert "unknown campaign id 'nope'" in line and "holds no campaign yet" in line
+    now = pd.Timestamp("2025-01-01", tz="UTC")
+    with session_scope(engine) as s:
+        for cid in ("cmp-a", "cmp-b"):
+            s.add(
+                m.Campaign(
+                    campaign_id=cid,
+                    created_at=now,
+                    as_of=now,
+                    budget=1.0,
+                    objective="conversions",
+                    status="allocated",
+                    summary={},
+                )
+            )
+    line = _one_error_line(_cli(*command, "nope"))
+    assert "unknown campaign id 'nope'" in line and "known campaign ids: cmp-a, cmp-b" in line
+
+
+def test_report_of_a_known_campaign_is_not_replaced_by_another(ingested):
+    settings, engine = ingested
+    now = pd.Timestamp("2025-01-01", tz="UTC")
+    with session_scope(engine) as s:
+        for cid, created in (("old", now), ("new", now + pd.Timedelta(days=1))):
+            s.add(
+                m.Campaign(
+                    campaign_id=cid,
+                    created_at=created,
+                    as_of=now,
+                    budget=1.0,
+                    objective="conversions",
+                    status="allocated",
+                    summary={},
+                )
+            )
+    result = _cli("report", "--campaign", "old")
+    assert result.exit_code == 0, result.output
+    assert "old" in result.output
+
+
+def test_promoting_an_unknown_version_names_the_model_and_its_versions(settings):
+    line = _one_error_line(_cli("promote", "99"))
+    assert f"registered model {settings.registered_model_name!r} has no version '99'" in line
+    assert "no versions" in line
