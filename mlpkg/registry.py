@@ -33,6 +33,20 @@ from mlpkg.models.pyfunc import UpliftPyfunc
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+#: Experiment tag the MLflow 3 UI reads to decide what an experiment is for; without it the UI
+#: may open the experiment in GenAI mode on an empty Traces page instead of on its runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: The UI's value for classic model training ("Machine learning" in the experiment's type menu).
+MODEL_TRAINING_KIND = "custom_model_development"
+#: Run and experiment tag the MLflow UI shows as the description (rendered as Markdown).
+NOTE_TAG = "mlflow.note.content"
+#: Description of the training experiment in the MLflow UI.
+TRAINING_EXPERIMENT_DESCRIPTION = (
+    "Training runs of the CouponOps uplift model: one run per training, named after the DAG or the "
+    "CLI, the registered version and the data's date, with its training snapshot as a dataset "
+    "input, test metrics under test/, and the promotion gate's decision as the run's description "
+    "and under its gate/ artifacts."
+)
 
 
 @dataclass
@@ -47,10 +61,64 @@ class GateDecision:
     champion_value: float | None
     challenger_calibration_error: float | None
     test_rows: int
+    challenger_stderr: float | None = None
+    champion_stderr: float | None = None
+    required_value: float | None = None
+    outcome: str = ""
 
     def as_dict(self) -> dict:
         """Return a JSON-friendly dict."""
         return asdict(self)
+
+    def sentence(self) -> str:
+        """Say the decision in one sentence with its numbers (the version's MLflow description).
+
+        Built only from the decision's fields, so whatever the gate measures is what it says.
+        """
+        version = f"v{self.challenger_version}"
+        mine = _with_stderr(self.challenger_value, self.challenger_stderr)
+        theirs = _with_stderr(self.champion_value, self.champion_stderr)
+        rows = f"on {self.test_rows:,} held-out rows"
+        if self.outcome == "refused":
+            guards = self.reason.removeprefix("guard failed: ")
+            versus = f" vs champion v{self.champion_version} {theirs}" if self.champion_version else ""
+            return f"{version} refused by the gate ({guards}): policy value {mine}{versus} {rows}."
+        if self.champion_version is None or self.champion_value is None or self.challenger_value is None:
+            calib = _fmt(self.challenger_calibration_error)
+            return (
+                f"{version} promoted as the first champion: policy value {mine} {rows}, "
+                f"calibration error {calib}."
+            )
+        head = (
+            f"{version} promoted over v{self.champion_version}"
+            if self.promoted
+            else f"{version} kept as challenger, champion v{self.champion_version} stays"
+        )
+        gain = self.challenger_value - self.champion_value
+        text = f"{head}: policy value {mine} vs {theirs}, gain {_fmt(gain, signed=True)}"
+        text += _relative(gain, self.champion_value)
+        if self.required_value is not None:
+            needed = self.required_value - self.champion_value
+            text += f" {'>' if self.promoted else '≤'} required {_fmt(needed, signed=True)}"
+            text += _relative(needed, self.champion_value)
+        return f"{text}, {rows}."
+
+
+def _fmt(value: float | None, *, signed: bool = False) -> str:
+    # Four significant digits: enough to compare two policy values, short enough to read.
+    if value is None:
+        return "n/a"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def _with_stderr(value: float | None, stderr: float | None) -> str:
+    if stderr is None or value is None:
+        return _fmt(value)
+    return f"{_fmt(value)} ± {stderr:.2g}"
+
+
+def _relative(delta: float, base: float) -> str:
+    return f" ({delta / base:+.1%})" if base else ""
 
 
 def make_client(tracking_uri: str) -> MlflowClient:
@@ -64,6 +132,58 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def ensure_experiment(
+    client: MlflowClient, name: str, *, artifact_location: str, description: str | None = None
+) -> str:
+    """Return the id of experiment ``name``, creating it if missing, typed for model training.
+
+    Idempotent: an existing experiment gets the model-training type tag (so the MLflow UI opens it
+    on its runs) and the description when it has none; nothing else about it changes.
+
+    Args:
+        client: The tracking client.
+        name: Experiment name.
+        artifact_location: Artifact root for a new experiment (ignored for an existing one).
+        description: Experiment description shown in the UI, set only where none is.
+
+    Returns:
+        The experiment id.
+    """
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={**tags, NOTE_TAG: description or ""}
+            )
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created meanwhile by a concurrent task
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if description and not exp.tags.get(NOTE_TAG):
+        client.set_experiment_tag(exp.experiment_id, NOTE_TAG, description)
+    return exp.experiment_id
+
+
+def model_description(gate: GateSettings, treat_fraction: float) -> str:
+    """Return the registered model's description: what the model is and how its champion is chosen."""
+    return (
+        "CouponOps multi-arm uplift model: for every customer it predicts the probability of "
+        "conversion and the revenue under control and under each coupon-and-channel arm; campaigns "
+        f"give each customer the arm with the best predicted uplift within the budget, using the "
+        f"version the '{CHAMPION}' alias points at. Every newly trained version becomes "
+        f"'{CHALLENGER}' and is compared with the champion on the same held-out randomized rows: the "
+        f"policy value (SNIPS conversions per customer when the top {treat_fraction:.0%} by predicted "
+        f"uplift are treated) must beat the champion's by more than {gate.min_policy_value_gain:.1%}, "
+        f"with at least {gate.min_test_rows} test rows and a calibration error of at most "
+        f"{gate.max_calibration_error:g}, or the champion stays. Each version's description states the "
+        "gate's decision and its numbers; a person may also promote a version by hand "
+        "(couponops promote), which is recorded in the warehouse with who and why."
+    )
 
 
 def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
@@ -261,6 +381,7 @@ def gate_challenger(
         guards.append(f"test set has {chall['test_rows']} rows < min_test_rows={gate.min_test_rows}")
     if chall["calibration_error"] > gate.max_calibration_error:
         guards.append(f"calibration error {chall['calibration_error']:.4f} > {gate.max_calibration_error}")
+    needed = None
     if champion is None and not guards:
         promoted, reason = True, "no champion yet: first model that passes the guards"
     elif guards:
@@ -282,17 +403,28 @@ def gate_challenger(
         champion_value=champ["policy_value"] if champ else None,
         challenger_calibration_error=chall["calibration_error"],
         test_rows=chall["test_rows"],
+        challenger_stderr=chall.get("policy_value_stderr"),
+        champion_stderr=champ.get("policy_value_stderr") if champ else None,
+        required_value=needed,
+        outcome="refused" if guards else ("promoted" if promoted else "kept"),
     )
     for key, value in decision.as_dict().items():
         client.set_model_version_tag(name, str(challenger_version), f"gate.{key}", str(value))
+    summary = decision.sentence()
+    client.update_model_version(name, str(challenger_version), description=summary)
+    client.update_registered_model(name, description=model_description(gate, treat_fraction))
     if run_id:
+        client.set_tag(run_id, "gate.outcome", decision.outcome)
+        client.set_tag(run_id, NOTE_TAG, summary)
         with tempfile.TemporaryDirectory() as tmp:
             table = pd.DataFrame(
                 [dict(role="challenger", version=challenger_version, **chall)]
                 + ([dict(role="champion", version=champion, **champ)] if champ else [])
             )
             table.to_csv(Path(tmp) / "gate_comparison.csv", index=False)
-            (Path(tmp) / "gate_decision.json").write_text(json.dumps(decision.as_dict(), indent=2))
+            (Path(tmp) / "gate_decision.json").write_text(
+                json.dumps({**decision.as_dict(), "summary": summary}, indent=2)
+            )
             client.log_artifacts(run_id, tmp, artifact_path="gate")
     if promoted:
         move_alias(

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import func, select
+from mlflow import MlflowClient
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+from sqlalchemy import Engine, func, select
 
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import make_engine, session_scope
 from mlpkg.feedback import campaign_metrics
-from mlpkg.registry import CHALLENGER, CHAMPION, alias_version, make_client
+from mlpkg.registry import CHALLENGER, CHAMPION, NOTE_TAG, alias_version, ensure_experiment, make_client
 
 
 def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
@@ -249,41 +254,150 @@ def campaign_report(settings: Settings, campaign_id: str, *, log_to_mlflow: bool
     path = out_dir / "index.html"
     path.write_text("\n".join(html))
     if log_to_mlflow:
-        _log_report(settings, campaign_id, out_dir, metrics)
+        _log_report(settings, engine, campaign_id, out_dir, metrics)
     return path
 
 
-def _log_report(settings: Settings, campaign_id: str, out_dir: Path, metrics: pd.DataFrame) -> None:
-    """Log the report folder and headline numbers as an MLflow run of the campaigns experiment."""
-    from mlflow import MlflowClient
+#: Description of the campaigns experiment in the MLflow UI.
+CAMPAIGN_EXPERIMENT_DESCRIPTION = (
+    "One run per CouponOps campaign, named after the campaign and its as-of date: tagged with the "
+    "model name and version that scored it, that version's training run and the Airflow run that "
+    "allocated it; metrics are the budget, the spend and the measured costs, revenue and "
+    "incremental outcomes against the random control group (with 95% CI bounds); the report is "
+    "under its report/ artifacts."
+)
+#: Measured numbers logged per overall group (``model_policy``, ``treated``) of a campaign.
+_CAMPAIGN_METRICS = (
+    "customers",
+    "control_customers",
+    "delivered",
+    "coupon_cost",
+    "send_cost",
+    "revenue",
+    "cvr",
+    "control_cvr",
+    "ctr",
+    "roi",
+    "incremental_conversions",
+    "incremental_revenue",
+)
+
+
+def campaign_experiment(settings: Settings, client: MlflowClient | None = None) -> str:
+    """Return the id of the campaigns experiment, created if missing and typed for model training."""
+    client = client or make_client(settings.resolved_tracking_uri)
+    return ensure_experiment(
+        client,
+        f"{settings.mlflow_experiment}-campaigns",
+        artifact_location=f"{settings.resolved_artifact_root}/campaigns",
+        description=CAMPAIGN_EXPERIMENT_DESCRIPTION,
+    )
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    # Four significant digits: money and counts read as the report shows them, not at 15 decimals.
+    return float(f"{float(value):.{digits}g}")
+
+
+def _campaign_numbers(overall: pd.DataFrame) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for group in overall.index:
+        row = overall.loc[group]
+        values = {k: row[k] for k in _CAMPAIGN_METRICS if k in row.index}
+        for key in ("incremental_conversions_ci", "incremental_revenue_ci"):
+            bounds = row.get(key)
+            if isinstance(bounds, list | tuple) and len(bounds) == 2:
+                values[f"{key}_low"], values[f"{key}_high"] = bounds
+        for key, value in values.items():
+            if value is not None and pd.notna(value) and math.isfinite(float(value)):
+                out[f"{group}/{key}"] = _sig(value)
+    return out
+
+
+def _log_report(
+    settings: Settings, engine: Engine, campaign_id: str, out_dir: Path, metrics: pd.DataFrame
+) -> str:
+    """Log the report and the campaign's numbers and lineage as a run of the campaigns experiment.
+
+    The run (one per campaign, found again by its ``campaign_id`` tag on re-measurement) is named
+    ``campaign · <id> · <as-of date>`` and tagged with the model name and version that scored the
+    campaign, that version's training run and the Airflow run that allocated it.
+
+    Returns:
+        The MLflow run id.
+    """
     from mlflow.entities import Metric
 
-    client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
-    name = f"{settings.mlflow_experiment}-campaigns"
-    exp = client.get_experiment_by_name(name)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(name, artifact_location=f"{settings.resolved_artifact_root}/campaigns")
-    )
+    name = settings.registered_model_name
+    with session_scope(engine) as session:
+        campaign = q.get_campaign(session, campaign_id)
+        version, run_key = campaign.model_version, campaign.run_key
+        as_of, budget, spend, objective = (
+            campaign.as_of,
+            campaign.budget,
+            campaign.committed,
+            campaign.objective,
+        )
+        training_run = None
+        if version is not None:
+            training_run = session.execute(
+                select(m.TrainingRun.mlflow_run_id)
+                .where(m.TrainingRun.model_name == name, m.TrainingRun.model_version == version)
+                .order_by(m.TrainingRun.trained_at.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+    client = make_client(settings.resolved_tracking_uri)
+    if version is not None and training_run is None:
+        # A version registered outside this warehouse (another store, by hand): MLflow knows its run.
+        with contextlib.suppress(MlflowException):
+            training_run = client.get_model_version(name, version).run_id
+    day = pd.Timestamp(as_of).date().isoformat()
+    tags = {
+        "campaign_id": campaign_id,
+        "campaign.as_of": pd.Timestamp(as_of).isoformat(),
+        "campaign.objective": objective,
+        "model.name": name,
+        "model.version": version or "none (cold start)",
+    }
+    if training_run:
+        tags["training.run_id"] = training_run
+    if run_key:
+        dag_id, _, airflow_run = run_key.partition("/")
+        tags.update({"airflow.run_key": run_key, "airflow.dag_id": dag_id, "airflow.run_id": airflow_run})
+    overall = metrics[metrics["breakdown"] == "overall"].set_index("breakdown_value")
+    numbers = {"budget": _sig(budget), "spend": _sig(spend), **_campaign_numbers(overall)}
+    tags[NOTE_TAG] = _campaign_sentence(campaign_id, day, tags["model.version"], numbers)
+    exp_id = campaign_experiment(settings, client)
     existing = client.search_runs(
         [exp_id], filter_string=f"tags.campaign_id = '{campaign_id}'", max_results=1
     )
-    run_id = (
-        existing[0].info.run_id
-        if existing
-        else client.create_run(
-            exp_id, run_name=f"campaign-{campaign_id}", tags={"campaign_id": campaign_id}
-        ).info.run_id
-    )
-    overall = metrics[metrics["breakdown"] == "overall"].set_index("breakdown_value")
+    run_name = f"campaign · {campaign_id} · {day}"
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, name=run_name)
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     stamp = int(pd.Timestamp.now(tz="UTC").timestamp() * 1000)
-    batch = [
-        Metric(f"{group}/{key}", float(overall.loc[group, key]), stamp, 0)
-        for group in overall.index
-        for key in ("incremental_conversions", "cvr", "control_cvr", "ctr", "roi")
-        if key in overall.columns and pd.notna(overall.loc[group, key])
-    ]
-    client.log_batch(run_id, metrics=batch)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, stamp, 0) for k, v in numbers.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
     client.log_artifacts(run_id, str(out_dir), artifact_path="report")
     client.set_terminated(run_id)
+    return run_id
+
+
+def _campaign_sentence(campaign_id: str, day: str, version: str, numbers: dict[str, float]) -> str:
+    text = (
+        f"Campaign {campaign_id} as of {day}, model version {version}: spent {numbers['spend']:g} "
+        f"of a {numbers['budget']:g} budget"
+    )
+    inc = numbers.get("model_policy/incremental_conversions")
+    low = numbers.get("model_policy/incremental_conversions_ci_low")
+    high = numbers.get("model_policy/incremental_conversions_ci_high")
+    if inc is not None:
+        text += f"; the model's policy brought {inc:+g} incremental conversions vs control"
+        if low is not None and high is not None:
+            text += f" (95% CI {low:g} to {high:g})"
+    return text + "."

@@ -19,6 +19,7 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import Metric, Param
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
@@ -46,6 +48,7 @@ from mlpkg.evaluation.uplift_metrics import (
     multi_arm_qini,
     uplift_at_k,
 )
+from mlpkg.features import feature_snapshot_id
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, uplift_losses
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
@@ -60,6 +63,8 @@ REVENUE_WEIGHT = 0.1
 _MAX_PARAM_CHARS = 6000
 
 _UNSAFE_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+#: The model's target and logging columns, described in the MLflow dataset next to the features.
+_LABEL_COLUMNS = ("arm", "converted", "revenue", "propensity")
 
 ExtraMetricsFn = Callable[[pd.DataFrame, dict[str, np.ndarray], list[str]], Mapping[str, float]]
 
@@ -97,6 +102,42 @@ def git_commit(cwd: str | Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def snapshot_columns(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> list[str]:
+    """Return the snapshot columns MLflow may describe: the model's features, arm and outcomes.
+
+    An allow-list, so identifiers (``customer_id``), contact details and bookkeeping columns of
+    the snapshot never reach MLflow, whatever else the frame holds.
+    """
+    return [c for c in dict.fromkeys([*numeric, *categorical, *_LABEL_COLUMNS]) if c in frame.columns]
+
+
+class SnapshotDataset(PandasDataset):
+    """A training snapshot as MLflow records it: schema, row count, id and source, never a row.
+
+    MLflow stores a dataset's schema and profile, not its data. The schema comes from the
+    snapshot's model columns with no rows (cheap on any size, and no value can leak); the profile
+    reports the snapshot's real size, which the empty frame alone would not.
+    """
+
+    def __init__(
+        self, frame: pd.DataFrame, columns: list[str], *, source: str | None, name: str, digest: str
+    ) -> None:
+        """Describe ``frame[columns]`` stored at ``source`` (a path or URI; None: the calling code)."""
+        empty = frame[columns].head(0)
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path is ambiguous.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            resolved = mlflow.data.from_pandas(empty, source=source, digest=digest).source
+        targets = "converted" if "converted" in columns else None
+        super().__init__(empty, source=resolved, targets=targets, name=name, digest=digest)
+        self._rows = len(frame)
+
+    @property
+    def profile(self) -> dict[str, int]:
+        """Return the snapshot's size: rows and cells of the described columns."""
+        return {"num_rows": self._rows, "num_elements": self._rows * len(self._df.columns)}
 
 
 def metric_key(prefix: str, arm: str) -> str:
@@ -244,6 +285,36 @@ def _log_params(logger: MLFlowLogger, params: Mapping[str, Any]) -> None:
         logger.experiment.log_batch(logger.run_id, params=items[start : start + 100])
 
 
+@rank_zero_only
+def _ensure_experiment(tracking_uri: str, experiment: str, artifact_location: str) -> None:
+    # Created (or typed) here rather than by MLFlowLogger, which would leave it untyped: the
+    # MLflow UI would then open it in GenAI mode instead of on its runs.
+    registry.ensure_experiment(
+        registry.make_client(tracking_uri),
+        experiment,
+        artifact_location=artifact_location,
+        description=registry.TRAINING_EXPERIMENT_DESCRIPTION,
+    )
+
+
+def _snapshot_dataset(
+    frame: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    snapshot_id: str | None,
+    source: str | None,
+) -> tuple[SnapshotDataset, dict[str, str]]:
+    snapshot_id = snapshot_id or feature_snapshot_id(frame)
+    dataset = SnapshotDataset(
+        frame,
+        snapshot_columns(frame, numeric, categorical),
+        source=source,
+        name="training snapshot",
+        digest=snapshot_id[:36],  # MLflow stores at most 36 characters of a dataset digest
+    )
+    return dataset, {"snapshot_id": snapshot_id, "rows": str(len(frame))}
+
+
 def _artifact_location(settings: Settings, experiment: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
     return f"{settings.resolved_artifact_root.rstrip('/')}/{slug}"
@@ -262,6 +333,9 @@ def train_uplift_model(
     tags: Mapping[str, str] | None = None,
     registered_model_name: str | None = None,
     extra_metrics_fn: ExtraMetricsFn | None = None,
+    snapshot_id: str | None = None,
+    snapshot_source: str | None = None,
+    version_run_name: str | None = None,
 ) -> TrainResult:
     """Fit, evaluate, log and (optionally) register the multi-arm uplift model.
 
@@ -275,10 +349,15 @@ def train_uplift_model(
         experiment: MLflow experiment name; created under the settings' artifact root if missing.
         run_name: MLflow run name.
         tags: Lineage tags (``dag_id``, ``run_id``, ``try_number``, ``snapshot_id``...);
-            ``git_commit`` is added when absent.
+            ``git.commit`` is added when absent (and mirrored in MLflow's own source tag).
         registered_model_name: Register the logged model under this name; ``None`` skips it.
         extra_metrics_fn: ``f(test_frame, scores, arms) -> {name: value}``, logged with the
             test metrics (for example the simulator's true uplift in evaluation runs).
+        snapshot_id: Id of the training snapshot, the digest of its MLflow dataset input;
+            computed from ``frame`` when ``None``.
+        snapshot_source: Where the snapshot is stored (a path or URI), the dataset's source.
+        version_run_name: Run name once a version is registered, with ``{version}`` in it
+            (e.g. ``"retrain · v{version} · 2025-07-07"``); ``None`` keeps ``run_name``.
 
     Returns:
         The run id, model URI, registered version, metrics and held-out test rows.
@@ -314,10 +393,13 @@ def train_uplift_model(
         revenue_weight=REVENUE_WEIGHT,
     )
     run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    run_tags.setdefault("git_commit", git_commit())
-    run_tags.setdefault("mlflow.source.git.commit", run_tags["git_commit"])
+    # One commit tag for people (git.commit, also copied to the version) and MLflow's own source
+    # tag, which the UI shows in the run's overview rather than among the tags.
+    run_tags.setdefault("git.commit", git_commit())
+    run_tags.setdefault("mlflow.source.git.commit", run_tags["git.commit"])
     run_tags.setdefault("model_family", "multi_arm_uplift_net")
     previous_uri = mlflow.get_tracking_uri()
+    _ensure_experiment(tracking_uri, experiment, _artifact_location(settings, experiment))
     logger = MLFlowLogger(
         experiment_name=experiment,
         run_name=run_name,
@@ -367,6 +449,7 @@ def train_uplift_model(
             if checkpoint.best_model_path:
                 state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
                 module.load_state_dict(state["state_dict"])
+        snapshot = _snapshot_dataset(frame, data.numeric, data.categorical, snapshot_id, snapshot_source)
         return _log_model(
             module.net.cpu().eval(),
             data,
@@ -379,6 +462,8 @@ def train_uplift_model(
             best_val_loss=float(best_val) if best_val is not None else math.nan,
             registered_model_name=registered_model_name,
             extra_metrics_fn=extra_metrics_fn,
+            snapshot=snapshot,
+            version_run_name=version_run_name,
         )
     finally:
         # MLFlowLogger sets the process-wide tracking URI; give the caller back its own.
@@ -400,6 +485,8 @@ def _log_model(
     best_val_loss: float,
     registered_model_name: str | None,
     extra_metrics_fn: ExtraMetricsFn | None,
+    snapshot: tuple[SnapshotDataset, dict[str, str]],
+    version_run_name: str | None,
 ) -> TrainResult:
     client = registry.make_client(tracking_uri)
     try:
@@ -421,6 +508,8 @@ def _log_model(
             example = test_frame[features].head(5)
             mlflow.set_tracking_uri(tracking_uri)
             with mlflow.start_run(run_id=run_id):
+                dataset, dataset_tags = snapshot
+                mlflow.log_input(dataset, context="training", tags=dataset_tags)
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     # An empty instance: MLflow pickles it by reference to the installed mlpkg, and
@@ -446,6 +535,10 @@ def _log_model(
         version = str(info.registered_model_version)
         lineage = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}
         registry.tag_version(client, registered_model_name, version, {**lineage, "mlflow_run_id": run_id})
+        client.set_tag(run_id, "model.name", registered_model_name)
+        client.set_tag(run_id, "model.version", version)
+        if version_run_name is not None:
+            client.update_run(run_id, name=version_run_name.format(version=version))
     return TrainResult(
         mlflow_run_id=run_id,
         model_uri=f"runs:/{run_id}/model",

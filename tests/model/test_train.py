@@ -254,10 +254,10 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
         assert key in run.data.metrics, key
     assert run.data.metrics["test/rows_seen_by_extra"] == len(result.test_frame)
     assert run.data.params["arms"] == ",".join(ARMS) and run.data.params["data.n_rows"] == "8000"
-    assert {k: run.data.tags[k] for k in lineage} == lineage and "git_commit" in run.data.tags
+    assert {k: run.data.tags[k] for k in lineage} == lineage and "git.commit" in run.data.tags
     version = client.get_model_version("couponops-uplift-test", "1")
     assert version.run_id == result.mlflow_run_id
-    assert {k: version.tags[k] for k in lineage} == lineage and version.tags["git_commit"]
+    assert {k: version.tags[k] for k in lineage} == lineage and version.tags["git.commit"]
     assert len(result.test_frame) == pytest.approx(0.15 * len(frame), abs=10)
     assert result.metrics["test/auc"] > 0.65
 

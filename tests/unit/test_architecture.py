@@ -62,6 +62,7 @@ FLOORS: dict[str, int] = {
     "mlpkg.feedback": 4,
     "mlpkg.gate": 5,
     "mlpkg.reports": 5,  # reads feedback and the registry for product owners
+    "mlpkg.campaign_runs": 5,  # the campaigns as plain rows (the Airflow plugin's Campaigns view)
     "mlpkg.stages": 6,
     "mlpkg.cli": 7,
     "mlpkg.simulator": 8,  # the world and its lab (closed loop, policy quality against the oracle)
