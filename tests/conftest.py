@@ -17,6 +17,10 @@ _AIRFLOW_HOME = (
     Path(os.environ.get("PYTEST_AIRFLOW_HOME", "/tmp")) / f"couponops-pytest-airflow-{os.getpid()}"
 )
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+# `make test` exports the demo's metadata DB and MLflow store; tests never touch the demo's state.
+_AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
