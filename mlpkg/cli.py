@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import textwrap
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -44,6 +48,10 @@ def _show(title: str, payload) -> None:  # noqa: ANN001 - dict or list of dicts
 
 
 def _fmt(value) -> str:  # noqa: ANN001
+    if value is None:
+        return "—"
+    if isinstance(value, list | tuple) and value and all(isinstance(v, int | float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
     if isinstance(value, float):
         return f"{value:,.4f}"
     if isinstance(value, dict | list):
@@ -60,19 +68,131 @@ def _clock(settings) -> str:  # noqa: ANN001 - mlpkg.config.Settings
     return now.isoformat()
 
 
-def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    """Call a stage with a status spinner and turn known errors into a clean exit."""
+def _fail(message: str) -> None:
+    """Print one ``error:`` line (escaped, never wrapped) and exit with code 2."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _call(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Call a stage and turn known errors into one ``error:`` line and exit code 2."""
     from mlpkg.db.queries import CampaignBusyError
     from mlpkg.validation import DataContractError
 
     known = (LookupError, FileNotFoundError, ValueError, CampaignBusyError, DataContractError)
+    try:
+        return fn(*args, **kwargs)
+    except known as exc:
+        # One unwrapped line per message line; the text is escaped so ids in brackets stay text.
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(code=2) from exc
+
+
+def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Call a stage with a status spinner and turn known errors into a clean exit."""
     with console.status(f"[bold]{fn.__name__}[/bold] running…"):
+        return _call(fn, *args, **kwargs)
+
+
+def _as_of(value: str | None) -> str | None:
+    """Return ``--as-of`` unchanged if it is an ISO-8601 time, else exit with one line and a hint."""
+    if value is None:
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--as-of {value!r} is not an ISO-8601 time, e.g. 2025-07-07T06:00:00Z")
+    return value
+
+
+def _jsonable(value):  # noqa: ANN001, ANN202 - any report value
+    """Return ``value`` as strict JSON data: non-finite floats become null, numpy scalars Python ones."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if getattr(value, "ndim", 0) > 0 and hasattr(value, "tolist"):
+        return _jsonable(value.tolist())  # numpy array
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()  # numpy scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _print_json(payload) -> None:  # noqa: ANN001 - dict or list
+    """Print one JSON document on stdout, without rich markup or highlighting."""
+    typer.echo(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
+
+
+def _when(value: str | None) -> str:
+    """Return an ISO time as ``YYYY-MM-DD HH:MM`` (UTC as stored), or an empty cell."""
+    if not value:
+        return ""
+    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M")
+
+
+def _ver(version: str | None) -> str:
+    return f"v{version}" if version not in (None, "") else "—"
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = "" if text is None else str(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _money(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+
+
+def _short_run(run_key: str | None) -> str:
+    """Shorten a run key for a table cell.
+
+    ``couponops_allocate/scheduled__2025-07-07T06:00:00+00:00`` reads ``allocate 07-07 06:00``, a
+    manual run ``allocate manual 07-07 06:00``; other run ids are kept after the DAG's short name.
+    """
+    if not run_key:
+        return ""
+    dag_id, _, run_id = run_key.partition("/")
+    dag = dag_id.removeprefix("couponops_")
+    kind, sep, stamp = run_id.partition("__")
+    if sep:
         try:
-            return fn(*args, **kwargs)
-        except known as exc:
-            # One unwrapped line per message line; the text is escaped so ids in brackets stay text.
-            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(code=2) from exc
+            when = f"{datetime.fromisoformat(stamp):%m-%d %H:%M}"
+        except ValueError:
+            pass
+        else:
+            return " ".join([dag, *([kind] if kind != "scheduled" else []), when])
+    return f"{dag}/{run_id}" if run_id else dag
+
+
+def _table(title: str, header: list[str], cells: list[list[str]]) -> None:
+    """Print rows as a table of at most two terminal lines per row.
+
+    Every column but the last is as wide as its widest cell; the last one takes the width left
+    and its text is wrapped onto two lines at most, the rest cut with an ellipsis (the full text
+    is in ``--json``).
+    """
+    if not cells:
+        console.print(f"[dim]{escape(title)}: none[/dim]")
+        return
+    widths = [max(len(name), *(len(row[i]) for row in cells)) for i, name in enumerate(header[:-1])]
+    # Box edges (2) plus, between columns, one separator and one right padding each.
+    free = max(console.width - 2 - sum(widths) - 2 * len(widths), len(header[-1]), 8)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, expand=True, padding=(0, 1, 0, 0))
+    for name, width in zip(header[:-1], widths, strict=True):
+        table.add_column(name, no_wrap=True, width=width)
+    table.add_column(header[-1], no_wrap=True, overflow="ellipsis", ratio=1)
+    for row in cells:
+        last = "\n".join(textwrap.wrap(row[-1], width=free, max_lines=2, placeholder=" …")) if row[-1] else ""
+        table.add_row(*[escape(cell) for cell in row[:-1]], escape(last))
+    console.print(table)
 
 
 @app.command()
@@ -218,7 +338,7 @@ def allocate(
     if not campaign:
         console.print("[red]error:[/red] give --campaign ID (or --log NAME --customers FILE --budget B)")
         raise typer.Exit(code=2)
-    when = as_of or _clock(settings)
+    when = _as_of(as_of) or _clock(settings)
     ctx = stages.RunContext(dag_id="cli", run_id=f"allocate-{campaign}")
     _show(
         "allocation",
@@ -247,7 +367,7 @@ def plan(
 ) -> None:
     """Print and plot expected incremental value versus budget (the what-if curve)."""
     settings = get_settings()
-    when = as_of or _clock(settings)
+    when = _as_of(as_of) or _clock(settings)
     result = _run(
         stages.plan, settings, campaign_id=campaign, as_of=when, objective=objective, budgets=budget
     )
@@ -287,47 +407,205 @@ def feedback(
     _show("measured campaigns", result["measured"])
 
 
+def _measured_table(measured: dict[str, dict]) -> None:
+    """Print the measured outcome per group against the random control group (one line per group)."""
+
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2%}"
+
+    def ci(bounds: list | None) -> str:
+        return "—" if not bounds or None in bounds else f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+    _table(
+        "observed after customers responded (vs control)",
+        ["group", "customers", "cvr", "ctrl cvr", "incr. conv.", "roi", "95% CI"],
+        [
+            [
+                group,
+                _fmt(row.get("customers")),
+                pct(row.get("cvr")),
+                pct(row.get("control_cvr")),
+                "—"
+                if row.get("incremental_conversions") is None
+                else f"{row['incremental_conversions']:+.2f}",
+                "—" if row.get("roi") is None else f"{row['roi']:.2f}",
+                ci(row.get("incremental_conversions_ci")),
+            ]
+            for group, row in measured.items()
+        ],
+    )
+
+
+def _print_report_path(path: str | None) -> None:
+    """Print where the campaign's HTML report is, or that none was written yet (writes nothing)."""
+    text = path or "none yet (`couponops feedback` writes it when it measures the campaign)"
+    console.print(f"Campaign report: {text}", markup=False, soft_wrap=True)
+
+
 @app.command()
 def report(
     campaign: Annotated[str | None, typer.Option(help="Campaign id (default: latest)")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of tables")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also print model metrics, allocations and every measurement")
+    ] = False,
 ) -> None:
-    """Print the loop summary: data, model, allocation, delivery and measured outcomes."""
+    """Print the campaign, its measured outcome, the model in production and the data (reads only)."""
     from mlpkg.reports import loop_summary
 
+    settings = _call(get_settings)
     if campaign:
-        _run(stages.require_campaign, get_settings(), campaign)
-    summary = _run(loop_summary, get_settings(), campaign)
-    _show("rows ingested and validated", summary.get("ingested_rows", {}))
-    _show("model registry", {k: v for k, v in summary.get("model", {}).items() if k != "metrics"})
-    _show("model metrics", summary.get("model", {}).get("metrics", {}))
-    if "campaign" in summary:
-        _show("campaign", summary["campaign"])
-        _show("coupons allocated per coupon/channel", summary.get("allocated", []))
+        _call(stages.require_campaign, settings, campaign)
+    summary = _call(loop_summary, settings, campaign) if as_json else _run(loop_summary, settings, campaign)
+    if as_json:
+        _print_json(summary)
+        return
+    block = summary.get("campaign")
+    if block:
+        _show(
+            f"campaign {block['campaign_id']}",
+            {
+                "status": block.get("status"),
+                "as of": _when(block.get("as_of")),
+                "model": _ver(block.get("model_version")),
+                "budget": _money(block.get("budget")),
+                "spent": _money(block.get("committed")),
+                "customers": block.get("population"),
+                "treated": block.get("treated"),
+                "control group": block.get("control_group"),
+                "expected incr.": block.get("expected_incremental_conversions"),
+            },
+        )
+        _measured_table(summary.get("observed", {}))
         _show("deliveries", summary.get("deliveries", {}))
-    for group, metrics in summary.get("observed", {}).items():
-        _show(f"observed after customers responded ({group} vs control)", metrics)
-    console.print(f"Data Docs: {summary.get('data_docs') or 'not built yet'}")
-    if summary.get("campaign", {}).get("status") == "measured":
-        from mlpkg.reports import campaign_report
+        _print_report_path(summary.get("report"))
+    else:
+        console.print("no campaign yet: run `couponops allocate --campaign ID`", markup=False)
+    model = summary.get("model", {})
+    _show("model registry", {k: v for k, v in model.items() if k != "metrics"})
+    ingested = summary.get("ingested_rows", {})
+    console.print(
+        f"data: {sum(ingested.values()):,} rows ingested into {len(ingested)} tables; "
+        f"Data Docs: {summary.get('data_docs') or 'not built yet'}",
+        markup=False,
+        soft_wrap=True,
+    )
+    if verbose:
+        _show("rows ingested and validated", ingested)
+        _show("model metrics", model.get("metrics", {}))
+        _show("coupons allocated per coupon/channel", summary.get("allocated", []))
+        for group, metrics in summary.get("observed", {}).items():
+            _show(f"observed after customers responded ({group} vs control)", metrics)
 
-        path = _run(campaign_report, get_settings(), summary["campaign"]["campaign_id"], log_to_mlflow=False)
-        console.print(f"Campaign report: {path}")
+
+def _history_tables(rows: dict[str, list[dict]]) -> None:
+    """Print the history: campaigns, gate decisions, alias moves, retraining decisions."""
+    _table(
+        "campaigns",
+        ["campaign", "created", "status", "model", "sent", "spent/budget", "run"],
+        [
+            [
+                _clip(r["campaign"], 16),
+                _when(r["created"]),
+                r["status"],
+                _ver(r["model_version"]),
+                f"{r['sent']:,}",
+                f"{_money(r['spent'])}/{_money(r['budget'])}",
+                _short_run(r["run_key"]),
+            ]
+            for r in rows["campaigns"]
+        ],
+    )
+    _table(
+        "gate decisions",
+        ["version", "trained", "outcome", "champion", "reason"],
+        [
+            [
+                _ver(r["version"]),
+                _when(r["trained"]),
+                r["outcome"],
+                _ver(r["champion"]),
+                r["reason"].removeprefix("guard failed: "),
+            ]
+            for r in rows["gate_decisions"]
+        ],
+    )
+    _table(
+        "alias moves",
+        ["when", "alias", "version", "actor", "reason"],
+        [
+            [
+                _when(r["when"]),
+                r["alias"],
+                f"{_ver(r['previous'])} → {_ver(r['version'])}" if r["previous"] else _ver(r["version"]),
+                _clip(r["actor"], 12),
+                r["reason"],
+            ]
+            for r in rows["promotions"]
+        ],
+    )
+    _table(
+        "retraining decisions",
+        ["when", "retrain", "run", "triggers"],
+        [
+            [
+                _when(r["when"]),
+                "yes" if r["retrain"] else "no",
+                _short_run(r["run_key"]),
+                "; ".join(r["triggers"]),
+            ]
+            for r in rows["retrain_decisions"]
+        ],
+    )
 
 
 @app.command()
 def history(
-    limit: int = 20,
-    campaign: Annotated[str | None, typer.Option(help="Show only this campaign")] = None,
+    limit: Annotated[int, typer.Option(help="Most rows per table", min=1)] = 20,
+    campaign: Annotated[str | None, typer.Option(help="Show this campaign in detail")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of tables")
+    ] = False,
 ) -> None:
-    """Show alias moves (who/why/when), campaigns and retraining decisions."""
+    """Show campaign runs, gate decisions (promoted, kept, refused), alias moves and retraining decisions."""
+    from mlpkg.reports import campaign_detail
     from mlpkg.reports import history as _history
 
+    settings = _call(get_settings)
     if campaign:
-        _run(stages.require_campaign, get_settings(), campaign)
-    for title, rows in _run(_history, get_settings(), limit).items():
-        if campaign and title == "campaigns":
-            rows = [r for r in rows if r["campaign"] == campaign]
-        _show(title.replace("_", " "), rows)
+        _call(stages.require_campaign, settings, campaign)
+        detail = _call(campaign_detail, settings, campaign)
+        if as_json:
+            _print_json(detail)
+            return
+        _show(
+            f"campaign {detail['campaign']}",
+            {
+                "status": detail["status"],
+                "objective": detail["objective"],
+                "created": _when(detail["created"]),
+                "as of": _when(detail["as_of"]),
+                "budget": _money(detail["budget"]),
+                "spent": _money(detail["spent"]),
+                "model": _ver(detail["model_version"]),
+                "run": detail["run_key"],
+                "customers": detail["population"],
+                "treated": detail["treated"],
+                "control group": detail["control_group"],
+                "expected incr.": detail["expected_incremental_conversions"],
+                "sent": detail["sent"],
+            },
+        )
+        _measured_table(detail["measured"])
+        _print_report_path(detail["report"])
+        return
+    rows = _call(_history, settings, limit)
+    if as_json:
+        _print_json(rows)
+        return
+    _history_tables(rows)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ from mlpkg.registry import CHALLENGER, CHAMPION, NOTE_TAG, alias_version, ensure
 
 
 def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
-    """Summarise the warehouse, registry and latest (or given) campaign in one dict."""
+    """Summarise the warehouse, registry and latest (or given) campaign in one dict (reads only).
+
+    The campaign's HTML report is not (re)written here: ``report`` is its path when one exists.
+    """
     engine = make_engine(settings.resolved_warehouse_url)
     out: dict = {}
     with session_scope(engine) as session:
@@ -99,6 +102,7 @@ def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
                         "incremental_conversions",
                         "incremental_conversions_ci",
                         "expected_incremental_conversions",
+                        "roi",
                     )
                     if k in row
                 }
@@ -106,16 +110,45 @@ def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
             }
     docs = settings.data_docs_dir / "index.html"
     out["data_docs"] = str(docs) if docs.exists() else None
+    if campaign is not None:
+        path = report_path(settings, campaign.campaign_id)
+        out["report"] = str(path) if path else None
     return out
 
 
 def history(settings: Settings, limit: int = 30) -> dict[str, list[dict]]:
-    """Return recent alias moves, campaigns and retraining decisions (newest first)."""
+    """Return recent campaigns, gate decisions, alias moves and retraining decisions (newest first).
+
+    Rows hold full values (ISO times, whole reasons) so they serialise as JSON as they are; the CLI
+    shortens them for a terminal.
+
+    Args:
+        settings: The product's settings (warehouse and MLflow registry).
+        limit: Most rows per table.
+
+    Returns:
+        ``campaigns``, ``gate_decisions``, ``promotions`` and ``retrain_decisions``, each a list of dicts.
+    """
     engine = make_engine(settings.resolved_warehouse_url)
     with session_scope(engine) as session:
+        campaigns = [
+            dict(
+                campaign=row["campaign_id"],
+                created=_iso(row["created_at"]),
+                as_of=_iso(row["as_of"]),
+                status=row["status"],
+                objective=row["objective"],
+                budget=row["budget"],
+                spent=round(row["committed"], 2),
+                model_version=row["model_version"],
+                run_key=row["run_key"],
+                sent=row["sent"],
+            )
+            for row in q.campaign_run_rows(session, limit=limit)
+        ]
         promotions = [
             dict(
-                when=str(p.created_at),
+                when=_iso(p.created_at),
                 model=p.model_name,
                 alias=p.alias,
                 version=p.version,
@@ -125,29 +158,151 @@ def history(settings: Settings, limit: int = 30) -> dict[str, list[dict]]:
             )
             for p in q.promotion_history(session, limit=limit)
         ]
-        campaigns = [
-            dict(
-                campaign=c.campaign_id,
-                created=str(c.created_at),
-                status=c.status,
-                budget=c.budget,
-                committed=round(c.committed, 2),
-                model_version=c.model_version,
-            )
-            for c in q.campaigns(session, limit=limit)
-        ]
         decisions = [
             dict(
-                when=str(d.decided_at),
-                run=d.run_key,
+                when=_iso(d.decided_at),
+                run_key=d.run_key,
                 retrain=d.retrain,
-                triggers="; ".join(d.reasons.get("triggers", [])),
+                triggers=list(d.reasons.get("triggers", [])),
             )
-            for d in session.execute(
-                select(m.RetrainDecision).order_by(m.RetrainDecision.id.desc()).limit(limit)
-            ).scalars()
+            for d in q.retrain_decisions(session, limit=limit)
         ]
-    return {"promotions": promotions, "campaigns": campaigns, "retrain_decisions": decisions}
+        trained = q.trained_versions(session, settings.registered_model_name)
+    return {
+        "campaigns": campaigns,
+        "gate_decisions": gate_decisions(settings, limit=limit, trained=trained),
+        "promotions": promotions,
+        "retrain_decisions": decisions,
+    }
+
+
+def gate_decisions(
+    settings: Settings, limit: int = 30, trained: dict[str, tuple] | None = None
+) -> list[dict]:
+    """Return every registered version (newest first) with the gate's outcome and reason.
+
+    The outcome (``promoted``, ``kept`` or ``refused``) and its numbers are the version's ``gate.*``
+    tags; a version registered without going through the gate says ``not gated``.
+
+    Args:
+        settings: The product's settings (MLflow registry).
+        limit: Most versions to return.
+        trained: ``version -> (trained_at, run_key)`` from the warehouse, when known.
+
+    Returns:
+        One dict per version: version, trained, outcome, champion, values, reason, run ids.
+    """
+    trained = trained or {}
+    client = make_client(settings.resolved_tracking_uri)
+    name = settings.registered_model_name
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        versions = []
+    rows = []
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True)[:limit]:
+        tags = dict(mv.tags or {})
+        trained_at, run_key = trained.get(str(mv.version), (None, None))
+        if trained_at is None:
+            trained_at = pd.Timestamp(mv.creation_timestamp, unit="ms", tz="UTC")
+        rows.append(
+            dict(
+                version=str(mv.version),
+                trained=_iso(trained_at),
+                outcome=_gate_outcome(tags),
+                champion=_tag(tags, "gate.champion_version"),
+                challenger_value=_tag_float(tags, "gate.challenger_value"),
+                champion_value=_tag_float(tags, "gate.champion_value"),
+                reason=_tag(tags, "gate.reason") or "registered without the promotion gate",
+                run_key=run_key,
+                mlflow_run_id=mv.run_id,
+            )
+        )
+    return rows
+
+
+def _gate_outcome(tags: dict[str, str]) -> str:
+    if tags.get("gate.outcome"):
+        return tags["gate.outcome"]
+    if "gate.promoted" not in tags:
+        return "not gated"
+    # Versions gated before the outcome tag existed: read it back from the decision's fields.
+    if tags.get("gate.reason", "").startswith("guard failed"):
+        return "refused"
+    return "promoted" if tags["gate.promoted"] == "True" else "kept"
+
+
+def _tag(tags: dict[str, str], key: str) -> str | None:
+    value = tags.get(key)
+    return None if value in (None, "", "None") else value
+
+
+def _tag_float(tags: dict[str, str], key: str) -> float | None:
+    value = _tag(tags, key)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _iso(value) -> str | None:  # noqa: ANN001 - datetime, Timestamp or None
+    return None if value is None else q.as_utc(value).isoformat()
+
+
+def report_path(settings: Settings, campaign_id: str) -> Path | None:
+    """Return the path of a campaign's HTML report if it was written, else None (writes nothing)."""
+    path = settings.reports_dir / campaign_id / "index.html"
+    return path if path.exists() else None
+
+
+#: Measured numbers shown per overall group (``model_policy``, ``treated``) of a campaign.
+_MEASURED = (
+    "customers",
+    "delivered",
+    "cvr",
+    "control_cvr",
+    "incremental_conversions",
+    "incremental_conversions_ci",
+    "roi",
+)
+
+
+def campaign_detail(settings: Settings, campaign_id: str) -> dict:
+    """Return one campaign's dates, budget, spend, model, sends, measured numbers and report path.
+
+    Raises:
+        LookupError: The warehouse holds no campaign ``campaign_id``.
+    """
+    engine = make_engine(settings.resolved_warehouse_url)
+    with session_scope(engine) as session:
+        campaign = q.get_campaign(session, campaign_id)
+        if campaign is None:
+            raise LookupError(f"unknown campaign id {campaign_id!r}")
+        sent = q.campaign_sent_count(session, campaign_id)
+        overall = q.overall_campaign_metrics(session, [campaign_id]).get(campaign_id, {})
+        summary = dict(campaign.summary or {})
+        detail = dict(
+            campaign=campaign.campaign_id,
+            status=campaign.status,
+            objective=campaign.objective,
+            created=_iso(campaign.created_at),
+            as_of=_iso(campaign.as_of),
+            budget=campaign.budget,
+            spent=round(campaign.committed, 2),
+            model_version=campaign.model_version,
+            run_key=campaign.run_key,
+            population=summary.get("population"),
+            treated=summary.get("treated"),
+            control_group=summary.get("control_group"),
+            expected_incremental_conversions=summary.get("expected_incremental_conversions"),
+            sent=sent,
+        )
+    detail["measured"] = {
+        group: {k: values[k] for k in _MEASURED if k in values} for group, values in sorted(overall.items())
+    }
+    path = report_path(settings, campaign_id)
+    detail["report"] = str(path) if path else None
+    return detail
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:

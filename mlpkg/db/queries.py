@@ -698,3 +698,39 @@ def batch_as_of(session: Session, *, as_of: datetime, loaded_by: datetime) -> st
         .order_by(m.IngestedFile.loaded_at.desc())
         .limit(1)
     ).scalar_one_or_none()
+
+
+# --- run history (read only: `couponops history` and `couponops report`) -------------------------------
+
+
+def retrain_decisions(session: Session, limit: int = 50) -> list[m.RetrainDecision]:
+    """Return the latest retraining decisions, newest first."""
+    return list(
+        session.execute(
+            select(m.RetrainDecision).order_by(m.RetrainDecision.id.desc()).limit(limit)
+        ).scalars()
+    )
+
+
+def trained_versions(session: Session, model_name: str) -> dict[str, tuple[datetime, str | None]]:
+    """Return when and by which run each registered version was trained: ``version -> (trained_at, run_key)``.
+
+    A version trained twice (a re-run) keeps its latest training.
+    """
+    rows = session.execute(
+        select(m.TrainingRun.model_version, m.TrainingRun.trained_at, m.TrainingRun.run_key)
+        .where(m.TrainingRun.model_name == model_name, m.TrainingRun.model_version.is_not(None))
+        .order_by(m.TrainingRun.trained_at)
+    ).all()
+    return {version: (trained_at, run_key) for version, trained_at, run_key in rows}
+
+
+def campaign_sent_count(session: Session, campaign_id: str) -> int:
+    """Return how many of a campaign's messages were actually sent."""
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(m.Delivery)
+            .where(m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent")
+        ).scalar_one()
+    )

@@ -120,3 +120,25 @@ def test_promoting_an_unknown_version_names_the_model_and_its_versions(settings)
     line = _one_error_line(_cli("promote", "99"))
     assert f"registered model {settings.registered_model_name!r} has no version '99'" in line
     assert "no versions" in line
+
+
+@pytest.mark.parametrize("command", ["allocate", "plan"])
+def test_an_unparseable_as_of_is_one_line_with_an_example(ingested, command):
+    settings, engine = ingested
+    with session_scope(engine) as s:
+        before = q.table_counts(s)
+    line = _one_error_line(_cli(command, "--campaign", "c-when", "--as-of", "tomorrow"))
+    assert line == "error: --as-of 'tomorrow' is not an ISO-8601 time, e.g. 2025-07-07T06:00:00Z"
+    with session_scope(engine) as s:
+        assert q.table_counts(s) == before
+
+
+@pytest.mark.parametrize("budget", ["-5", "inf"])
+def test_a_bad_budget_for_the_what_if_curve_is_refused(ingested, budget):
+    line = _one_error_line(_cli("plan", "--campaign", "c-plan", "--budget", "10", "--budget", budget))
+    assert "budget must be" in line and budget in line
+
+
+def test_history_json_of_an_unknown_campaign_is_one_error_line(ingested):
+    line = _one_error_line(_cli("history", "--campaign", "nope", "--json"))
+    assert "unknown campaign id 'nope'" in line

@@ -1,0 +1,203 @@
+"""`couponops history` and `couponops report` fit a terminal, say every gate outcome and read only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mlpkg import registry, stages
+from mlpkg.allocation.campaign import allocate_campaign
+from mlpkg.config import GateSettings
+from mlpkg.feedback import measure_campaign
+from mlpkg.simulator.lab import harness
+from tests.fixtures import use_oracle
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_KEY = "couponops_allocate/scheduled__2025-07-07T06:00:00+00:00"
+GATE_NOW = datetime(2025, 7, 6, 12, 30, 15, 123456, tzinfo=UTC)
+
+
+def _cli(*args):
+    from mlpkg.cli import app
+    from mlpkg.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        get_settings.cache_clear()
+
+
+def _gate_three_versions(settings, engine, monkeypatch) -> None:
+    """Register v1 (promoted: first champion), v2 (kept: below the margin), v3 (refused: calibration)."""
+    client = registry.make_client(settings.resolved_tracking_uri)
+    name = settings.registered_model_name
+    exp = client.create_experiment("cli-output-gate")
+    client.create_registered_model(name)
+    values: dict[str, dict] = {}
+    monkeypatch.setattr(
+        registry, "policy_value_on_frame", lambda uri, frame, fraction, tracking_uri: values[uri]
+    )
+    for policy_value, calibration_error in ((0.040, 0.01), (0.041, 0.01), (0.050, 0.2)):
+        run = client.create_run(exp)
+        version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+        values[f"models:/{name}/{version.version}"] = dict(
+            policy_value=policy_value, calibration_error=calibration_error, test_rows=1000
+        )
+        registry.gate_challenger(
+            client,
+            engine,
+            name=name,
+            tracking_uri=settings.resolved_tracking_uri,
+            challenger_version=str(version.version),
+            test_frame=pd.DataFrame(),
+            gate=GateSettings(min_policy_value_gain=0.05, max_calibration_error=0.05),
+            treat_fraction=0.3,
+            now=GATE_NOW,
+        )
+
+
+@pytest.fixture
+def loop(ingested, monkeypatch):
+    """A measured campaign ``c1`` scored by v1, three gated versions and one retraining decision."""
+    settings, engine = ingested
+    _gate_three_versions(settings, engine, monkeypatch)
+    shop = harness.load_world(settings)
+    use_oracle(monkeypatch, shop)
+    now = shop.now.to_pydatetime()
+    allocate_campaign(
+        engine,
+        settings,
+        campaign_id="c1",
+        as_of=now,
+        run_key=RUN_KEY,
+        model_uri="oracle",
+        model_version="1",
+        now=now,
+        budget=80.0,
+        objective="conversions",
+    )
+    stages.deliver(settings, "c1", now=now)
+    batch = harness.simulate_responses(settings, "c1")
+    later = now + pd.Timedelta(days=8)
+    stages.ingest_feedback(settings, batch["feedback_dir"], now=later)
+    measure_campaign(engine, settings, "c1", now=later)  # measured, but no HTML report written yet
+    ctx = stages.RunContext(dag_id="couponops_retrain", run_id="scheduled__2025-07-15T00:00:00+00:00")
+    stages.decide_retrain(settings, ctx, campaign_id="c1")
+    return settings, engine
+
+
+def _row_extents(lines: list[str], title: str, keys: list[str]) -> list[int]:
+    """Return how many printed lines each row of the table titled ``title`` takes, rows found by ``keys``."""
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == title)
+    rule = next(i for i in range(start, len(lines)) if lines[i].lstrip().startswith("─"))
+    end = next((i for i in range(rule + 1, len(lines)) if not lines[i].strip()), len(lines))
+    body = lines[rule + 1 : end]
+    starts, at = [], 0
+    for key in keys:
+        at = next(i for i in range(at, len(body)) if body[i].lstrip().startswith(key))
+        starts.append(at)
+        at += 1
+    return [b - a for a, b in zip(starts, [*starts[1:], len(body)], strict=True)]
+
+
+def test_history_fits_80_columns_says_refusals_and_json_holds_the_same_rows(loop):
+    settings, _ = loop
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlpkg.cli", "history"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if " INFO mlflow." not in ln]
+    assert max(len(ln) for ln in lines) <= 80, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+    result = _cli("history", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["campaign"] for r in rows["campaigns"]] == ["c1"]
+    gates = {r["version"]: r for r in rows["gate_decisions"]}
+    assert {v: r["outcome"] for v, r in gates.items()} == {"1": "promoted", "2": "kept", "3": "refused"}
+    assert gates["3"]["reason"].startswith("guard failed: calibration error 0.2000 > 0.05")
+    assert gates["2"]["champion"] == "1" and gates["2"]["challenger_value"] == pytest.approx(0.041)
+    assert rows["retrain_decisions"] and rows["retrain_decisions"][0]["triggers"]
+
+    tables = {
+        "campaigns": ["c1"],
+        "gate decisions": [f"v{r['version']}" for r in rows["gate_decisions"]],
+        "alias moves": [r["when"][:16].replace("T", " ") for r in rows["promotions"]],
+        "retraining decisions": [r["when"][:16].replace("T", " ") for r in rows["retrain_decisions"]],
+    }
+    for title, keys in tables.items():
+        extents = _row_extents(lines, title, keys)
+        assert len(extents) == len(keys) and max(extents) <= 2, (title, done.stdout)
+    text = done.stdout
+    assert "refused" in text and "calibration error 0.2000" in text
+    assert "2025-07-06 12:30 " in text and "12:30:15" not in text  # minutes, not microseconds
+    assert "allocate" in text and "07-07 06:00" in text and RUN_KEY not in text
+    assert "retrain 07-15 00:00" in text
+
+
+def test_history_of_one_campaign_shows_its_detail_in_text_and_json(loop):
+    result = _cli("history", "--campaign", "c1", "--json")
+    assert result.exit_code == 0, result.output
+    detail = json.loads(result.output)
+    assert detail["campaign"] == "c1" and detail["budget"] == 80.0 and detail["model_version"] == "1"
+    assert 0 < detail["spent"] <= 80.0 and detail["sent"] > 0 and detail["report"] is None
+    assert "incremental_conversions" in detail["measured"]["model_policy"]
+
+    text = _cli("history", "--campaign", "c1")
+    assert text.exit_code == 0, text.output
+    out = text.output
+    assert (
+        "campaign c1" in out
+        and "observed after customers responded (vs control)" in out
+        and "model_policy" in out
+    )
+    assert f"{detail['sent']}" in out and "v1" in out and RUN_KEY in out
+    assert "Campaign report: none yet" in out
+
+
+def test_report_reads_only_and_leads_with_the_campaign(loop):
+    from mlpkg.reports import campaign_report
+
+    settings, _ = loop
+    html = settings.reports_dir / "c1" / "index.html"
+    quiet = _cli("report")
+    assert quiet.exit_code == 0, quiet.output
+    assert "Campaign report: none yet" in quiet.output and not html.exists()
+    assert quiet.output.index("campaign c1") < quiet.output.index("model registry")
+    assert "model metrics" not in quiet.output and "coupons allocated per" not in quiet.output
+    assert (
+        "observed after customers responded (vs control)" in quiet.output and "model_policy" in quiet.output
+    )
+
+    path = campaign_report(settings, "c1", log_to_mlflow=False)
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    verbose = _cli("report", "--campaign", "c1", "--verbose")
+    assert verbose.exit_code == 0, verbose.output
+    assert f"Campaign report: {path}" in verbose.output
+    assert "coupons allocated per coupon/channel" in verbose.output
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+    as_json = _cli("report", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    summary = json.loads(as_json.output)
+    assert summary["campaign"]["campaign_id"] == "c1" and summary["report"] == str(path)
+    assert summary["model"]["champion"] == "1" and "model_policy" in summary["observed"]
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
