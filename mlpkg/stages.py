@@ -33,12 +33,14 @@ class RunContext:
 
     def tags(self) -> dict[str, str]:
         """Lineage tags for MLflow runs."""
-        return {
+        tags = {
             "airflow.dag_id": self.dag_id,
             "airflow.run_id": self.run_id,
             "airflow.try_number": str(self.try_number),
-            "airflow.logical_date": str(self.logical_date),
         }
+        if self.logical_date:  # CLI runs have none: no "None" tag
+            tags["airflow.logical_date"] = str(self.logical_date)
+        return tags
 
 
 def utcnow() -> datetime:
