@@ -162,14 +162,18 @@ def _short_run(run_key: str | None) -> str:
     dag_id, _, run_id = run_key.partition("/")
     dag = dag_id.removeprefix("couponops_")
     kind, sep, stamp = run_id.partition("__")
-    if sep:
-        try:
-            when = f"{datetime.fromisoformat(stamp):%m-%d %H:%M}"
-        except ValueError:
-            pass
-        else:
-            return " ".join([dag, *([kind] if kind != "scheduled" else []), when])
+    when = _minute(stamp) if sep else None
+    if when is not None:
+        return " ".join([dag, *([kind] if kind != "scheduled" else []), when])
     return f"{dag}/{run_id}" if run_id else dag
+
+
+def _minute(stamp: str) -> str | None:
+    """Return an ISO time as ``MM-DD HH:MM``, or None when it is not one."""
+    try:
+        return f"{datetime.fromisoformat(stamp):%m-%d %H:%M}"
+    except ValueError:
+        return None
 
 
 def _table(title: str, header: list[str], cells: list[list[str]]) -> None:

@@ -291,17 +291,19 @@ def measure_campaign(
 
 
 def window_end(
-    engine: Engine, campaign_id: str, window_days: int, *, data_clock: bool = False
+    campaign: m.Campaign,
+    first_send: datetime | None,
+    last_send: datetime | None,
+    window_days: int,
+    *,
+    data_clock: bool = False,
 ) -> pd.Timestamp:
     """Return when a campaign's attribution window closes: its last send (campaign time) plus the window."""
-    with session_scope(engine) as session:
-        campaign = q.get_campaign(session, campaign_id)
-        first, last = q.send_span(session, campaign_id)
-        start = (
-            campaign_time(campaign, last, first, data_clock=data_clock)
-            if last is not None
-            else q.as_utc(campaign.as_of)
-        )
+    start = (
+        campaign_time(campaign, last_send, first_send, data_clock=data_clock)
+        if last_send is not None
+        else q.as_utc(campaign.as_of)
+    )
     return start + pd.Timedelta(days=window_days)
 
 
@@ -340,13 +342,15 @@ def measure_due(engine: Engine, settings: Settings, *, clock: datetime, now: dat
     data = settings.clock == "data"
     measured, provisional, waiting = [], [], []
     for campaign_id, status, last, events in sorted(candidates):
-        closes = window_end(engine, campaign_id, window_days, data_clock=data)
-        if clock_ts >= closes and data:
+        with session_scope(engine) as session:
+            first_send, last_send = q.send_span(session, campaign_id)
+            closes = window_end(
+                q.get_campaign(session, campaign_id), first_send, last_send, window_days, data_clock=data
+            )
             # A fast simulated clock runs ahead of the sends: the window counts as closed only once
             # the channels reported past its end in an export loaded after the campaign's last send.
-            with session_scope(engine) as session:
-                _, last_send = q.send_span(session, campaign_id)
-                reported = q.newest_export(session, kind="feedback", handled_after=last_send)
+            reported = q.newest_export(session, kind="feedback", handled_after=last_send) if data else None
+        if clock_ts >= closes and data:
             closed = reported is not None and q.as_utc(reported) >= closes
         else:
             closed = clock_ts >= closes

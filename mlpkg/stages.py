@@ -734,11 +734,8 @@ def needs_bootstrap(settings: Settings) -> dict:
 
     from mlpkg.db import models as m
     from mlpkg.db.engine import session_scope
-    from mlpkg.registry import CHAMPION, alias_version, make_client
 
-    champion = alias_version(
-        make_client(settings.resolved_tracking_uri), settings.registered_model_name, CHAMPION
-    )
+    champion, _ = _champion(settings, cold_start=True)
     if champion is not None:
         return {
             "train": False,

@@ -20,7 +20,6 @@ import shutil
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from mlpkg.simulator.world import Shop
@@ -156,11 +155,6 @@ def answer_messages(
 def window_end(sent_at: pd.Timestamp, shop: Shop) -> pd.Timestamp:
     """Return when responses to a send stop (the shop's response window)."""
     return pd.Timestamp(sent_at) + pd.Timedelta(days=int(shop.config.window_days))
-
-
-def campaigns_in(messages: pd.DataFrame) -> list[str]:
-    """Return the campaign ids in a messages frame, sorted."""
-    return sorted(str(c) for c in np.unique(messages["campaign_id"].astype(str)))
 
 
 class ChannelProvider:
