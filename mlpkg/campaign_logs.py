@@ -62,7 +62,7 @@ from mlpkg.validation.contract import DEFAULT_REVENUE_CAP, MAX_SAMPLE_ROWS, Line
 
 # The raw readers' CSV/Parquet handling (strict UTF-8, empty and truncated files) is exactly what an
 # imported log needs; only the column schema differs, so the readers' building blocks are reused.
-from mlpkg.validation.readers import _fail, _read_csv, _read_parquet, read_file_bytes, text_problems
+from mlpkg.validation.readers import _read_csv, _read_parquet, file_refusal, read_file_bytes, text_problems
 
 #: Arm name every log's control label is stored under (the model's head 0).
 CONTROL_ARM = "control"
@@ -327,7 +327,7 @@ def read_log_file(path: Path) -> tuple[pd.DataFrame, int | LineMap | None]:
         frame, line_offset = _read_csv(path, data)
     frame.columns = [str(c) for c in frame.columns]
     if frame.empty:
-        raise _fail(
+        raise file_refusal(
             path,
             [Failure("not_empty", None, "file has a header but no data rows", 0)],
             "header only, no data rows",
@@ -340,7 +340,7 @@ def read_log_file(path: Path) -> tuple[pd.DataFrame, int | LineMap | None]:
         for f in text_problems(frame, col, identifier=False, line_offset=line_offset)
     ]
     if nul:
-        raise _fail(path, nul, "NUL byte(s) in text values")
+        raise file_refusal(path, nul, "NUL byte(s) in text values")
     return frame, line_offset
 
 

@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     simulator_seed: int = 7
     simulator_customers: int = Field(4000, ge=50)
     strict_columns: bool = Field(False, description="Fail (not warn) on unexpected extra columns.")
+    # A Parquet events file with more rows is validated and loaded in chunks of this many rows.
+    ingest_chunk_rows: int = Field(500_000, ge=1_000)
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025
     smtp_sender: str = "offers@couponops.local"
@@ -253,6 +255,11 @@ class Settings(BaseSettings):
         return self.state_dir / "data_docs"
 
     @property
+    def event_store_dir(self) -> Path:
+        """Folder of the columnar event store (Parquet parts; shared by every worker in production)."""
+        return self.state_dir / "event-store"
+
+    @property
     def reports_dir(self) -> Path:
         """Folder holding HTML reports and plots."""
         return self.state_dir / "reports"
@@ -289,6 +296,7 @@ class Settings(BaseSettings):
             self.raw_dir,
             self.quarantine_dir,
             self.data_docs_dir,
+            self.event_store_dir,
             self.reports_dir,
             self.outbox_dir,
         ):

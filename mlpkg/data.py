@@ -9,6 +9,7 @@ nothing at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, select
 
+from mlpkg import event_store
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -161,10 +163,6 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
         df = df.assign(opted_in=df["opted_in"].astype(bool))
         cols = ["customer_id", "channel", "opted_in", "updated_at"]
         return q.record_consent_events(session, _records(df, cols))
-    if table == "events":
-        df = df.assign(category=df["category"].fillna(""))
-        cols = ["event_id", "customer_id", "ts", "event_type", "category"]
-        return q.upsert_rows(session, m.Event, _records(df, cols), update_existing=False)
     if table == "orders":
         from mlpkg.validation.references import correction_flags
 
@@ -256,6 +254,50 @@ def _load_campaign_log(session, df: pd.DataFrame, now: datetime) -> int:  # noqa
     return total
 
 
+
+class _LoadRefused(Exception):
+    """Rows of a streamed file contradict stored rows (found while loading; the load rolls back)."""
+
+    def __init__(self, table: str, failures: list) -> None:
+        super().__init__(table)
+        self.table = table
+        self.failures = failures
+
+
+def _load_events(session, chunks, view: WarehouseView, writer: event_store.PartWriter) -> int:  # noqa: ANN001
+    """Insert a file's events chunk by chunk (bulk), skipping replays; write the new ones to the store.
+
+    Rows whose key is new are inserted in bulk. When some key was stored already the chunk is
+    compared with the stored rows: a contradiction refuses the batch (:class:`_LoadRefused`; the
+    caller's transaction rolls back every chunk), identical replays are left out of the store.
+
+    Returns:
+        The number of events inserted.
+    """
+    from mlpkg.db import bulk
+    from mlpkg.validation.references import contradictions_with
+    from mlpkg.validation.streaming import shift_rows
+
+    columns = list(event_store.COLUMNS)
+    table = m.Event.__table__
+    inserted = 0
+    for start, chunk in chunks:
+        frame = chunk.assign(category=chunk["category"].fillna(""))[columns]
+        added = bulk.insert_missing(session, table, frame, columns)
+        if added < len(frame):
+            # Some keys were stored before this batch (the view reads the committed warehouse).
+            stored = view.stored_rows("events", list(frame["event_id"]))
+            found = contradictions_with(frame, "events", stored)
+            if found:
+                raise _LoadRefused("events", [shift_rows(f, start) for f in found])
+            frame = frame[~frame["event_id"].isin(set(stored["event_id"]))]
+            if len(frame) != added:
+                raise RuntimeError("events were stored by another load while this batch loaded; run it again")
+        writer.write(frame)
+        inserted += added
+    return inserted
+
+
 #: Warehouse model, key columns (raw name -> model column) and compared columns of each raw table.
 _STORED: dict[str, tuple[type[m.Base], dict[str, str], tuple[str, ...]]] = {
     "channels": (m.Channel, {"channel": "channel"}, ("send_cost", "daily_capacity")),
@@ -333,7 +375,8 @@ class WarehouseView:
             return q.campaign_log_owners(session)
 
 
-def plan_changes(view: WarehouseView, frames: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+def plan_changes(view: WarehouseView, frames: dict[str, pd.DataFrame], streamed: dict | None = None
+                 ) -> dict[str, dict[str, int]]:
     """Count what loading validated frames would do per table: new, unchanged, updated and corrected rows.
 
     Facts (events, orders, feedback, campaign-log rows) that are stored already are unchanged
@@ -344,6 +387,13 @@ def plan_changes(view: WarehouseView, frames: dict[str, pd.DataFrame]) -> dict[s
     from mlpkg.validation.references import _comparable, correction_flags
 
     out: dict[str, dict[str, int]] = {}
+    for table, file in (streamed or {}).items():
+        # A large file is planned chunk by chunk, as it would load.
+        counts: dict[str, int] = {}
+        for _start, chunk in file.chunks():
+            for kind, n in plan_changes(view, {table: chunk})[table].items():
+                counts[kind] = counts.get(kind, 0) + n
+        out[table] = counts
     for table, df in frames.items():
         if table not in _STORED:
             out[table] = {"rows": len(df)}
@@ -408,6 +458,7 @@ def ingest_batch(
             now=now,
             previous_row_counts=_previous_counts(session),
             strict=settings.strict_columns,
+            chunk_rows=settings.ingest_chunk_rows,
             warehouse=view,
         )
     if not new and not _refused_files(batch_dir):
@@ -425,25 +476,53 @@ def ingest_batch(
         f"{table}: {w.describe(1)}" for table, rep in result.reports.items() for w in rep.warnings
     ]
     if dry_run:
-        report.changes = plan_changes(view, {t: result.frames[t] for t in RAW_FILES if t in new})
+        frames = {t: result.frames[t] for t in RAW_FILES if t in new and t in result.frames}
+        # The gate read a copy of the batch; the plan reads the same files in the batch itself.
+        streamed = {t: dataclasses.replace(f, path=new[t]) for t, f in result.streamed.items() if t in new}
+        report.changes = plan_changes(view, frames, streamed)
         return report
     report.data_docs = str(result.data_docs_index) if result.data_docs_index else None
     _log.info("loading batch %s: %s in one transaction", batch_dir.name, ", ".join(sorted(new)))
-    with session_scope(engine) as session:
-        for table in RAW_FILES:
-            if table not in new:
-                continue
-            df = result.frames[table]
-            report.loaded[table] = _load_table(session, table, df, now)
-            q.record_ingested_file(
-                session,
-                sha256=sums[table],
-                table=table,
-                batch=batch_dir.name,
-                file_name=new[table].name,
-                rows=len(df),
-                now=now,
-            )
+    writer = event_store.PartWriter(settings.event_store_dir, sums["events"]) if "events" in new else None
+    try:
+        with session_scope(engine) as session:
+            for table in RAW_FILES:
+                if table not in new:
+                    continue
+                if table == "events":
+                    streamed = result.streamed.get(table)
+                    chunks = streamed.chunks() if streamed else [(0, result.frames[table])]
+                    report.loaded[table] = _load_events(session, chunks, view, writer)
+                    rows = streamed.rows if streamed else len(result.frames[table])
+                    writer.publish()
+                    event_store.record_part(session, writer, batch=batch_dir.name, now=now)
+                else:
+                    rows = len(result.frames[table])
+                    report.loaded[table] = _load_table(session, table, result.frames[table], now)
+                q.record_ingested_file(
+                    session,
+                    sha256=sums[table],
+                    table=table,
+                    batch=batch_dir.name,
+                    file_name=new[table].name,
+                    rows=rows,
+                    now=now,
+                )
+    except _LoadRefused as refused:
+        from mlpkg.validation import ValidationReport
+        from mlpkg.validation.gate import refuse_batch
+
+        writer.discard()
+        reports = dict(result.reports)
+        passed = reports[refused.table]  # the gate validated the file; the rules at load refuse it
+        reports[refused.table] = ValidationReport(refused.table, passed.source, row_count=passed.row_count,
+                                                  failures=refused.failures, gx_result=passed.gx_result)
+        raise refuse_batch(batch_dir, reports, settings.quarantine_dir, docs=result.data_docs_index,
+                           warnings=result.warnings) from None
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
     return report
 
 
@@ -494,7 +573,7 @@ _ID_CHUNK = 5_000
 
 
 def read_history(
-    engine: Engine, as_of: datetime, customer_ids: list[str] | None = None
+    engine: Engine, as_of: datetime, customer_ids: list[str] | None = None, *, events: bool = True
 ) -> dict[str, pd.DataFrame]:
     """Read customers, consent, events and orders strictly before ``as_of`` (point in time).
 
@@ -502,6 +581,7 @@ def read_history(
         engine: The warehouse.
         as_of: The point in time; rows at or after it are not read.
         customer_ids: Only these customers' rows (one scoring shard); all customers when ``None``.
+        events: Read the events table too (features aggregate the event store instead).
     """
     tables = {
         "customers": (select(m.Customer), m.Customer.customer_id),
@@ -510,10 +590,12 @@ def read_history(
         "events": (select(m.Event).where(m.Event.ts < as_of), m.Event.customer_id),
         "orders": (select(m.Order).where(m.Order.ts < as_of), m.Order.customer_id),
     }
+    if not events:
+        tables["events"] = (tables["events"][0].limit(0), None)
     out: dict[str, pd.DataFrame] = {}
     with engine.connect() as conn:
         for name, (stmt, id_col) in tables.items():
-            if customer_ids is None:
+            if customer_ids is None or id_col is None:
                 out[name] = pd.read_sql(stmt, conn)
                 continue
             # Bounded IN lists: SQLite caps bound parameters, and PostgreSQL plans short lists well.
@@ -529,13 +611,28 @@ def read_history(
     return out
 
 
+def event_summary(engine: Engine, as_of: datetime, customer_ids: list[str] | None = None) -> pd.DataFrame:
+    """Aggregate the events before ``as_of`` per customer from the event store (see mlpkg.event_store).
+
+    Falls back to the ``events`` table when the store does not cover the warehouse.
+    """
+    from mlpkg.features import summarise_events
+
+    with session_scope(engine) as session:
+        parts = event_store.listed_parts(session)
+    if parts is None:
+        parts = read_history(engine, as_of, customer_ids)["events"]
+    return summarise_events(parts, pd.Timestamp(as_of), customer_ids)
+
+
 def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] | None = None) -> pd.DataFrame:
     """Build the point-in-time feature table as of ``as_of`` of every customer, or of ``customer_ids``."""
     from mlpkg.features import build_features
 
-    hist = read_history(engine, as_of, customer_ids)
+    hist = read_history(engine, as_of, customer_ids, events=False)
     return build_features(
-        hist["customers"], hist["events"], hist["orders"], pd.Timestamp(as_of), consent=hist["consent"]
+        hist["customers"], hist["events"], hist["orders"], pd.Timestamp(as_of), consent=hist["consent"],
+        event_summary=event_summary(engine, as_of, customer_ids),
     )
 
 

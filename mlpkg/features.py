@@ -9,6 +9,7 @@ what happened after the send. Everything is vectorised (integer codes and ``np.b
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,12 +74,87 @@ def _codes(index: pd.Index, customer_ids: pd.Series) -> np.ndarray:
     return lookup[np.where(codes >= 0, codes, len(uniques))]
 
 
+def _summary_sql(source: str, id_filter: str) -> str:
+    """Return the events aggregation of :func:`summarise_events` over a DuckDB relation."""
+    counts = ",\n".join(
+        f"count(*) FILTER (WHERE event_type = '{event_type}' AND age <= {window})::DOUBLE AS {feature}"
+        for feature, event_type, window in _EVENT_COUNTS
+    )
+    return f"""
+WITH e AS (
+    SELECT customer_id::VARCHAR AS customer_id, event_type::VARCHAR AS event_type,
+           (epoch_us($as_of::TIMESTAMPTZ) - epoch_us(ts::TIMESTAMPTZ)) / 1e6 / 86400.0 AS age
+    FROM {source}
+    WHERE ts::TIMESTAMPTZ < $as_of::TIMESTAMPTZ {id_filter}
+)
+SELECT customer_id,
+{counts},
+count(*) FILTER (WHERE event_type = 'add_to_cart' AND age <= 90)::DOUBLE AS carts_90d,
+min(age) AS last_event_days
+FROM e GROUP BY customer_id
+"""
+
+
+def _event_frame(events: pd.DataFrame) -> pd.DataFrame:
+    """Return the columns the aggregation reads: text ids and types, UTC timestamps."""
+    if events.empty:
+        return pd.DataFrame({"customer_id": pd.Series([], dtype=str),
+                             "ts": pd.Series([], dtype="datetime64[us, UTC]"),
+                             "event_type": pd.Series([], dtype=str)})
+    ts = events["ts"]
+    parsed = (pd.to_datetime(ts, utc=True) if pd.api.types.is_datetime64_any_dtype(ts.dtype)
+              else pd.to_datetime(ts, utc=True, format="ISO8601"))
+    return pd.DataFrame({"customer_id": events["customer_id"].astype(str).to_numpy(), "ts": parsed.to_numpy(),
+                         "event_type": events["event_type"].astype(str).to_numpy()})
+
+
+def summarise_events(
+    events: pd.DataFrame | Sequence[str], as_of: pd.Timestamp, customer_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Aggregate behaviour events strictly before ``as_of`` per customer, in DuckDB.
+
+    Args:
+        events: A frame (``customer_id``, ``ts``, ``event_type``) or the paths of Parquet files with
+            those columns (the event store's parts).
+        as_of: The point in time (naive = UTC).
+        customer_ids: Only these customers (all when ``None``).
+
+    Returns:
+        ``customer_id``, the windowed counts of :data:`_EVENT_COUNTS` (feature names),
+        ``carts_90d`` and ``last_event_days`` (days since the latest event), one row per customer
+        with an event before ``as_of``.
+    """
+    import duckdb
+
+    as_of = _as_utc(as_of)
+    con = duckdb.connect()
+    try:
+        if isinstance(events, pd.DataFrame):
+            frame = _event_frame(events)
+            con.register("events_frame", frame)
+            source = "events_frame"
+        else:
+            paths = [str(p).replace("'", "''") for p in events]
+            if not paths:
+                return pd.DataFrame(columns=["customer_id", *(f for f, _, _ in _EVENT_COUNTS), "carts_90d",
+                                             "last_event_days"])
+            source = "read_parquet([" + ", ".join(f"'{p}'" for p in paths) + "])"
+        id_filter = ""
+        if customer_ids is not None:
+            con.register("wanted", pd.DataFrame({"customer_id": pd.Series(list(customer_ids), dtype=str)}))
+            id_filter = "AND customer_id::VARCHAR IN (SELECT customer_id FROM wanted)"
+        return con.execute(_summary_sql(source, id_filter), {"as_of": as_of.to_pydatetime()}).df()
+    finally:
+        con.close()
+
+
 def build_features(
     customers: pd.DataFrame,
     events: pd.DataFrame,
     orders: pd.DataFrame,
     as_of: pd.Timestamp,
     consent: pd.DataFrame | None = None,
+    event_summary: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Build one feature row per customer from rows strictly before ``as_of``.
 
@@ -91,6 +167,8 @@ def build_features(
             row before ``as_of`` per customer and channel counts (the opt-out where rows tie).
             Without it (or without a row), a customer counts as not opted in, since nobody may be
             messaged without consent.
+        event_summary: The events already aggregated by :func:`summarise_events` (over the event
+            store); ``events`` is then ignored.
 
     Returns:
         ``customer_id``, then :data:`NUMERIC_FEATURES` (float64) and :data:`CATEGORICAL_FEATURES`
@@ -135,27 +213,24 @@ def build_features(
     np.minimum.at(last_order, o_code, o_age)
     feats["recency_days"] = np.minimum(last_order, RECENCY_CAP_DAYS)
 
-    # Events
-    e_age = _age_days(events["ts"], as_of) if len(events) else np.zeros(0)
-    e_keep = e_age > 0
-    e_code = _codes(index, events["customer_id"])[e_keep] if len(events) else np.zeros(0, dtype=np.int64)
-    e_age = e_age[e_keep]
-    type_codes, type_names = (
-        pd.factorize(events["event_type"].astype(str)) if len(events) else (np.zeros(0), [])
-    )
-    e_type = np.asarray(type_codes)[e_keep]
-    known = e_code >= 0
-    e_code, e_age, e_type = e_code[known], e_age[known], e_type[known]
-    type_of = {name: i for i, name in enumerate(type_names)}
-    for feature, event_type, window in _EVENT_COUNTS:
-        mask = (e_type == type_of.get(event_type, -1)) & (e_age <= window)
-        feats[feature] = np.bincount(e_code[mask], minlength=n).astype(float)
-    carts_90 = np.bincount(e_code[(e_type == type_of.get("add_to_cart", -1)) & (e_age <= 90)], minlength=n)
+    # Events (aggregated by DuckDB: the same SQL over a frame or over the event store's parts)
+    summary = summarise_events(events, as_of) if event_summary is None else event_summary
+    s_code = _codes(index, summary["customer_id"]) if len(summary) else np.zeros(0, dtype=np.int64)
+    known = s_code >= 0
+    summary, s_code = summary[known], s_code[known]
+
+    def per_customer(column: str, fill: float) -> np.ndarray:
+        out = np.full(n, fill)
+        out[s_code] = summary[column].to_numpy(float)
+        return out
+
+    for feature, _event_type, _window in _EVENT_COUNTS:
+        feats[feature] = per_customer(feature, 0.0)
+    carts_90 = per_customer("carts_90d", 0.0)
     # Shrunk toward 0 so one abandoned cart does not read as a 100% abandoner.
     feats["cart_abandon_rate"] = np.clip(carts_90 - feats["frequency_90d"], 0, None) / (carts_90 + 1.0)
-    last_event = np.full(n, RECENCY_CAP_DAYS)
-    np.minimum.at(last_event, e_code, e_age)
-    feats["days_since_last_event"] = np.minimum(last_event, RECENCY_CAP_DAYS)
+    feats["days_since_last_event"] = np.minimum(per_customer("last_event_days", RECENCY_CAP_DAYS),
+                                                RECENCY_CAP_DAYS)
 
     # Consent
     for ch in CHANNELS:

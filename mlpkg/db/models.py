@@ -124,10 +124,27 @@ class Event(Base):
 
     __tablename__ = "events"
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    customer_id: Mapped[str] = mapped_column(ForeignKey("customers.customer_id"), index=True)
-    ts: Mapped[datetime] = mapped_column(TS, index=True)
+    # No secondary index: features read the event store (EventPart), and a bulk load of millions
+    # of rows would spend most of its time keeping ``customer_id`` and ``ts`` indexes.
+    customer_id: Mapped[str] = mapped_column(ForeignKey("customers.customer_id"))
+    ts: Mapped[datetime] = mapped_column(TS)
     event_type: Mapped[str] = mapped_column(String(32))
     category: Mapped[str] = mapped_column(String(64), default="")
+
+
+class EventPart(Base):
+    """One Parquet part of the columnar event store: the new events of one loaded events file.
+
+    The part is written before its load commits and listed here in the same transaction, so a
+    reader sees exactly the events the warehouse holds (an unlisted file is a crashed load's).
+    """
+
+    __tablename__ = "event_parts"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    rows: Mapped[int] = mapped_column(Integer)
+    batch: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(TS)
 
 
 class Order(Base):

@@ -734,3 +734,23 @@ def campaign_sent_count(session: Session, campaign_id: str) -> int:
             .where(m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent")
         ).scalar_one()
     )
+
+
+def record_event_part(
+    session: Session, *, sha256: str, path: str, rows: int, batch: str, now: datetime
+) -> None:
+    """List one Parquet part of the event store (in the load's transaction)."""
+    row = dict(sha256=sha256, path=path, rows=rows, batch=batch, created_at=now)
+    upsert_rows(session, m.EventPart, [row])
+
+
+def event_part_paths(session: Session) -> list[str]:
+    """Return the paths of every listed event-store part, oldest first."""
+    stmt = select(m.EventPart.path).order_by(m.EventPart.created_at, m.EventPart.sha256)
+    return list(session.execute(stmt).scalars())
+
+
+def has_events(session: Session) -> bool:
+    """Tell whether the warehouse holds any behaviour event."""
+    return session.execute(select(m.Event.event_id).limit(1)).first() is not None
+

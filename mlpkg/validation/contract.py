@@ -98,6 +98,9 @@ class ValidationContext:
         warehouse: The warehouse as it is before the batch loads, for the rules across batches
             (contradictions with stored rows, known campaigns, their ledgers and send times);
             ``None`` checks a batch on its own.
+        chunk_rows: A large Parquet file of a streamed table (see
+            :mod:`mlpkg.validation.streaming`) with more rows than this is read and checked in
+            chunks of this many rows.
     """
 
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
@@ -115,6 +118,7 @@ class ValidationContext:
     strict: bool = False
     max_sample_rows: int = MAX_SAMPLE_ROWS
     warehouse: WarehouseView | None = None
+    chunk_rows: int = 500_000
     # One Great Expectations context per ValidationContext, created on first use.
     _runner: Any = field(default=None, init=False, repr=False, compare=False)
 

@@ -271,9 +271,13 @@ def table_of(path: Path | str) -> str | None:
     return None
 
 
-def _fail(path: Path, failures: list[Failure], headline: str) -> DataContractError:
+def file_refusal(path: Path, failures: list[Failure], headline: str) -> DataContractError:
+    """Return the error that refuses one file: its name and path, a headline and every failure."""
     details = "\n".join(f"  - {f.describe()}" for f in failures)
     return DataContractError(f"{path.name} ({path}): {headline}\n{details}", failures=failures)
+
+
+_fail = file_refusal
 
 
 # --- batch folders ---------------------------------------------------------------------------------
@@ -662,8 +666,11 @@ def _text_problems(table: str, spec: ColumnSpec, text: pd.Series, *,
             f"'{spec.name}' is an identifier and must not start or end with whitespace (ids are exact)",
             padded))
         non_ascii = values.str.contains(r"[^\x20-\x7e]", regex=True)
-        invisible = present & ~nul & (values.str.contains(_CONTROL.pattern, regex=True) | (
-            non_ascii & values.where(non_ascii, "").map(_has_invisible)))
+        # Only the (rare) non-ASCII values need the per-character Unicode look-up.
+        hidden = pd.Series(False, index=values.index)
+        if non_ascii.any():
+            hidden[non_ascii] = values[non_ascii].map(_has_invisible).astype(bool)
+        invisible = present & ~nul & (values.str.contains(_CONTROL.pattern, regex=True) | hidden)
         out.append(_Problem(
             "id_visible_characters",
             f"'{spec.name}' is an identifier and must not contain control or invisible characters "
@@ -900,8 +907,18 @@ class RawTable:
     warnings: list[Failure] = field(default_factory=list)
 
 
-def _coerce_frame(path: Path, schema: TableSchema, raw: pd.DataFrame,
-                  line_offset: int | LineMap | None) -> tuple[pd.DataFrame, list[Failure]]:
+def coerce_frame(path: Path, schema: TableSchema, raw: pd.DataFrame,
+                 line_offset: int | LineMap | None) -> tuple[pd.DataFrame, list[Failure]]:
+    """Type the declared columns of a raw frame; refuse values that break a hygiene rule.
+
+    Sample rows are named by ``raw``'s index (a chunk of a large file keeps its file positions).
+
+    Returns:
+        The typed frame (a fresh RangeIndex) and the non-blocking findings.
+
+    Raises:
+        DataContractError: Some value does not parse or breaks a rule of the module docstring.
+    """
     out = {}
     failures: list[Failure] = []
     warnings: list[Failure] = []
@@ -990,6 +1007,20 @@ def read_raw_table(path: Path, table: str, *, strict: bool = False, allow_empty:
         raw, line_offset = _read_csv(path, data)
     columns = [str(c) for c in raw.columns]
     raw.columns = columns
+    check_columns(path, table, columns, len(raw), strict=strict, allow_empty=allow_empty)
+    frame, warnings = coerce_frame(path, schema, raw, line_offset)
+    return RawTable(frame, line_offset, warnings)
+
+
+def check_columns(path: Path, table: str, columns: list[str], n_rows: int, *, strict: bool = False,
+                  allow_empty: bool = False) -> None:
+    """Refuse a file whose header does not match its table's contract, or that holds no rows.
+
+    Raises:
+        DataContractError: a required column is missing, a column appears twice, (strict) a column
+            is not in the contract, or there are no data rows and ``allow_empty`` is false.
+    """
+    schema = RAW_SCHEMAS[table]
     failures = [
         Failure("required_column", c, f"required column '{c}' is missing (file has {columns})", 1)
         for c in schema.column_names if c not in columns
@@ -1006,11 +1037,9 @@ def read_raw_table(path: Path, table: str, *, strict: bool = False, allow_empty:
         ]
     if failures:
         raise _fail(path, failures, f"columns do not match the {table} contract")
-    if len(raw) == 0 and not allow_empty:
+    if n_rows == 0 and not allow_empty:
         raise _fail(path, [Failure("not_empty", None, "file has a header but no data rows", 0)],
                     "header only, no data rows")
-    frame, warnings = _coerce_frame(path, schema, raw, line_offset)
-    return RawTable(frame, line_offset, warnings)
 
 
 def read_table(path: Path, table: str, *, strict: bool = False, allow_empty: bool = False) -> pd.DataFrame:

@@ -108,12 +108,19 @@ def check_contradictions(
     """
     if context.warehouse is None or table not in IMMUTABLE_COLUMNS or df.empty:
         return []
+    key = list(RAW_SCHEMAS[table].key)
+    keys = list(df[key[0]]) if len(key) == 1 else list(df[key].itertuples(index=False, name=None))
+    return contradictions_with(df, table, context.warehouse.stored_rows(table, keys), line_offset)
+
+
+def contradictions_with(
+    df: pd.DataFrame, table: str, stored: pd.DataFrame, line_offset: int | None = None
+) -> list[Failure]:
+    """Return the failures of rows of ``df`` that change a row of ``stored`` (see check_contradictions)."""
+    if stored.empty or table not in IMMUTABLE_COLUMNS:
+        return []
     schema = RAW_SCHEMAS[table]
     key = list(schema.key)
-    keys = list(df[key[0]]) if len(key) == 1 else list(df[key].itertuples(index=False, name=None))
-    stored = context.warehouse.stored_rows(table, keys)
-    if stored.empty:
-        return []
     frame = df.assign(row_pos__=np.arange(len(df)))
     if table == "orders":
         frame = frame[~correction_flags(df)[0].to_numpy()]

@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
     settings = Settings(_env_file=None, state_dir=sys.argv[1], warehouse_url=sys.argv[2],
-                        simulator_customers=int(sys.argv[4]))
+                        simulator_customers=int(sys.argv[4]), ingest_chunk_rows=20_000)
     stages.ingest(settings, sys.argv[3])
     print("finished", flush=True)
     """

@@ -47,6 +47,7 @@ FLOORS: dict[str, int] = {
     "mlpkg.contracts": 0,
     "mlpkg.db": 0,
     "mlpkg.validation": 1,
+    "mlpkg.event_store": 1,  # the Parquet parts of behaviour events beside the warehouse
     "mlpkg.evaluation": 1,
     "mlpkg.sources": 2,
     "mlpkg.ingest": 2,

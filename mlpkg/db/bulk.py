@@ -1,0 +1,125 @@
+"""Bulk writes of large fact chunks (behaviour events) inside the caller's transaction.
+
+One statement per row through the ORM costs more than the database's own work, so a chunk goes
+to the database the way each engine loads data fastest, on the session's own connection (so it
+commits or rolls back with the rest of the batch):
+
+* **PostgreSQL**: ``COPY ... FROM STDIN`` (CSV written by Arrow) into a temporary staging table,
+  then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``;
+* **SQLite**: the driver's ``executemany`` of one prepared ``INSERT ... ON CONFLICT DO NOTHING``
+  with plain tuples (low-cardinality text shares one Python object per distinct value);
+* any other engine: SQLAlchemy's batched executemany.
+
+:func:`insert_missing` inserts the rows whose key is new and says how many it inserted: when some
+key was stored already the caller compares the chunk with the stored rows (replays are skipped;
+a contradiction refuses the batch, and the batch's transaction rolls back every chunk).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Table, insert
+from sqlalchemy.orm import Session
+
+
+def _sqlite_timestamps(values: pd.Series) -> list:
+    """Return UTC timestamps as SQLAlchemy's SQLite DateTime text (``YYYY-MM-DD HH:MM:SS.ffffff``).
+
+    NumPy formats the values in C; Arrow puts the space in. (Arrow's ``strftime`` and Python
+    ``datetime`` objects cost several times more per value.)
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    utc = values.dt.tz_convert("UTC").dt.tz_localize(None) if values.dt.tz is not None else values
+    micros = utc.to_numpy(dtype="datetime64[us]")
+    text = pa.array(np.datetime_as_string(micros, unit="us"), mask=np.isnat(micros))
+    return pc.replace_substring(text, "T", " ", max_replacements=1).to_pylist()
+
+
+def _object_column(values: pd.Series, dialect: str) -> list:
+    """Return a column as Python objects; repeated text shares one object per distinct value."""
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        if dialect == "sqlite":
+            return _sqlite_timestamps(values)
+        return values.astype(object).where(values.notna(), None).tolist()
+    if pd.api.types.is_string_dtype(values.dtype) or values.dtype == object:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        if len(uniques) * 4 < len(values):
+            table = np.append(np.asarray(uniques, dtype=object), None)
+            return table[np.where(codes >= 0, codes, len(uniques))].tolist()
+    return values.astype(object).where(values.notna(), None).tolist()
+
+
+def _sqlite_insert(session: Session, table: Table, frame: pd.DataFrame, columns: Sequence[str]) -> int:
+    raw = session.connection().connection.driver_connection
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'
+    cursor = raw.cursor()
+    try:
+        cursor.executemany(sql, zip(*(_object_column(frame[c], "sqlite") for c in columns), strict=True))
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def _csv_bytes(frame: pd.DataFrame, columns: Sequence[str]) -> bytes:
+    """Return ``frame[columns]`` as CSV without a header (Arrow's writer: quoted text, ISO times)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    buffer = io.BytesIO()
+    options = pacsv.WriteOptions(include_header=False, quoting_style="all_valid")
+    pacsv.write_csv(pa.Table.from_pandas(frame[list(columns)], preserve_index=False), buffer, options)
+    return buffer.getvalue()
+
+
+def _postgres_insert(session: Session, table: Table, frame: pd.DataFrame, columns: Sequence[str]) -> int:
+    stage = f"couponops_stage_{table.name}"
+    names = ", ".join(f'"{c}"' for c in columns)
+    raw = session.connection().connection.driver_connection
+    with raw.cursor() as cursor:
+        like = f'(LIKE "{table.name}" INCLUDING DEFAULTS)'
+        cursor.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" {like} ON COMMIT DROP')
+        cursor.execute(f'TRUNCATE "{stage}"')
+        # Quoted empty text stays '' and an unquoted empty field is NULL (Arrow quotes all text).
+        with cursor.copy(f'COPY "{stage}" ({names}) FROM STDIN (FORMAT csv)') as copy:
+            copy.write(_csv_bytes(frame, columns))
+        cursor.execute(
+            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{stage}" ON CONFLICT DO NOTHING'
+        )
+        return int(cursor.rowcount)
+
+
+def _generic_insert(session: Session, table: Table, frame: pd.DataFrame, columns: Sequence[str]) -> int:
+    values = [_object_column(frame[c], "other") for c in columns]
+    rows = [dict(zip(columns, r, strict=True)) for r in zip(*values, strict=True)]
+    stmt = insert(table)
+    if hasattr(stmt, "on_conflict_do_nothing"):
+        stmt = stmt.on_conflict_do_nothing()
+    return int(session.connection().execute(stmt, rows).rowcount)
+
+
+def insert_missing(session: Session, table: Table, frame: pd.DataFrame, columns: Sequence[str]) -> int:
+    """Insert the rows of a chunk of facts whose key is not stored yet; skip the others.
+
+    Args:
+        session: The batch's session (its transaction holds the write).
+        table: The target table (its primary key is the facts' natural key).
+        frame: The chunk, values already validated (text as ``str``, times as UTC ``datetime64``).
+        columns: The columns to write (``frame`` columns named as the table's).
+
+    Returns:
+        The number of rows inserted: fewer than the chunk's when some keys were stored already,
+        which the caller then compares with the stored rows (a contradiction rolls back the batch).
+    """
+    if frame.empty:
+        return 0
+    dialect = session.get_bind().dialect.name
+    writer = {"sqlite": _sqlite_insert, "postgresql": _postgres_insert}.get(dialect, _generic_insert)
+    return writer(session, table, frame, columns)
