@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 
 from mlpkg import event_store
 from mlpkg.config import Settings
+from mlpkg.db import bulk
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
@@ -274,8 +275,7 @@ def _load_events(session, chunks, view: WarehouseView, writer: event_store.PartW
     Returns:
         The number of events inserted.
     """
-    from mlpkg.db import bulk
-    from mlpkg.validation.references import contradictions_with
+    from mlpkg.validation.references import contradictions_with  # GX is heavy: imported on use
     from mlpkg.validation.streaming import shift_rows
 
     columns = list(event_store.COLUMNS)

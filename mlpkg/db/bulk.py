@@ -4,8 +4,9 @@ One statement per row through the ORM costs more than the database's own work, s
 to the database the way each engine loads data fastest, on the session's own connection (so it
 commits or rolls back with the rest of the batch):
 
-* **PostgreSQL**: ``COPY ... FROM STDIN`` (CSV written by Arrow) into a temporary staging table,
-  then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``;
+* **PostgreSQL**: ``COPY ... FROM STDIN`` (CSV written by Arrow) straight into the table in a
+  savepoint; when a key is stored already, into a temporary staging table instead, then
+  ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``;
 * **SQLite**: the driver's ``executemany`` of one prepared ``INSERT ... ON CONFLICT DO NOTHING``
   with plain tuples (low-cardinality text shares one Python object per distinct value);
 * any other engine: SQLAlchemy's batched executemany.
@@ -80,16 +81,30 @@ def _csv_bytes(frame: pd.DataFrame, columns: Sequence[str]) -> bytes:
 
 
 def _postgres_insert(session: Session, table: Table, frame: pd.DataFrame, columns: Sequence[str]) -> int:
-    stage = f"couponops_stage_{table.name}"
+    import psycopg
+
     names = ", ".join(f'"{c}"' for c in columns)
+    data = _csv_bytes(frame, columns)
     raw = session.connection().connection.driver_connection
     with raw.cursor() as cursor:
+        # The usual case, every key new: one COPY straight into the table. A stored key makes
+        # it fail as a whole; the savepoint undoes it and the staging path below skips the key.
+        cursor.execute("SAVEPOINT couponops_copy")
+        try:
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN (FORMAT csv)') as copy:
+                copy.write(data)
+        except psycopg.errors.UniqueViolation:
+            cursor.execute("ROLLBACK TO SAVEPOINT couponops_copy")
+        else:
+            cursor.execute("RELEASE SAVEPOINT couponops_copy")
+            return len(frame)
+        stage = f"couponops_stage_{table.name}"
         like = f'(LIKE "{table.name}" INCLUDING DEFAULTS)'
         cursor.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" {like} ON COMMIT DROP')
         cursor.execute(f'TRUNCATE "{stage}"')
         # Quoted empty text stays '' and an unquoted empty field is NULL (Arrow quotes all text).
         with cursor.copy(f'COPY "{stage}" ({names}) FROM STDIN (FORMAT csv)') as copy:
-            copy.write(_csv_bytes(frame, columns))
+            copy.write(data)
         cursor.execute(
             f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{stage}" ON CONFLICT DO NOTHING'
         )

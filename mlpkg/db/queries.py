@@ -407,13 +407,15 @@ def record_consent_events(session: Session, rows: Sequence[Mapping[str, Any]]) -
         for (c, ch, ts), opted in sorted(events.items())
     ]
     table = m.Consent.__table__
+    stmt = _insert_for(session, m.Consent)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id", "channel", "updated_at"],
+        set_={"opted_in": and_(table.c.opted_in, stmt.excluded.opted_in)},
+    )
+    # One compiled statement, the rows as parameter sets (not one statement with every value inlined).
+    conn = session.connection()
     for start in range(0, len(values), _CHUNK):
-        stmt = _insert_for(session, m.Consent).values(values[start : start + _CHUNK])
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["customer_id", "channel", "updated_at"],
-            set_={"opted_in": and_(table.c.opted_in, stmt.excluded.opted_in)},
-        )
-        session.execute(stmt)
+        conn.execute(stmt, values[start : start + _CHUNK])
     return len(values)
 
 

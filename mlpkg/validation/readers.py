@@ -834,8 +834,12 @@ def _coerce_number(raw: pd.Series, spec: ColumnSpec, blank: pd.Series,
     return num, problems
 
 
-def _coerce(raw: pd.Series, spec: ColumnSpec, table: str = "") -> tuple[pd.Series, list[_Problem]]:
-    """Return the typed column and the problems of its values (masks over the rows)."""
+def _coerce(raw: pd.Series, spec: ColumnSpec, table: str = "", *,
+            check: bool = True) -> tuple[pd.Series, list[_Problem]]:
+    """Return the typed column and the problems of its values (masks over the rows).
+
+    ``check=False`` types values the gate has already accepted and skips the text hygiene rules.
+    """
     if isinstance(raw.dtype, pd.CategoricalDtype):
         raw = raw.astype("object")
     if spec.kind in ("id", "str"):
@@ -848,6 +852,8 @@ def _coerce(raw: pd.Series, spec: ColumnSpec, table: str = "") -> tuple[pd.Serie
                     "codes are exact strings, and a number would drop leading zeros or read 100000 as "
                     "'100000.0'; write the column as a string")
             return raw.astype("str"), [_Problem("type_string", text, raw.notna())]
+        if not check:
+            return raw.where(~blank, "" if spec.empty_ok else None).astype("str"), []
         non_text = _non_text(raw)
         problems = []
         if non_text.any():
@@ -907,11 +913,20 @@ class RawTable:
     warnings: list[Failure] = field(default_factory=list)
 
 
-def coerce_frame(path: Path, schema: TableSchema, raw: pd.DataFrame,
-                 line_offset: int | LineMap | None) -> tuple[pd.DataFrame, list[Failure]]:
+def coerce_frame(
+    path: Path,
+    schema: TableSchema,
+    raw: pd.DataFrame,
+    line_offset: int | LineMap | None,
+    *,
+    check: bool = True,
+) -> tuple[pd.DataFrame, list[Failure]]:
     """Type the declared columns of a raw frame; refuse values that break a hygiene rule.
 
     Sample rows are named by ``raw``'s index (a chunk of a large file keeps its file positions).
+
+    ``check=False`` only types a frame the gate has already accepted (a streamed file read again
+    to load it): the text hygiene rules are skipped.
 
     Returns:
         The typed frame (a fresh RangeIndex) and the non-blocking findings.
@@ -923,14 +938,14 @@ def coerce_frame(path: Path, schema: TableSchema, raw: pd.DataFrame,
     failures: list[Failure] = []
     warnings: list[Failure] = []
     for spec in schema.columns:
-        typed, problems = _coerce(raw[spec.name], spec, schema.name)
+        typed, problems = _coerce(raw[spec.name], spec, schema.name, check=check)
         out[spec.name] = typed
         for problem in problems:
             found = _problem_failure(schema.name, raw, spec.name, problem, line_offset)
             if found is not None:
                 (warnings if problem.warning else failures).append(found)
     declared = set(schema.column_names)
-    for col in raw.columns:
+    for col in raw.columns if check else ():
         if col not in declared and _is_text(raw[col]):
             present = raw[col].notna()
             nul = present & raw[col].where(present, "").astype("str").str.contains("\x00", regex=False)

@@ -53,7 +53,7 @@ class StreamedFile:
     def chunks(self) -> Iterator[tuple[int, pd.DataFrame]]:
         """Yield ``(first row, typed frame)`` per chunk (the gate has already accepted every value)."""
         for start, raw in iter_raw_chunks(self.path, self.table, chunk_rows=self.chunk_rows):
-            yield start, coerce_chunk(self.path, self.table, raw)[0]
+            yield start, coerce_frame(self.path, RAW_SCHEMAS[self.table], raw, None, check=False)[0]
 
 
 def parquet_rows(path: Path) -> int | None:

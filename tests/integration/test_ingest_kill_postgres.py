@@ -94,4 +94,8 @@ def test_kill_9_inside_the_load_transaction_leaves_the_warehouse_unchanged(pg_ur
         assert first["loaded"]["events"] == expected["events"]
     again = stages.ingest(settings, batch)
     assert again["loaded"] == {} and _counts(engine) == loaded
+    # The event store lists the one part the committed load wrote, holding every event once.
+    with session_scope(engine) as s:
+        parts = q.event_part_paths(s)
+    assert len(parts) == 1 and len(pd.read_parquet(parts[0])) == expected["events"]
     engine.dispose()
