@@ -264,6 +264,7 @@ def validate_table(
     source: str | Path | None = None,
     line_offset: int | None = None,
     runner: ExpectationRunner | None = None,
+    chunk: bool = False,
 ) -> ValidationReport:
     """Validate one frame against its table's suite and the explicit contract checks.
 
@@ -274,6 +275,7 @@ def validate_table(
         source: File path or table name for messages (default: the table name).
         line_offset: File line of data row 0 (2 for CSV) so messages name file lines.
         runner: GX runner to reuse; default: one cached on ``context``.
+        chunk: ``df`` is one chunk of a streamed file (its key is checked across the file).
 
     Returns:
         The report; ``report.success`` is False when any rule failed.
@@ -285,6 +287,9 @@ def validate_table(
     numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c].dtype)]
     suite = build_suite(table, context=context, columns=[str(c) for c in frame.columns],
                         numeric_columns=numeric)
+    if chunk:
+        # One chunk of a streamed file: its key's uniqueness is checked across the whole file.
+        suite.expectations = [e for e in suite.expectations if e.expectation_type not in _UNIQUE_RULES]
     result = runner.run(frame, suite, asset=table, max_rows=context.max_sample_rows)
     report = ValidationReport(table=table, source=str(source) if source is not None else table,
                               row_count=len(frame), gx_result=result)
@@ -350,9 +355,8 @@ def validate_streamed(path: Path, table: str, *, context: ValidationContext,
                 merged.add(err.failures)  # rows are file rows already (the chunk keeps its index)
                 continue
             warned.add(read_warnings)
-            part = validate_table(frame, table, context=context, source=path, runner=runner)
-            # The whole-file key rule below replaces the suite's per-chunk uniqueness.
-            merged.add([shift_rows(f, start) for f in part.failures if f.expectation not in _UNIQUE_RULES])
+            part = validate_table(frame, table, context=context, source=path, runner=runner, chunk=True)
+            merged.add([shift_rows(f, start) for f in part.failures])
             warned.add([shift_rows(w, start) for w in part.warnings])
             if not first_failure:
                 report.gx_result = part.gx_result
