@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -591,7 +592,10 @@ def read_history(
         "orders": (select(m.Order).where(m.Order.ts < as_of), m.Order.customer_id),
     }
     if not events:
+        # Features: the events come from the event store, and build_features picks each channel's
+        # latest consent itself (the plain range read is several times cheaper than the latest-row query).
         tables["events"] = (tables["events"][0].limit(0), None)
+        tables["consent"] = (select(m.Consent).where(m.Consent.updated_at < as_of), m.Consent.customer_id)
     out: dict[str, pd.DataFrame] = {}
     plain = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
@@ -648,10 +652,14 @@ def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] |
     """Build the point-in-time feature table as of ``as_of`` of every customer, or of ``customer_ids``."""
     from mlpkg.features import build_features
 
-    hist = read_history(engine, as_of, customer_ids, events=False)
+    # DuckDB aggregates the events (releasing the GIL) while the small tables are read.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-summary") as pool:
+        summary = pool.submit(event_summary, engine, as_of, customer_ids)
+        hist = read_history(engine, as_of, customer_ids, events=False)
+        events = summary.result()
     return build_features(
         hist["customers"], hist["events"], hist["orders"], pd.Timestamp(as_of), consent=hist["consent"],
-        event_summary=event_summary(engine, as_of, customer_ids),
+        event_summary=events,
     )
 
 

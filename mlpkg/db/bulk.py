@@ -135,6 +135,8 @@ def insert_missing(session: Session, table: Table, frame: pd.DataFrame, columns:
     """
     if frame.empty:
         return 0
+    # In key order the primary-key index is written page by page instead of at random places.
+    frame = frame.sort_values([c.name for c in table.primary_key.columns], kind="stable")
     dialect = session.get_bind().dialect.name
     writer = {"sqlite": _sqlite_insert, "postgresql": _postgres_insert}.get(dialect, _generic_insert)
     return writer(session, table, frame, columns)
