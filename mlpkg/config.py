@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     )
     mlflow_experiment: str = "couponops"
     registered_model_name: str = "couponops-uplift"
+    currency: str = Field("EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code of the shop's money.")
     source: Literal["landing", "simulator"] = Field(
         "landing",
         description=(

@@ -92,8 +92,9 @@ so they measure what the coupons caused (margin {{ c.margin }}, money in {{ c.cu
 
 {% if biased %}<details><summary>All treated customers vs the random control group
 (biased: for reference only)</summary>
-<p class="note">Treated customers were chosen by the model or by exploration, so they would at another rate than the random control group even without a coupon. This comparison mixes the
-coupons' effect with that selection; use the model-policy rows above.</p>
+<p class="note">Treated customers were chosen by the model or by exploration, so they would
+convert at another rate than the random control group even without a coupon. This comparison
+mixes the coupons' effect with that selection; use the model-policy rows above.</p>
 <table><thead><tr>{% for col in biased.columns %}<th>{{ col }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in biased.rows %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table></details>{% endif %}

@@ -12,6 +12,7 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from sqlalchemy import Engine, func, select
 
+from mlpkg import report_page
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -342,6 +343,7 @@ def campaign_report(settings: Settings, campaign_id: str, *, log_to_mlflow: bool
     with session_scope(engine) as session:
         campaign = q.get_campaign(session, campaign_id)
         budget, committed, summary = campaign.budget, campaign.committed, dict(campaign.summary)
+        session.expunge(campaign)
     out_dir = settings.reports_dir / campaign_id
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -385,32 +387,99 @@ def campaign_report(settings: Settings, campaign_id: str, *, log_to_mlflow: bool
         ax.set_title("Round-over-round learning curve")
         ax.legend()
         figures.append(("learning_curve", fig))
-    html = [
-        f"<html><head><meta charset='utf-8'><title>CouponOps campaign {campaign_id}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>",
-        f"<h1>Campaign {campaign_id}</h1>",
-        f"<p>Model version {summary.get('model_version')}, objective {summary.get('objective')}, "
-        f"{summary.get('treated')} of {summary.get('population')} customers treated, "
-        f"{summary.get('control_group')} in the random control group.</p>",
-    ]
+    pngs = []
     for name, fig in figures:
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=90)
         (out_dir / f"{name}.png").write_bytes(buf.getvalue())
-        html.append(
-            f"<h2>{name.replace('_', ' ')}</h2><img src='data:image/png;base64,"
-            f"{base64.b64encode(buf.getvalue()).decode()}'/>"
-        )
-    shown = metrics.drop(columns=["campaign_id"]).round(4)
-    html.append("<h2>All measurements</h2>" + shown.to_html(index=False))
-    html.append("</body></html>")
+        png = base64.b64encode(buf.getvalue()).decode()
+        pngs.append({"title": fig.axes[0].get_title() or name, "png": png})
+    with session_scope(engine) as session:
+        sent = q.sent_breakdown(session, campaign_id)
+    page = report_page.render(
+        _report_context(settings, campaign, metrics, summary, sent, figures=pngs)
+    )
     path = out_dir / "index.html"
-    path.write_text("\n".join(html))
+    path.write_text(page, encoding="utf-8")
     if log_to_mlflow:
         _log_report(settings, engine, campaign_id, out_dir, metrics)
     return path
+
+
+def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary: dict,  # noqa: ANN001
+                    sent: list[dict], *, figures: list[dict]) -> dict:
+    """Gather what the report page shows, formatted for a reader (see :mod:`mlpkg.report_page`)."""
+    cur, margin = settings.currency, settings.campaign.margin
+    overall = metrics[metrics["breakdown"] == "overall"].set_index("breakdown_value")
+    groups = {name: {k: v for k, v in row.items() if k not in ("campaign_id", "breakdown")}
+              for name, row in overall.to_dict("index").items()}
+    fair = groups.get("model_policy", {})
+    treated = groups.get("treated", {})
+    numbers = report_page.group_numbers(fair, margin) if fair else {}
+    spend = float(treated.get("coupon_cost", 0.0)) + float(treated.get("send_cost", 0.0))
+    version = summary.get("model_version") or campaign.model_version
+    model = f"{settings.registered_model_name} v{version}" if version else "none (cold start)"
+    url = None
+    if settings.mlflow_ui_url and version:
+        base, name = settings.mlflow_ui_url.rstrip("/"), settings.registered_model_name
+        url = f"{base}/#/models/{name}/versions/{version}"
+    lo, hi = (fair.get("incremental_conversions_ci") or [math.nan, math.nan])
+    rlo, rhi = (fair.get("incremental_revenue_ci") or [math.nan, math.nan])
+    measured = metrics["computed_at"].max() if "computed_at" in metrics.columns else None
+
+    def fmt_money(v: float) -> str:
+        return report_page.money(v, cur)
+
+    headline = {
+        "incremental": report_page.count(fair.get("incremental_conversions"), 1),
+        "incremental_ci": report_page.interval(lo, hi, lambda v: report_page.count(v, 1)),
+        "revenue": fmt_money(fair.get("incremental_revenue")),
+        "revenue_ci": report_page.interval(rlo, rhi, fmt_money),
+        "profit": fmt_money(numbers.get("profit")),
+        "profit_ci": report_page.interval(*numbers.get("profit_ci", (math.nan, math.nan)), fmt_money),
+        "roi": report_page.pct(numbers.get("roi"), 0),
+        "roi_ci": report_page.interval(*numbers.get("roi_ci", (math.nan, math.nan)),
+                                       lambda v: report_page.pct(v, 0)),
+        "spend": report_page.money(spend, cur, decimals=2),
+        "budget": report_page.money(campaign.budget, cur, decimals=2),
+        "burn": report_page.pct(spend / campaign.budget if campaign.budget else math.nan, 0),
+        "committed": report_page.money(campaign.committed, cur, decimals=2),
+        "sent": report_page.count(sum(int(r["sent"]) for r in sent)),
+        "population": report_page.count(summary.get("population")),
+        "control": report_page.count(summary.get("control_group")),
+    }
+    breakdowns = []
+    for key, title in (("arm", "By coupon and channel"), ("segment", "By customer segment"),
+                       ("policy", "By policy")):
+        part = metrics[metrics["breakdown"] == key]
+        if part.empty:
+            continue
+        rows = [(str(r["breakdown_value"]), {k: r[k] for k in part.columns}) for _, r in part.iterrows()]
+        breakdowns.append({"title": title, **report_page.comparison_table(rows, margin, cur)})
+    return {
+        "c": {
+            "campaign_id": campaign.campaign_id,
+            "sent_on": pd.Timestamp(campaign.as_of).strftime("%Y-%m-%d"),
+            "measured_on": pd.Timestamp(measured).strftime("%Y-%m-%d") if measured is not None else "–",
+            "window_days": settings.campaign.attribution_window_days,
+            "objective": campaign.objective,
+            "model": model,
+            "model_url": url,
+            "margin": report_page.pct(margin, 0),
+            "currency": cur,
+        },
+        "h": headline,
+        "fair": report_page.comparison_table([("Model policy vs random control", fair)], margin, cur)
+        if fair else {"columns": [], "rows": []},
+        "biased": report_page.comparison_table([("All treated vs random control", treated)], margin, cur)
+        if treated else None,
+        "sent": [{"coupon": r["coupon_id"], "channel": r["channel"], "policy": r["policy"].replace("_", " "),
+                  "customers": report_page.count(r["customers"]), "sent": report_page.count(r["sent"])}
+                 for r in sent],
+        "breakdowns": breakdowns,
+        "figures": figures,
+    }
 
 
 #: Description of the campaigns experiment in the MLflow UI.

@@ -756,3 +756,26 @@ def has_events(session: Session) -> bool:
     """Tell whether the warehouse holds any behaviour event."""
     return session.execute(select(m.Event.event_id).limit(1)).first() is not None
 
+
+def sent_breakdown(session: Session, campaign_id: str) -> list[dict[str, Any]]:
+    """Return what a campaign sent: customers and sent messages per coupon, channel and policy."""
+    sent = (
+        select(m.Delivery.customer_id)
+        .where(m.Delivery.campaign_id == campaign_id, m.Delivery.status == "sent")
+        .subquery()
+    )
+    stmt = (
+        select(
+            m.Allocation.coupon_id,
+            m.Allocation.channel,
+            m.Allocation.policy,
+            func.count().label("customers"),
+            func.count(sent.c.customer_id).label("sent"),
+        )
+        .outerjoin(sent, sent.c.customer_id == m.Allocation.customer_id)
+        .where(m.Allocation.campaign_id == campaign_id, m.Allocation.coupon_id.is_not(None))
+        .group_by(m.Allocation.coupon_id, m.Allocation.channel, m.Allocation.policy)
+        .order_by(m.Allocation.policy, func.count().desc())
+    )
+    return [dict(r._mapping) for r in session.execute(stmt)]
+

@@ -201,3 +201,40 @@ def test_report_reads_only_and_leads_with_the_campaign(loop):
     assert summary["campaign"]["campaign_id"] == "c1" and summary["report"] == str(path)
     assert summary["model"]["champion"] == "1" and "model_policy" in summary["observed"]
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_the_campaign_report_leads_with_a_readable_headline_and_works_offline(loop):
+    """The page a product owner opens: dates, spend vs budget in the shop's currency, the fair
+    comparison first with intervals, what was sent, no raw floats, NaN or None, nothing from a CDN."""
+    import re
+
+    from mlpkg.reports import campaign_detail, campaign_report
+
+    settings, _engine = loop
+    settings = settings.model_copy(update={"currency": "EUR", "mlflow_ui_url": "http://127.0.0.1:5000"})
+    html = campaign_report(settings, "c1", log_to_mlflow=False).read_text(encoding="utf-8")
+    text = re.sub(r"<[^>]+>", " ", html.split("<body>", 1)[1])
+    text = " ".join(text.replace("&#39;", "'").split())
+    detail = campaign_detail(settings, "c1")
+
+    head = text[: text.index("Did the model's targeting work?")]
+    for words in ("Incremental conversions", "Incremental revenue", "Profit", "Spend vs budget", "ROI",
+                  "Messages sent", "95% interval", "Sent 2025-", "measured 2025-", "€80.00 budget"):
+        assert words in head, words
+    assert f"{detail['sent']:,}" in head
+    assert "couponops-uplift v1" in head
+    assert 'href="http://127.0.0.1:5000/#/models/couponops-uplift/versions/1"' in html
+    # The fair comparison comes before the biased one, which is labelled as such.
+    assert text.index("Model policy vs random control") < text.index("All treated vs random control")
+    assert "biased: for reference only" in text
+    # What was sent: coupon x channel x policy with customers and messages.
+    sent_part = text[text.index("What was sent"):]
+    assert "model policy" in sent_part and re.search(r"\b(email|sms|push)\b", sent_part)
+    # Readable numbers only: percentages, currency, rounded intervals; no NaN/None, no 6-decimal floats.
+    assert not re.search(r"\bNaN\b|\bNone\b|\bnan\b", text)
+    assert not re.search(r"\d\.\d{4,}", text)
+    assert "snake_case" not in text and "incremental_conversions" not in text
+    assert re.search(r"\d+\.\d%", text) and "Glossary" in text
+    # Offline: images inline, no script or stylesheet fetched from anywhere.
+    assert "<script" not in html and not re.search(r"<link[^>]+href=", html)
+    assert not re.search(r"src=\"(?!data:)", html)
