@@ -492,7 +492,7 @@ def ingest_batch(
                     continue
                 if table == "events":
                     streamed = result.streamed.get(table)
-                    chunks = streamed.chunks(prefetch=True) if streamed else [(0, result.frames[table])]
+                    chunks = streamed.chunks() if streamed else [(0, result.frames[table])]
                     report.loaded[table] = _load_events(session, chunks, view, writer)
                     rows = streamed.rows if streamed else len(result.frames[table])
                     writer.publish()

@@ -135,16 +135,28 @@ def interval(lo: Any, hi: Any, fmt) -> str:  # noqa: ANN001 - a formatter of one
     return f"[{fmt(lo)}, {fmt(hi)}]" if _finite(lo) and _finite(hi) else "–"
 
 
-def _ci(group: Mapping[str, Any], key: str) -> tuple[float, float]:
-    bounds = group.get(f"{key}_ci") or [math.nan, math.nan]
-    return float(bounds[0]), float(bounds[1])
+def _num(x: Any, default: float = math.nan) -> float:
+    """Return ``x`` as a float; ``default`` for None, NaN or anything that is not a number."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def interval_bounds(group: Mapping[str, Any], key: str) -> tuple[float, float]:
+    """Return the 95% bounds ``<key>_ci`` of a measured group (NaN where unknown)."""
+    bounds = group.get(f"{key}_ci")
+    if not isinstance(bounds, list | tuple) or len(bounds) != 2:
+        return math.nan, math.nan
+    return _num(bounds[0]), _num(bounds[1])
 
 
 def group_numbers(group: Mapping[str, Any], margin: float) -> dict[str, Any]:
     """Return a measured group's profit and ROI with their intervals (cost is known exactly)."""
-    cost = float(group.get("coupon_cost", 0.0)) + float(group.get("send_cost", 0.0))
-    rev = float(group.get("incremental_revenue", math.nan))
-    lo, hi = _ci(group, "incremental_revenue")
+    cost = _num(group.get("coupon_cost"), 0.0) + _num(group.get("send_cost"), 0.0)
+    rev = _num(group.get("incremental_revenue"))
+    lo, hi = interval_bounds(group, "incremental_revenue")
     profit = margin * rev - cost
     out = {"cost": cost, "profit": profit, "profit_ci": (margin * lo - cost, margin * hi - cost)}
     out["roi"] = profit / cost if cost > 0 else math.nan
@@ -159,7 +171,7 @@ def comparison_table(groups: Sequence[tuple[str, Mapping[str, Any]]], margin: fl
     rows = []
     for name, g in groups:
         extra = group_numbers(g, margin)
-        lo, hi = _ci(g, "incremental_conversions")
+        lo, hi = interval_bounds(g, "incremental_conversions")
         rows.append([
             name,
             count(g.get("customers")),

@@ -397,8 +397,9 @@ def campaign_report(settings: Settings, campaign_id: str, *, log_to_mlflow: bool
         pngs.append({"title": fig.axes[0].get_title() or name, "png": png})
     with session_scope(engine) as session:
         sent = q.sent_breakdown(session, campaign_id)
+        measured = q.measured_at(session, campaign_id)
     page = report_page.render(
-        _report_context(settings, campaign, metrics, summary, sent, figures=pngs)
+        _report_context(settings, campaign, metrics, summary, sent, figures=pngs, measured=measured)
     )
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
@@ -407,8 +408,12 @@ def campaign_report(settings: Settings, campaign_id: str, *, log_to_mlflow: bool
     return path
 
 
+#: Readable names of the allocation policies (the ledger's ``policy`` column).
+_POLICY_NAMES = {"model": "model policy", "explore": "exploration", "control": "random control"}
+
+
 def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary: dict,  # noqa: ANN001
-                    sent: list[dict], *, figures: list[dict]) -> dict:
+                    sent: list[dict], *, figures: list[dict], measured=None) -> dict:  # noqa: ANN001
     """Gather what the report page shows, formatted for a reader (see :mod:`mlpkg.report_page`)."""
     cur, margin = settings.currency, settings.campaign.margin
     overall = metrics[metrics["breakdown"] == "overall"].set_index("breakdown_value")
@@ -417,16 +422,15 @@ def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary
     fair = groups.get("model_policy", {})
     treated = groups.get("treated", {})
     numbers = report_page.group_numbers(fair, margin) if fair else {}
-    spend = float(treated.get("coupon_cost", 0.0)) + float(treated.get("send_cost", 0.0))
+    spend = report_page.group_numbers(treated, margin)["cost"] if treated else 0.0
     version = summary.get("model_version") or campaign.model_version
     model = f"{settings.registered_model_name} v{version}" if version else "none (cold start)"
     url = None
     if settings.mlflow_ui_url and version:
         base, name = settings.mlflow_ui_url.rstrip("/"), settings.registered_model_name
         url = f"{base}/#/models/{name}/versions/{version}"
-    lo, hi = (fair.get("incremental_conversions_ci") or [math.nan, math.nan])
-    rlo, rhi = (fair.get("incremental_revenue_ci") or [math.nan, math.nan])
-    measured = metrics["computed_at"].max() if "computed_at" in metrics.columns else None
+    lo, hi = report_page.interval_bounds(fair, "incremental_conversions")
+    rlo, rhi = report_page.interval_bounds(fair, "incremental_revenue")
 
     def fmt_money(v: float) -> str:
         return report_page.money(v, cur)
@@ -474,7 +478,8 @@ def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary
         if fair else {"columns": [], "rows": []},
         "biased": report_page.comparison_table([("All treated vs random control", treated)], margin, cur)
         if treated else None,
-        "sent": [{"coupon": r["coupon_id"], "channel": r["channel"], "policy": r["policy"].replace("_", " "),
+        "sent": [{"coupon": r["coupon_id"], "channel": r["channel"],
+                  "policy": _POLICY_NAMES.get(r["policy"], r["policy"].replace("_", " ")),
                   "customers": report_page.count(r["customers"]), "sent": report_page.count(r["sent"])}
                  for r in sent],
         "breakdowns": breakdowns,

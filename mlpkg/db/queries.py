@@ -779,3 +779,9 @@ def sent_breakdown(session: Session, campaign_id: str) -> list[dict[str, Any]]:
     )
     return [dict(r._mapping) for r in session.execute(stmt)]
 
+
+def measured_at(session: Session, campaign_id: str) -> datetime | None:
+    """Return when a campaign's metrics were last computed (``None`` if never)."""
+    stmt = select(func.max(m.CampaignMetric.computed_at)).where(m.CampaignMetric.campaign_id == campaign_id)
+    return session.execute(stmt).scalar_one_or_none()
+

@@ -50,32 +50,10 @@ class StreamedFile:
     rows: int
     chunk_rows: int
 
-    def chunks(self, *, prefetch: bool = False) -> Iterator[tuple[int, pd.DataFrame]]:
-        """Yield ``(first row, typed frame)`` per chunk (the gate has already accepted every value).
-
-        With ``prefetch`` a background thread reads and types the next chunk while the caller
-        writes this one (Arrow, pandas and the database driver release the GIL for most of it).
-        """
-        typed = (
-            (start, coerce_frame(self.path, RAW_SCHEMAS[self.table], raw, None, check=False)[0])
-            for start, raw in iter_raw_chunks(self.path, self.table, chunk_rows=self.chunk_rows)
-        )
-        yield from (_prefetched(typed) if prefetch else typed)
-
-
-def _prefetched(items: Iterator) -> Iterator:
-    """Yield ``items`` in order, computing the next one in a background thread meanwhile."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    done = object()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
-        ahead = pool.submit(next, items, done)
-        while True:
-            item = ahead.result()  # re-raises the reader's error here, in the caller's thread
-            if item is done:
-                return
-            ahead = pool.submit(next, items, done)
-            yield item
+    def chunks(self) -> Iterator[tuple[int, pd.DataFrame]]:
+        """Yield ``(first row, typed frame)`` per chunk (the gate has already accepted every value)."""
+        for start, raw in iter_raw_chunks(self.path, self.table, chunk_rows=self.chunk_rows):
+            yield start, coerce_frame(self.path, RAW_SCHEMAS[self.table], raw, None, check=False)[0]
 
 
 def parquet_rows(path: Path) -> int | None:
