@@ -1,4 +1,4 @@
-"""Test helpers shared by several test modules (seeded simulator worlds and an oracle scorer)."""
+"""Test helpers shared by several test modules (an oracle scorer and the CLI runner)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,18 @@ def plant_contacts(session, customer_ids, channels=("email", "sms", "push"), con
             dict(customer_id=cid, channel=ch, opted_in=True, updated_at=datetime(2025, 1, 1, tzinfo=UTC))
             for cid in customer_ids for ch in channels
         ])
+
+
+def run_cli(*args):  # noqa: ANN002, ANN201 - CLI words; a typer Result
+    """Invoke ``couponops`` in-process with fresh settings (read from the environment) before and after."""
+    from typer.testing import CliRunner
+
+    from mlpkg.cli import app
+    from mlpkg.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        get_settings.cache_clear()
+

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from tests.fixtures import run_cli
 
 pytestmark = pytest.mark.unit
 
 
-def _cli(*args):
-    from mlpkg.cli import app
-    from mlpkg.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        get_settings.cache_clear()
+_cli = run_cli
 
 
 def _one_error_line(result) -> str:

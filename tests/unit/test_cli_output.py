@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from mlpkg import registry, stages
 from mlpkg.allocation.campaign import allocate_campaign
 from mlpkg.config import GateSettings
 from mlpkg.feedback import measure_campaign
 from mlpkg.simulator.lab import harness
-from tests.fixtures import use_oracle
+from tests.fixtures import run_cli, use_oracle
 
 pytestmark = pytest.mark.unit
 
@@ -27,15 +26,7 @@ RUN_KEY = "couponops_allocate/scheduled__2025-07-07T06:00:00+00:00"
 GATE_NOW = datetime(2025, 7, 6, 12, 30, 15, 123456, tzinfo=UTC)
 
 
-def _cli(*args):
-    from mlpkg.cli import app
-    from mlpkg.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        get_settings.cache_clear()
+_cli = run_cli
 
 
 def _gate_three_versions(settings, engine, monkeypatch) -> None:

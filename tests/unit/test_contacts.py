@@ -23,7 +23,6 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from sqlalchemy import event, select
-from typer.testing import CliRunner
 
 from mlpkg import stages
 from mlpkg.config import Settings
@@ -36,6 +35,7 @@ from mlpkg.simulator import Shop, ShopConfig
 from mlpkg.simulator import world as sim_world
 from mlpkg.validation import DataContractError, ValidationContext, gate_batch
 from mlpkg.validation.contract import EMAIL_PATTERN, PHONE_PATTERN, PUSH_TOKEN_PATTERN
+from tests.fixtures import run_cli
 
 pytestmark = pytest.mark.unit
 
@@ -275,15 +275,7 @@ def test_ingest_loads_contacts_with_blanks_as_null_and_reloads_change_nothing(sh
         assert len(q.known_ids(s, m.Contact.customer_id)) == SHOP.n_customers
 
 
-def _cli(*args):
-    from mlpkg.cli import app
-    from mlpkg.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        get_settings.cache_clear()
+_cli = run_cli
 
 
 def test_bad_contacts_file_is_rejected_through_the_cli_and_changes_nothing(shop_state, tmp_path):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from mlpkg.validation import DataContractError, ValidationContext, gate_batch
 from mlpkg.validation.checks import validate_campaign_log
@@ -24,6 +23,7 @@ from mlpkg.validation.readers import (
     resolve_batch_folder,
     scan_batch,
 )
+from tests.fixtures import run_cli
 
 pytestmark = pytest.mark.unit
 
@@ -293,15 +293,7 @@ def test_quarantine_of_a_dotdot_path_writes_its_result(tmp_path):
 # --- through the CLI ------------------------------------------------------------------------------------
 
 
-def _cli(*args):
-    from mlpkg.cli import app
-    from mlpkg.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        get_settings.cache_clear()
+_cli = run_cli
 
 
 def _snapshot(engine):

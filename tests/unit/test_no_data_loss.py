@@ -12,26 +12,18 @@ import json
 import pandas as pd
 import pytest
 from sqlalchemy import select
-from typer.testing import CliRunner
 
 from mlpkg import stages
 from mlpkg.campaign_logs import LogSpecError, load_log_spec
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from tests.fixtures import run_cli
 
 pytestmark = pytest.mark.unit
 
 
-def _cli(*args):
-    from mlpkg.cli import app
-    from mlpkg.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        get_settings.cache_clear()
+_cli = run_cli
 
 
 def _snapshot(engine):

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import func, select
-from typer.testing import CliRunner
 
 from mlpkg import stages
 from mlpkg.data import customer_features, event_summary, read_history
@@ -24,21 +23,14 @@ from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 from mlpkg.features import summarise_events
+from tests.fixtures import run_cli
 
 pytestmark = pytest.mark.unit
 
 CHUNK = 1000
 
 
-def _cli(*args):
-    from mlpkg.cli import app
-    from mlpkg.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        get_settings.cache_clear()
+_cli = run_cli
 
 
 @pytest.fixture
