@@ -20,7 +20,7 @@ export TQDM_DISABLE := 1
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-loop dag up up-check test lint format bench airflow mlflow-ui clean
+.PHONY: help venv browser demo demo-loop dag up up-check test lint format bench screenshots airflow mlflow-ui clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -66,9 +66,27 @@ demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold s
 	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops-sim loop --rounds $(ROUNDS) \
 		$(if $(CUSTOMERS),--customers $(CUSTOMERS)) $(if $(BUDGET),--budget $(BUDGET))
 
-test: $(STAMP) ## Lint, then run the whole test suite (unit, dags, integration, model)
+# The browser tests drive Debian's Chromium (never a downloaded one). Installed when missing and
+# apt-get can run; elsewhere the browser tests skip and say so.
+CHROMIUM ?= /usr/bin/chromium
+APT_LOG := /tmp/couponops-apt.log
+browser: ## Install Debian's chromium for the browser tests (apt-get; needs root)
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get > /dev/null; then \
+		echo "no $(CHROMIUM) and no root apt-get: the browser tests will skip"; exit 0; fi; \
+	echo "installing Debian's chromium for the browser tests (apt-get)"; \
+	apt-get install -y -q --no-install-recommends chromium > $(APT_LOG) 2>&1 || \
+	{ apt-get update -q >> $(APT_LOG) 2>&1 && \
+	  apt-get install -y -q --no-install-recommends chromium >> $(APT_LOG) 2>&1; } || \
+	{ tail -5 $(APT_LOG); echo "chromium could not be installed: the browser tests will skip"; }
+
+test: $(STAMP) browser ## Lint, then run the whole test suite (unit, dags, integration, model, browser)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+screenshots: $(STAMP) browser ## Refresh the README's screenshots (docs in README.md) from the browser tour
+	COUPONOPS_SCREENSHOTS_DIR=$(CURDIR)/tests/screenshots $(BIN)/pytest -q \
+		tests/integration/test_browser_tour.py
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .

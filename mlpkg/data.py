@@ -266,37 +266,74 @@ class _LoadRefused(Exception):
         self.failures = failures
 
 
-def _load_events(session, chunks, view: WarehouseView, writer: event_store.PartWriter) -> int:  # noqa: ANN001
-    """Insert a file's events chunk by chunk (bulk), skipping replays; write the new ones to the store.
+class _EventLoad:
+    """Insert a file's events chunk by chunk (bulk) into the batch's transaction, skipping replays.
 
-    Rows whose key is new are inserted in bulk. When some key was stored already the chunk is
-    compared with the stored rows: a contradiction refuses the batch (:class:`_LoadRefused`; the
-    caller's transaction rolls back every chunk), identical replays are left out of the store.
-
-    Returns:
-        The number of events inserted.
+    Called with each chunk (the gate's stream sink: ``load("events", first_row, chunk)``), so the
+    database ingests one chunk while the gate validates the next. Rows whose key is new are
+    inserted in bulk and written to the event store; when some key was stored already the chunk
+    is compared with the stored rows: a contradiction refuses the batch (:class:`_LoadRefused`),
+    identical replays are left out of the store. An error stops the load and is raised by
+    :meth:`finish`, after the gate had its say (its verdict on the whole file comes first: a key
+    repeated in a later chunk looks like a stored key here). :meth:`close` waits for the chunk in
+    flight, so the session's connection is idle before the transaction ends.
     """
-    from mlpkg.validation.references import contradictions_with  # GX is heavy: imported on use
-    from mlpkg.validation.streaming import shift_rows
 
-    columns = list(event_store.COLUMNS)
-    table = m.Event.__table__
-    inserted = 0
-    for start, chunk in chunks:
-        frame = chunk.assign(category=chunk["category"].fillna(""))[columns]
-        added = bulk.insert_missing(session, table, frame, columns)
+    def __init__(self, session, view: WarehouseView, writer: event_store.PartWriter) -> None:  # noqa: ANN001
+        """Bind the load to the batch's session, the committed warehouse and the part writer."""
+        self.view, self.writer = view, writer
+        self.columns = list(event_store.COLUMNS)
+        self.loader = bulk.ChunkLoader(session, m.Event.__table__, self.columns)
+        self.rows = self.inserted = 0
+        self.error: BaseException | None = None
+
+    def __call__(self, table: str, start: int, chunk: pd.DataFrame) -> None:
+        """Queue one validated chunk of ``table`` (only events are loaded this way)."""
+        if table != "events" or self.error is not None:
+            return
+        self.rows += len(chunk)
+        frame = chunk.assign(category=chunk["category"].fillna(""))[self.columns]
+        try:
+            for done in self.loader.submit(start, frame):
+                self._finished(*done)
+        except Exception as err:  # noqa: BLE001 - kept for finish(): the gate's refusal comes first
+            self.error = err
+
+    def _finished(self, start: int, frame: pd.DataFrame, added: int) -> None:
+        from mlpkg.validation.references import contradictions_with  # GX is heavy: imported on use
+        from mlpkg.validation.streaming import shift_rows
+
         if added < len(frame):
             # Some keys were stored before this batch (the view reads the committed warehouse).
-            stored = view.stored_rows("events", list(frame["event_id"]))
+            stored = self.view.stored_rows("events", list(frame["event_id"]))
             found = contradictions_with(frame, "events", stored)
             if found:
                 raise _LoadRefused("events", [shift_rows(f, start) for f in found])
             frame = frame[~frame["event_id"].isin(set(stored["event_id"]))]
             if len(frame) != added:
                 raise RuntimeError("events were stored by another load while this batch loaded; run it again")
-        writer.write(frame)
-        inserted += added
-    return inserted
+        self.writer.write(frame)
+        self.inserted += added
+
+    def finish(self, expected_rows: int) -> int:
+        """Wait for every chunk; raise the load's error; return the number of events inserted."""
+        if self.error is None:
+            try:
+                for done in self.loader.drain():
+                    self._finished(*done)
+            except Exception as err:  # noqa: BLE001 - raised below, after close()
+                self.error = err
+        self.close()
+        if self.error is not None:
+            raise self.error
+        if self.rows != expected_rows:
+            raise RuntimeError(f"the events load saw {self.rows} of {expected_rows} rows; ingest again")
+        return self.inserted
+
+    def close(self) -> None:
+        """Wait for the chunk in flight (idempotent); its error, if any, is :meth:`finish`'s to raise."""
+        failed = self.error if self.error is not None else RuntimeError("closed before finish")
+        self.loader.__exit__(type(failed), failed, None)
 
 
 #: Warehouse model, key columns (raw name -> model column) and compared columns of each raw table.
@@ -466,39 +503,45 @@ def ingest_batch(
         return report
     if dry_run:
         result = _gate_dry_run(batch_dir, context)
-    else:
-        result = gate_batch(
-            batch_dir,
-            context=context,
-            quarantine_dir=settings.quarantine_dir,
-            data_docs_dir=settings.data_docs_dir,
-        )
-    report.warnings = list(result.warnings) + [
-        f"{table}: {w.describe(1)}" for table, rep in result.reports.items() for w in rep.warnings
-    ]
-    if dry_run:
+        _gate_warnings(report, result)
         frames = {t: result.frames[t] for t in RAW_FILES if t in new and t in result.frames}
         # The gate read a copy of the batch; the plan reads the same files in the batch itself.
         streamed = {t: dataclasses.replace(f, path=new[t]) for t, f in result.streamed.items() if t in new}
         report.changes = plan_changes(view, frames, streamed)
         return report
-    report.data_docs = str(result.data_docs_index) if result.data_docs_index else None
-    _log.info("loading batch %s: %s in one transaction", batch_dir.name, ", ".join(sorted(new)))
     writer = event_store.PartWriter(settings.event_store_dir, sums["events"]) if "events" in new else None
     try:
+        # One transaction for the batch. A large events file is loaded while the gate validates it
+        # (chunk by chunk); a refusal by the gate or at load rolls every chunk back.
         with session_scope(engine) as session:
+            events = _EventLoad(session, view, writer) if writer is not None else None
+            try:
+                result = gate_batch(
+                    batch_dir,
+                    context=context,
+                    quarantine_dir=settings.quarantine_dir,
+                    data_docs_dir=settings.data_docs_dir,
+                    stream_sink=events,
+                )
+                if events is not None:
+                    streamed = result.streamed.get("events")
+                    if streamed is None:  # a small file: the gate read it whole
+                        events("events", 0, result.frames["events"])
+                    event_rows = streamed.rows if streamed else len(result.frames["events"])
+                    report.loaded["events"] = events.finish(event_rows)
+            finally:
+                if events is not None:
+                    events.close()
+            _gate_warnings(report, result)
+            report.data_docs = str(result.data_docs_index) if result.data_docs_index else None
+            _log.info("loading batch %s: %s in one transaction", batch_dir.name, ", ".join(sorted(new)))
             for table in RAW_FILES:
                 if table not in new:
                     continue
                 if table == "events":
-                    streamed = result.streamed.get(table)
-                    chunks = streamed.chunks() if streamed else [(0, result.frames[table])]
-                    report.loaded[table] = _load_events(session, chunks, view, writer)
-                    rows = streamed.rows if streamed else len(result.frames[table])
                     writer.publish()
                     event_store.record_part(session, writer, batch=batch_dir.name, now=now)
                 else:
-                    rows = len(result.frames[table])
                     report.loaded[table] = _load_table(session, table, result.frames[table], now)
                 q.record_ingested_file(
                     session,
@@ -506,7 +549,7 @@ def ingest_batch(
                     table=table,
                     batch=batch_dir.name,
                     file_name=new[table].name,
-                    rows=rows,
+                    rows=event_rows if table == "events" else len(result.frames[table]),
                     now=now,
                 )
     except _LoadRefused as refused:
@@ -525,6 +568,13 @@ def ingest_batch(
             writer.discard()
         raise
     return report
+
+
+def _gate_warnings(report: IngestReport, result) -> None:  # noqa: ANN001 - BatchValidation
+    """Copy the gate's warnings (batch-level and per table) into the ingest report."""
+    report.warnings = list(result.warnings) + [
+        f"{table}: {w.describe(1)}" for table, rep in result.reports.items() for w in rep.warnings
+    ]
 
 
 def _gate_dry_run(batch_dir: Path, context) -> object:  # noqa: ANN001 - ValidationContext, BatchValidation

@@ -135,3 +135,27 @@ def ingested(tmp_path, ingested_template, monkeypatch):
     yield s, eng
     eng.dispose()
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def demo_state(tmp_path_factory):
+    """A state folder after `make demo` (the end-to-end DAG tests and the browser tour share it).
+
+    Returns:
+        ``(state_dir, stdout of make demo)``.
+    """
+    import subprocess
+
+    from tests.fixtures import demo_env
+
+    state = tmp_path_factory.mktemp("demo") / "state"
+    proc = subprocess.run(
+        ["make", "-s", "demo", f"STATE={state}"],
+        cwd=ROOT,
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return state, proc.stdout

@@ -1,6 +1,8 @@
-"""Test helpers shared by several test modules (an oracle scorer and the CLI runner)."""
+"""Test helpers shared by several test modules (an oracle scorer, the CLI runner, the demo's environment)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pandas as pd
@@ -84,3 +86,17 @@ def run_cli(*args):  # noqa: ANN002, ANN201 - CLI words; a typer Result
     finally:
         get_settings.cache_clear()
 
+
+
+def demo_env() -> dict[str, str]:
+    """The environment of the tests' `make demo` run: this process's, without CouponOps/Airflow/MLflow
+    settings, and a small shop (1,500 customers, 4 epochs) so the loop runs in about two minutes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONOPS_", "AIRFLOW", "MLFLOW"))}
+    env.update(
+        COUPONOPS_SIMULATOR_CUSTOMERS="1500",
+        COUPONOPS_TRAINER__MAX_EPOCHS="4",
+        COUPONOPS_CAMPAIGN__BUDGET="120",
+        COUPONOPS_GATE__MIN_TEST_ROWS="50",
+        COUPONOPS_CAMPAIGN__SCORE_SHARDS="3",
+    )
+    return env

@@ -14,12 +14,20 @@ commits or rolls back with the rest of the batch):
 :func:`insert_missing` inserts the rows whose key is new and says how many it inserted: when some
 key was stored already the caller compares the chunk with the stored rows (replays are skipped;
 a contradiction refuses the batch, and the batch's transaction rolls back every chunk).
+
+:class:`ChunkLoader` does the same for a stream of chunks. On PostgreSQL it overlaps the
+client's work with the server's: one worker thread encodes a chunk and ships it with ``COPY``
+(the server parses and indexes it; the client only waits, without the GIL) while the caller
+reads and checks the next chunk. On SQLite the writer needs the GIL itself, so chunks are
+written in the caller's thread (overlapping them measured slower).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -135,8 +143,77 @@ def insert_missing(session: Session, table: Table, frame: pd.DataFrame, columns:
     """
     if frame.empty:
         return 0
-    # In key order the primary-key index is written page by page instead of at random places.
-    frame = frame.sort_values([c.name for c in table.primary_key.columns], kind="stable")
+    frame = _prepared(table, frame)
     dialect = session.get_bind().dialect.name
     writer = {"sqlite": _sqlite_insert, "postgresql": _postgres_insert}.get(dialect, _generic_insert)
     return writer(session, table, frame, columns)
+
+
+def _prepared(table: Table, frame: pd.DataFrame) -> pd.DataFrame:
+    # In key order the primary-key index is written page by page instead of at random places.
+    return frame.sort_values([c.name for c in table.primary_key.columns], kind="stable")
+
+
+class ChunkLoader:
+    """Insert a stream of chunks with :func:`insert_missing`'s rules, overlapping I/O on PostgreSQL.
+
+    ``submit`` queues a chunk; ``done`` yields ``(tag, frame, inserted)`` in submission order as
+    chunks finish. At most ``depth`` chunks are in flight, so memory stays bounded. Use it as a
+    context manager: leaving waits for every chunk in flight (also after an error), so the
+    session's connection is idle again before the caller commits or rolls back.
+
+    Example:
+        >>> with ChunkLoader(session, table, columns) as loader:  # doctest: +SKIP
+        ...     for tag, chunk in chunks:
+        ...         for tag_, frame, inserted in loader.submit(tag, chunk):
+        ...             ...
+        ...     for tag_, frame, inserted in loader.drain():
+        ...         ...
+    """
+
+    def __init__(self, session: Session, table: Table, columns: Sequence[str], *, depth: int = 1) -> None:
+        """Bind the loader to the batch's session and the target table."""
+        self.session, self.table, self.columns = session, table, list(columns)
+        self.depth = depth
+        dialect = session.get_bind().dialect.name
+        pooled = dialect == "postgresql"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="couponops-copy") if pooled else None
+        self._pending: deque[tuple[object, pd.DataFrame, Future[int]]] = deque()
+
+    def _write(self, frame: pd.DataFrame) -> int:
+        return insert_missing(self.session, self.table, frame, self.columns)
+
+    def submit(self, tag: object, frame: pd.DataFrame) -> Iterator[tuple[object, pd.DataFrame, int]]:
+        """Queue ``frame`` (labelled ``tag``); yield the chunks that finished meanwhile, in order."""
+        if self._pool is None:
+            yield tag, frame, self._write(frame)
+            return
+        self._pending.append((tag, frame, self._pool.submit(self._write, frame)))
+        while len(self._pending) > self.depth:
+            yield self._finish()
+
+    def drain(self) -> Iterator[tuple[object, pd.DataFrame, int]]:
+        """Yield every chunk still in flight, in order, as it finishes."""
+        while self._pending:
+            yield self._finish()
+
+    def _finish(self) -> tuple[object, pd.DataFrame, int]:
+        tag, frame, future = self._pending.popleft()
+        return tag, frame, future.result()
+
+    def __enter__(self) -> ChunkLoader:
+        """Return the loader."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Wait for every chunk in flight (their errors are the caller's error already, or raised)."""
+        pending, self._pending = self._pending, deque()
+        try:
+            for _tag, _frame, future in pending:
+                if exc[0] is None:
+                    future.result()
+                else:
+                    future.exception()  # wait; the caller's own error is the one raised
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)

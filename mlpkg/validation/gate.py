@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ from mlpkg.validation.streaming import (
     streams,
 )
 from mlpkg.validation.suites import SUITE_TABLES, build_suite
+
+#: Receives a streamed file's chunks as they pass: ``sink(first_row, typed_chunk)``.
+ChunkSink = Callable[[int, pd.DataFrame], None]
 
 DATA_DOCS_SITE = "couponops"
 #: Validation runs the Data Docs index lists (newest first).
@@ -327,13 +331,20 @@ def validate_table(
 
 
 
-def validate_streamed(path: Path, table: str, *, context: ValidationContext,
-                      runner: ExpectationRunner | None = None) -> ValidationReport:
+def validate_streamed(
+    path: Path, table: str, *, context: ValidationContext, runner: ExpectationRunner | None = None,
+    sink: ChunkSink | None = None,
+) -> ValidationReport:
     """Validate a large Parquet file chunk by chunk with the rules of :func:`validate_table`.
 
     Every chunk passes the reader rules and the table's suite; findings of one rule in several
     chunks become one failure with the total count; a key that repeats across chunks is found by
     :class:`~mlpkg.validation.streaming.KeyTracker`. Memory stays bounded by the chunk size.
+
+    ``sink(first_row, typed_chunk)`` receives each chunk as soon as it passed, in file order, while
+    no chunk before it failed, so a loader can write it in the same pass (inside a transaction it
+    rolls back unless the whole report passes: a rule over the whole file, such as a key repeated
+    in a later chunk, is only known at the end).
 
     Returns:
         The file's report (``row_count`` = the file's rows; ``gx_result`` = the first failing
@@ -357,6 +368,8 @@ def validate_streamed(path: Path, table: str, *, context: ValidationContext,
             warned.add(read_warnings)
             part = validate_table(frame, table, context=context, source=path, runner=runner, chunk=True)
             merged.add([shift_rows(f, start) for f in part.failures])
+            if sink is not None and not merged.failures:
+                sink(start, frame)
             warned.add([shift_rows(w, start) for w in part.warnings])
             if not first_failure:
                 report.gx_result = part.gx_result
@@ -440,6 +453,7 @@ def gate_batch(
     quarantine_dir: Path,
     data_docs_dir: Path,
     protected: Sequence[Path] = (),
+    stream_sink: Callable[[str, int, pd.DataFrame], None] | None = None,
 ) -> BatchValidation:
     """Validate every raw file of a batch folder; quarantine the folder if anything fails.
 
@@ -454,6 +468,9 @@ def gate_batch(
         data_docs_dir: Root of the GX Data Docs site (built on success and failure).
         protected: Folders the batch folder may neither be nor contain (e.g. the state folder);
             the working directory, ``/``, the home folder and the two folders above always are.
+        stream_sink: ``stream_sink(table, first_row, typed_chunk)`` gets the chunks of every
+            streamed file as they pass (see :func:`validate_streamed`): the loader writes them
+            while the gate reads on. Its writes must roll back unless the gate returns.
 
     Returns:
         The reports, the typed frames and the Data Docs index.
@@ -494,7 +511,8 @@ def gate_batch(
         source = str(path) if path is not None else f"{table} (in memory)"
         read_warnings: list[Failure] = []
         if table not in tables and streams(path, table, ctx.chunk_rows):
-            reports[table] = validate_streamed(path, table, context=ctx, runner=runner)
+            sink = functools.partial(stream_sink, table) if stream_sink is not None else None
+            reports[table] = validate_streamed(path, table, context=ctx, runner=runner, sink=sink)
             streamed[table] = StreamedFile(path, table, reports[table].row_count, ctx.chunk_rows)
             continue
         if table in tables:

@@ -1,11 +1,12 @@
 """End to end: every DAG runs through Airflow (`make demo`) on a tiny simulated shop landing its exports."""
 
-import os
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures import demo_env
 
 pytestmark = [pytest.mark.dags, pytest.mark.slow]
 
@@ -19,44 +20,17 @@ DAGS = [
 ]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONOPS_", "AIRFLOW", "MLFLOW"))}
-    env.update(
-        COUPONOPS_SIMULATOR_CUSTOMERS="1500",
-        COUPONOPS_TRAINER__MAX_EPOCHS="4",
-        COUPONOPS_CAMPAIGN__BUDGET="120",
-        COUPONOPS_GATE__MIN_TEST_ROWS="50",
-        COUPONOPS_CAMPAIGN__SCORE_SHARDS="3",
-    )
-    return env
-
-
 def _run_dag(state, dag_id):
     """Run one DAG through Airflow on the demo's state (`make dag`)."""
     proc = subprocess.run(
         ["make", "-s", "dag", f"DAG={dag_id}", f"STATE={state}"],
         cwd=ROOT,
-        env=_env(),
+        env=demo_env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def demo_state(tmp_path_factory):
-    state = tmp_path_factory.mktemp("demo") / "state"
-    proc = subprocess.run(
-        ["make", "-s", "demo", f"STATE={state}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return state, proc.stdout
 
 
 def test_every_dag_has_a_successful_run_in_the_airflow_metadata_db(demo_state):
@@ -194,7 +168,7 @@ def test_running_the_ingest_dag_again_on_the_same_batch_changes_nothing(demo_sta
 
 def test_promote_moves_the_champion_and_history_shows_who_and_why(demo_state):
     state, _ = demo_state
-    env = _env() | {"COUPONOPS_STATE_DIR": str(state)}
+    env = demo_env() | {"COUPONOPS_STATE_DIR": str(state)}
     con = sqlite3.connect(state / "mlflow.db")
     versions = [v for (v,) in con.execute("SELECT version FROM model_versions ORDER BY version")]
     target = str(versions[-1])

@@ -82,3 +82,31 @@ def test_a_contradiction_in_a_late_chunk_rolls_back_every_copied_chunk(pg_url, t
     quarantined = err.value.quarantine_path
     assert quarantined is not None and (quarantined / "validation_result.json").is_file()
     engine.dispose()
+
+
+def test_a_key_repeated_in_a_later_chunk_is_the_gates_refusal_not_a_load_error(pg_url, tmp_path):
+    """Chunks are copied while the gate reads on, so the repeat reaches COPY before the gate's verdict
+    on the whole file: the refusal names the repeated key, and nothing of the batch stays."""
+    settings = _settings(tmp_path / "pg", pg_url)
+    stages.init_stores(settings)
+    batch = harness.land_simulated_batch(settings, "initial")["batch_dir"]
+    stages.ingest(settings, batch)
+    engine = make_engine(pg_url)
+    with session_scope(engine) as s:
+        before = q.table_counts(s), q.table_checksums(s)
+
+    events = pd.read_parquet(f"{batch}/events.parquet").head(3000)
+    events = events.assign(event_id=[f"R{i}" for i in range(len(events))])
+    events.loc[2500, "event_id"] = "R7"  # chunk 3 repeats a key of chunk 1
+    folder = settings.raw_dir / "repeats"
+    folder.mkdir()
+    events.to_parquet(folder / "events.parquet", index=False)
+
+    from mlpkg.validation import DataContractError
+
+    with pytest.raises(DataContractError, match="unique_key") as err:
+        stages.ingest(settings, folder)
+    assert "'R7'" in str(err.value) and "row 2500" in str(err.value)
+    with session_scope(engine) as s:
+        assert (q.table_counts(s), q.table_checksums(s)) == before
+    engine.dispose()
