@@ -4,8 +4,11 @@ Registers, on Airflow's API server:
 
 * the FastAPI app of :mod:`plugins.couponops_campaigns_app` under ``/couponops`` (authenticated
   with Airflow's own JWT, like the rest of the UI);
-* a "Campaigns" entry in the navigation that opens its page (in a tab of its own: the Airflow UI
-  frames embedded views in a sandbox that forbids opening the MLflow UI);
+* a "Campaigns" entry in the navigation that shows its page inside the Airflow UI (at
+  ``/plugin/campaigns``). Airflow 3.3 renders an entry without ``url_route`` as a button that does
+  nothing when clicked (the browser tour found it), so the view is embedded. Airflow's frame is
+  sandboxed without pop-ups: the MLflow links open in the frame (or from the page's own address,
+  ``/couponops/campaigns``, in a tab of its own);
 * extra links on the tasks that produce something elsewhere, read from the task's XCom return
   value: "MLflow run" on ``train_model``, "Model version" on ``gate_model`` and
   ``publish_champion``, "Campaign" on ``allocate``.
@@ -124,12 +127,13 @@ class CouponOpsPlugin(AirflowPlugin):
     name = "couponops"
     fastapi_apps = [{"app": campaigns_app, "url_prefix": URL_PREFIX, "name": "CouponOps campaigns"}]
     # No category: a top-level entry of the navigation. The href is relative to the UI's <base href>,
-    # so the entry also works under an [api] base_url path.
+    # so the entry also works under an [api] base_url path; url_route embeds it (see the docstring).
     external_views = [
         {
             "name": "Campaigns",
             "href": f"{URL_PREFIX.lstrip('/')}/campaigns",
             "destination": "nav",
+            "url_route": "campaigns",
         }
     ]
     # Global links are asked of every task; each answers only for its own tasks (UI hides empty links).

@@ -141,6 +141,9 @@ def ingested(tmp_path, ingested_template, monkeypatch):
 def demo_state(tmp_path_factory):
     """A state folder after `make demo` (the end-to-end DAG tests and the browser tour share it).
 
+    ``COUPONOPS_TEST_DEMO_STATE`` names the state folder of an earlier `make demo` to reuse
+    instead (while working on those tests; its stdout is then empty).
+
     Returns:
         ``(state_dir, stdout of make demo)``.
     """
@@ -148,6 +151,8 @@ def demo_state(tmp_path_factory):
 
     from tests.fixtures import demo_env
 
+    if os.environ.get("COUPONOPS_TEST_DEMO_STATE"):
+        return Path(os.environ["COUPONOPS_TEST_DEMO_STATE"]), ""
     state = tmp_path_factory.mktemp("demo") / "state"
     proc = subprocess.run(
         ["make", "-s", "demo", f"STATE={state}"],

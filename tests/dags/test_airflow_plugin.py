@@ -40,8 +40,8 @@ def test_airflow_plugins_cli_lists_the_app_the_view_and_the_links(tmp_path):
     assert [(a["name"], a["url_prefix"]) for a in plugin["fastapi_apps"]] == [
         ("CouponOps campaigns", "/couponops")
     ]
-    assert [(v["name"], v["href"], v["destination"]) for v in plugin["external_views"]] == [
-        ("Campaigns", "couponops/campaigns", "nav")
+    assert [(v["name"], v["href"], v["destination"], v["url_route"]) for v in plugin["external_views"]] == [
+        ("Campaigns", "couponops/campaigns", "nav", "campaigns")
     ]
     links = plugin["global_operator_extra_links"]
     assert len(links) == 3
