@@ -53,13 +53,19 @@ def batch_data_docs(data_docs_dir: Path, batch: str | None) -> list[dict[str, st
     """Return the Data Docs validation page of each table of one batch (the newest run of each).
 
     Great Expectations writes them as ``validations/<suite path>/<batch>/<run time>/<page>.html``.
+    The batch's offline summary (``summaries/<batch>.html``, which opens without a network)
+    comes first, as table ``summary``.
 
     Returns:
         ``[{"table": ..., "path": ...}]`` sorted by table, paths relative to ``data_docs_dir``.
     """
+    from mlpkg.validation.summary_page import SUMMARY_DIR
+
     root = data_docs_dir / "validations"
+    summary = f"{SUMMARY_DIR}/{batch}.html"
+    first = [{"table": "summary", "path": summary}] if batch and (data_docs_dir / summary).is_file() else []
     if not batch or not root.is_dir():
-        return []
+        return first
     newest: dict[str, tuple[str, str]] = {}
     for page in root.rglob("*.html"):
         parts = page.relative_to(data_docs_dir).parts
@@ -68,7 +74,7 @@ def batch_data_docs(data_docs_dir: Path, batch: str | None) -> list[dict[str, st
         table, run_time = parts[-4], parts[-2]
         if table not in newest or run_time > newest[table][0]:
             newest[table] = (run_time, "/".join(parts))
-    return [{"table": t, "path": newest[t][1]} for t in sorted(newest)]
+    return first + [{"table": t, "path": newest[t][1]} for t in sorted(newest)]
 
 
 def campaign_runs(settings: Settings, *, limit: int = 100) -> list[dict[str, Any]]:

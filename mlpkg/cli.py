@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlpkg import stages
+from mlpkg import progress, stages
 from mlpkg.config import get_settings
 
 app = typer.Typer(
@@ -89,9 +89,34 @@ def _call(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
 
 
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    """Call a stage with a status spinner and turn known errors into a clean exit."""
-    with console.status(f"[bold]{fn.__name__}[/bold] running…"):
-        return _call(fn, *args, **kwargs)
+    """Call a stage under a progress display and turn known errors into a clean exit.
+
+    A spinner names the stage; every task the stage reports (:mod:`mlpkg.progress`: rows validated
+    and loaded, epochs, rows scored) gets a bar with its count and elapsed time. The display is
+    transient and drawn only on a terminal, so piped output holds the results alone.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bars:
+        bars.add_task(f"{fn.__name__} running…", total=None)
+        tasks: dict[str, int] = {}
+
+        def show(task: str, done: int, total: int | None) -> None:
+            if task not in tasks:
+                tasks[task] = bars.add_task(task, total=total)
+            bars.update(tasks[task], completed=done, total=total)
+
+        with progress.listening(show):
+            return _call(fn, *args, **kwargs)
 
 
 def _as_of(value: str | None) -> str | None:

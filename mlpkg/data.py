@@ -63,6 +63,7 @@ class IngestReport:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     data_docs: str | None = None
+    validation_summary: str | None = None
     dry_run: bool = False
     changes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -74,6 +75,7 @@ class IngestReport:
             "skipped": self.skipped,
             "warnings": self.warnings,
             "data_docs": self.data_docs,
+            "validation_summary": self.validation_summary,
             "dry_run": self.dry_run,
             "changes": self.changes,
         }
@@ -534,6 +536,7 @@ def ingest_batch(
                     events.close()
             _gate_warnings(report, result)
             report.data_docs = str(result.data_docs_index) if result.data_docs_index else None
+            report.validation_summary = str(result.summary_page) if result.summary_page else None
             _log.info("loading batch %s: %s in one transaction", batch_dir.name, ", ".join(sorted(new)))
             for table in RAW_FILES:
                 if table not in new:

@@ -33,11 +33,11 @@ import pytorch_lightning as pl
 import torch
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import Metric, Param
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from mlpkg import registry
+from mlpkg import progress, registry
 from mlpkg.config import Settings
 from mlpkg.evaluation.uplift_metrics import (
     auuc,
@@ -89,6 +89,14 @@ class TrainResult:
     test_frame: pd.DataFrame
     arms: list[str] = field(default_factory=list)
 
+
+class _EpochProgress(Callback):
+    """Report finished epochs to :mod:`mlpkg.progress` (the CLI's bar); rank 0 only."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report ``epoch + 1`` of ``max_epochs``."""
+        if trainer.is_global_zero:
+            progress.report("training epochs", trainer.current_epoch + 1, trainer.max_epochs)
 
 def git_commit(cwd: str | Path | None = None) -> str:
     """Return the git commit of ``cwd`` (default: the mlpkg source folder), or ``"unknown"``."""
@@ -432,6 +440,7 @@ def train_uplift_model(
                 callbacks=[
                     EarlyStopping(monitor="val/loss", mode="min", patience=EARLY_STOPPING_PATIENCE),
                     checkpoint,
+                    _EpochProgress(),
                 ],
                 enable_progress_bar=False,
                 enable_model_summary=False,

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mlpkg import progress
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.preprocessing import FeaturePreprocessor
 
@@ -150,6 +151,7 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
                 conv_logits, rev_log = self.net(torch.from_numpy(x_num), torch.from_numpy(x_cat))
                 p_conv[start : start + step] = torch.sigmoid(conv_logits).numpy()
                 revenue[start : start + step] = torch.exp(rev_log.clamp(-20.0, 20.0)).numpy()
+                progress.report("scoring customers", min(start + step, n), n)
         return {"p_conv": p_conv, "revenue": revenue}
 
     def predict(

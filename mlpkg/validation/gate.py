@@ -30,6 +30,8 @@ from great_expectations.data_context.types.base import (
 )
 from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
+from mlpkg import progress
+from mlpkg.validation import summary_page
 from mlpkg.validation.checks import (
     DEFAULT_DRIFT_COLUMNS,
     check_arm_consistency,
@@ -57,6 +59,7 @@ from mlpkg.validation.streaming import (
     StreamedFile,
     coerce_chunk,
     iter_raw_chunks,
+    parquet_rows,
     shift_rows,
     streams,
 )
@@ -356,9 +359,12 @@ def validate_streamed(
     tracker = KeyTracker(key)
     report = ValidationReport(table=table, source=str(path))
     first_failure = False
+    total = parquet_rows(path)
+    task = f"validating {'and loading ' if sink is not None else ''}{Path(path).name}"
     try:
         for start, raw in iter_raw_chunks(path, table, chunk_rows=context.chunk_rows, strict=context.strict):
             report.row_count += len(raw)
+            progress.report(task, report.row_count, total)
             tracker.add(raw)  # every chunk, in file order: positions are file rows
             try:
                 frame, read_warnings = coerce_chunk(path, table, raw)
@@ -405,6 +411,7 @@ class BatchValidation:
         warnings: Batch-level warnings (unrecognised files).
         streamed: Large files validated chunk by chunk (not in ``frames``); the loader reads
             them again in chunks. Their rules against stored rows run where they load.
+        summary_page: The batch's offline validation summary (:mod:`mlpkg.validation.summary_page`).
     """
 
     batch_dir: Path
@@ -413,6 +420,7 @@ class BatchValidation:
     data_docs_index: Path | None
     warnings: list[str] = field(default_factory=list)
     streamed: dict[str, StreamedFile] = field(default_factory=dict)
+    summary_page: Path | None = None
 
     @property
     def success(self) -> bool:
@@ -506,7 +514,8 @@ def gate_batch(
     ctx = context
     offsets: dict[str, int | None] = {}
     streamed: dict[str, StreamedFile] = {}
-    for table in order:
+    for done, table in enumerate(order):
+        progress.report(f"validating batch {batch_dir.name}", done, len(order))
         path = files.get(table)
         source = str(path) if path is not None else f"{table} (in memory)"
         read_warnings: list[Failure] = []
@@ -543,7 +552,8 @@ def gate_batch(
     docs = runner.build_data_docs()
     failed = [r for r in reports.values() if not r.success]
     if not failed:
-        return BatchValidation(batch_dir, reports, frames, docs, warnings, streamed)
+        summary = summary_page.write(data_docs_dir, batch_dir.name, reports, warnings=warnings, docs=docs)
+        return BatchValidation(batch_dir, reports, frames, docs, warnings, streamed, summary)
     raise refuse_batch(batch_dir, reports, quarantine_dir, docs=docs, warnings=warnings)
 
 
@@ -565,8 +575,12 @@ def refuse_batch(batch_dir: Path, reports: Mapping[str, ValidationReport], quara
         "reports": {name: r.to_dict() for name, r in reports.items()},
     }
     dest = _quarantine(batch_dir, Path(quarantine_dir), payload)
+    # The summary opens offline (GX's Data Docs need their CDN); a copy stays with the batch.
+    summary_page.write(Path(docs).parent if docs else None, batch_dir.name, reports, warnings=warnings,
+                       quarantine=dest, docs=docs)
     head = (f"Batch '{batch_dir.name}' rejected by the data contract: {len(failed)} of {len(reports)} "
-            f"table(s) failed. Moved to {dest} (see {QUARANTINE_RESULT_FILE}); Data Docs: {docs}")
+            f"table(s) failed. Moved to {dest} (see {QUARANTINE_RESULT_FILE} and "
+            f"{summary_page.QUARANTINE_SUMMARY_FILE}); Data Docs: {docs}")
     message = "\n".join([head, *[r.message() for r in failed]])
     return DataContractError(message, failures=[f for r in failed for f in r.failures],
                              reports=list(reports.values()), quarantine_path=dest)
