@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Date, DateTime, Engine, String, select, type_coerce
+from sqlalchemy import Boolean, Date, DateTime, Engine, Numeric, String, select, type_coerce
 
 from mlpkg import event_store
 from mlpkg.config import Settings
@@ -651,19 +651,20 @@ def read_history(
         tables["consent"] = (select(m.Consent).where(m.Consent.updated_at < as_of), m.Consent.customer_id)
     out: dict[str, pd.DataFrame] = {}
     plain = engine.dialect.name == "sqlite"
+    read = _read_plain if plain else pd.read_sql
     with engine.connect() as conn:
         for name, (stmt, id_col) in tables.items():
             if plain:
                 stmt = _times_as_text(stmt)
             if customer_ids is None or id_col is None:
-                out[name] = pd.read_sql(stmt, conn)
+                out[name] = read(stmt, conn)
                 continue
             # Bounded IN lists: SQLite caps bound parameters, and PostgreSQL plans short lists well.
             parts = [
-                pd.read_sql(stmt.where(id_col.in_(customer_ids[i : i + _ID_CHUNK])), conn)
+                read(stmt.where(id_col.in_(customer_ids[i : i + _ID_CHUNK])), conn)
                 for i in range(0, len(customer_ids), _ID_CHUNK)
             ]
-            out[name] = pd.concat(parts, ignore_index=True) if parts else pd.read_sql(stmt.limit(0), conn)
+            out[name] = pd.concat(parts, ignore_index=True) if parts else read(stmt.limit(0), conn)
     for df in (out["events"], out["orders"], out["consent"]):
         for col in ("ts", "updated_at"):
             if col in df.columns:
@@ -672,6 +673,29 @@ def read_history(
         signup = out["customers"]["signup_date"]
         out["customers"]["signup_date"] = pd.to_datetime(signup, format="ISO8601").dt.date
     return out
+
+
+def _read_plain(stmt, conn) -> pd.DataFrame:  # noqa: ANN001 - a Select of SQLite-stored columns
+    """Read a SQLite query into a frame from the driver's rows, as :func:`pandas.read_sql` would.
+
+    SQLAlchemy builds a Row per row and runs result processors, which costs as much as SQLite's
+    own work; the times are selected as text already (:func:`_times_as_text`), so only booleans
+    and decimals need the types pandas would give them.
+    """
+    result = conn.execute(stmt)
+    try:
+        rows = result.cursor.fetchall()  # the driver's tuples, no per-row processing
+        frame = pd.DataFrame.from_records(rows, columns=list(result.keys()), coerce_float=True)
+    finally:
+        result.close()
+    for column in stmt.selected_columns:
+        if isinstance(column.type, Numeric) and column.key in frame:
+            frame[column.key] = frame[column.key].astype(float)  # SQLite keeps 12.0 as 12
+        elif isinstance(column.type, Boolean) and column.key in frame:
+            values = frame[column.key]
+            frame[column.key] = values.astype(bool) if values.notna().all() else values.map(
+                lambda v: None if v is None or v != v else bool(v))
+    return frame
 
 
 def _times_as_text(stmt):  # noqa: ANN001, ANN202 - a Select and the same Select
