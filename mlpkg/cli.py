@@ -529,6 +529,68 @@ def report(
             _show(f"observed after customers responded ({group} vs control)", metrics)
 
 
+def _estimate_rows(estimates: dict, confidence: float) -> list[list[str]]:
+    pct = f"{confidence:.0%}"
+    rows = []
+    for name in ("dr", "snips", "ips"):
+        e = estimates[name]
+        rows.append([name.upper(), f"{e['value']:.4g}", f"[{e['ci_low']:.4g}, {e['ci_high']:.4g}]",
+                     f"{e['effective_sample_size']:,.0f}", f"{e['max_weight']:.3g}"])
+    return [["estimator", "value", f"{pct} CI", "ESS", "max w"], *rows]
+
+
+@app.command()
+def evaluate(
+    policy: Annotated[Path, typer.Option(help="CSV: customer_id,arm[,probability]")],
+    log: Annotated[str | None, typer.Option(help="A campaign log of the warehouse")] = None,
+    campaign: Annotated[str | None, typer.Option(help="One of our campaigns (its ledger)")] = None,
+    compare: Annotated[Path | None, typer.Option(help="Another policy file: paired difference")] = None,
+    outcome: Annotated[str, typer.Option(help="converted or revenue")] = "converted",
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when the weights make an estimate untrustworthy")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of tables")
+    ] = False,
+) -> None:
+    """Estimate a policy's value offline (IPS, SNIPS, DR with intervals) on logged rows."""
+    settings = get_settings()
+    kwargs = dict(log=log, campaign=campaign, compare=compare, outcome=outcome)
+    result = (_call if as_json else _run)(stages.evaluate_policy, settings, policy, **kwargs)
+    if as_json:
+        _print_json(result)
+    else:
+        src, pol = result["source"], result["policy"]
+        console.print(
+            f"{pol['kind']} policy {Path(pol['file']).name} on {src['kind']} {src['name']}: "
+            f"{src['rows']:,} rows, outcome {src['outcome']} "
+            f"(logged policy: {result['logged_value']:.4g} per customer)",
+            markup=False, soft_wrap=True,
+        )
+        if pol["ignored_customers"]:
+            console.print(f"{pol['ignored_customers']:,} customers of the policy are not in the log: ignored",
+                          markup=False)
+        header, *cells = _estimate_rows(result["estimates"], result["confidence"])
+        _table("value per customer", header, cells)
+        if "compare" in result:
+            other = result["compare"]
+            header, *cells = _estimate_rows(other["estimates"], result["confidence"])
+            _table(f"{Path(other['policy']['file']).name}", header, cells)
+            diff = other["difference"]
+            _table(
+                "difference (this - other), paired",
+                ["estimator", "value", f"{result['confidence']:.0%} CI"],
+                [
+                    [k.upper(), f"{d['value']:+.4g}", f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"]
+                    for k, d in ((k, diff[k]) for k in ("dr", "snips", "ips"))
+                ],
+            )
+        for text in result["warnings"]:
+            console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+    if strict and result["warnings"]:
+        raise typer.Exit(code=1)
+
+
 def _history_tables(rows: dict[str, list[dict]]) -> None:
     """Print the history: campaigns, gate decisions, alias moves, retraining decisions."""
     _table(

@@ -677,6 +677,36 @@ def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None
     return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
 
 
+def evaluate_policy(
+    settings: Settings,
+    policy: str | Path,
+    *,
+    log: str | None = None,
+    campaign: str | None = None,
+    compare: str | Path | None = None,
+    outcome: str = "converted",
+) -> dict:
+    """Estimate a candidate policy's value offline on a campaign log or on one of our campaigns.
+
+    Raises:
+        ValueError: neither or both of ``log`` and ``campaign``, an unknown outcome, or a policy
+            file that breaks a rule (:class:`mlpkg.offline_eval.PolicyFileError`).
+        LookupError: no such log or campaign.
+    """
+    from mlpkg import offline_eval
+
+    if (log is None) == (campaign is None):
+        raise ValueError("give one of --log NAME (a campaign log) or --campaign ID (one of our campaigns)")
+    engine = _engine(settings)
+    if log is not None:
+        rows = offline_eval.log_rows(engine, log, outcome)
+    else:
+        require_campaign(settings, str(campaign))
+        window = settings.campaign.attribution_window_days
+        rows = offline_eval.campaign_rows(engine, str(campaign), window, outcome)
+    return offline_eval.evaluate(rows, Path(policy), compare=Path(compare) if compare else None)
+
+
 def ingest_feedback(settings: Settings, feedback_dir: str | Path, *, now: datetime | None = None) -> dict:
     """Validate and load a feedback batch (idempotent: replayed events change nothing)."""
     return ingest(settings, feedback_dir, now=now)

@@ -65,6 +65,7 @@ FLOORS: dict[str, int] = {
     "mlpkg.gate": 5,
     "mlpkg.reports": 5,  # reads feedback and the registry for product owners
     "mlpkg.report_page": 0,  # the campaign page (Jinja2 template and number formats), no product imports
+    "mlpkg.offline_eval": 5,  # `couponops evaluate`: any policy on a logged campaign or the ledger
     "mlpkg.campaign_runs": 5,  # the campaigns as plain rows (the Airflow plugin's Campaigns view)
     "mlpkg.stages": 6,
     "mlpkg.cli": 7,

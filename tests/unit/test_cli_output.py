@@ -229,3 +229,28 @@ def test_the_campaign_report_leads_with_a_readable_headline_and_works_offline(lo
     # Offline: images inline, no script or stylesheet fetched from anywhere.
     assert "<script" not in html and not re.search(r"<link[^>]+href=", html)
     assert not re.search(r"src=\"(?!data:)", html)
+
+
+def test_evaluate_on_a_campaigns_ledger_reweights_its_logged_propensities_and_compares_paired(loop, tmp_path):
+    """Sending nobody anything is worth the control rows' conversions weighted by 1/propensity."""
+    settings, engine = loop
+    from mlpkg.feedback import attribute_campaign
+
+    ledger = attribute_campaign(engine, "c1", settings.campaign.attribution_window_days)
+    logged = tmp_path / "logged.csv"
+    ledger[["customer_id", "arm"]].to_csv(logged, index=False)
+    nobody = tmp_path / "nobody.csv"
+    ledger[["customer_id"]].assign(arm="control").to_csv(nobody, index=False)
+
+    result = _cli("evaluate", "--campaign", "c1", "--policy", nobody, "--compare", logged, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["source"]["kind"] == "campaign" and out["source"]["rows"] == len(ledger)
+    assert out["logged_value"] == pytest.approx(ledger["converted"].mean())
+    control = ledger[ledger["arm"] == "control"]
+    weights = 1.0 / control["propensity"]
+    expected = float((weights * control["converted"]).sum() / weights.sum())
+    assert out["estimates"]["snips"]["value"] == pytest.approx(expected)
+    diff = out["compare"]["difference"]["dr"]
+    mine, theirs = out["estimates"]["dr"]["value"], out["compare"]["estimates"]["dr"]["value"]
+    assert diff["value"] == pytest.approx(mine - theirs) and diff["stderr"] > 0
