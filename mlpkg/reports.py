@@ -12,7 +12,7 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from sqlalchemy import Engine, func, select
 
-from mlpkg import report_page
+from mlpkg import mlflow_links, report_page
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -425,10 +425,7 @@ def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary
     spend = report_page.group_numbers(treated, margin)["cost"] if treated else 0.0
     version = summary.get("model_version") or campaign.model_version
     model = f"{settings.registered_model_name} v{version}" if version else "none (cold start)"
-    url = None
-    if settings.mlflow_ui_url and version:
-        base, name = settings.mlflow_ui_url.rstrip("/"), settings.registered_model_name
-        url = f"{base}/#/models/{name}/versions/{version}"
+    url = mlflow_links.model_version_url(settings.mlflow_ui_url, settings.registered_model_name, version)
     lo, hi = report_page.interval_bounds(fair, "incremental_conversions")
     rlo, rhi = report_page.interval_bounds(fair, "incremental_revenue")
 

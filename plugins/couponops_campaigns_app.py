@@ -24,6 +24,8 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jinja2 import Environment, select_autoescape
 
+from mlpkg import mlflow_links
+
 URL_PREFIX = "/couponops"
 #: Reading the Campaigns view needs the right to read this DAG's runs (campaigns are its runs).
 ALLOCATE_DAG_ID = "couponops_allocate"
@@ -35,17 +37,12 @@ _bearer = HTTPBearer(auto_error=False)
 
 def mlflow_run_url(mlflow_ui_url: str | None, run_id: str | None) -> str | None:
     """Return the MLflow UI page of a run (``None`` without a UI URL or a run)."""
-    if not mlflow_ui_url or not run_id:
-        return None
-    return f"{mlflow_ui_url.rstrip('/')}/#/runs/{quote(str(run_id), safe='')}"
+    return mlflow_links.run_url(mlflow_ui_url, run_id)
 
 
 def model_version_url(mlflow_ui_url: str | None, model_name: str | None, version: str | None) -> str | None:
     """Return the MLflow UI page of a registered model version (``None`` when something is missing)."""
-    if not mlflow_ui_url or not model_name or not version:
-        return None
-    name, ver = quote(str(model_name), safe=""), quote(str(version), safe="")
-    return f"{mlflow_ui_url.rstrip('/')}/#/models/{name}/versions/{ver}"
+    return mlflow_links.model_version_url(mlflow_ui_url, model_name, version)
 
 
 async def airflow_user(

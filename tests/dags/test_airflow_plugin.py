@@ -177,8 +177,10 @@ def test_campaign_row_carries_its_numbers_and_links(client, campaign):
     links = row["links"]
     quoted_run = "scheduled__2025-06-30T06%3A00%3A00%2B00%3A00"
     assert links["airflow_run"] == f"/dags/couponops_allocate/runs/{quoted_run}"
-    assert links["mlflow_run"] == "http://127.0.0.1:5000/#/runs/a1b2c3"
-    assert links["model_version"] == "http://127.0.0.1:5000/#/models/couponops-uplift/versions/3"
+    assert links["mlflow_run"] == "http://127.0.0.1:5000/#/runs/a1b2c3?workflowType=machine_learning"
+    assert links["model_version"] == (
+        "http://127.0.0.1:5000/#/models/couponops-uplift/versions/3?workflowType=machine_learning"
+    )
     assert links["report"] == "/couponops/files/reports/cmp-20250630/index.html"
     assert row["batch"] == "initial"
     tables = {d["table"] for d in links["data_docs"]}
@@ -295,10 +297,10 @@ def test_extra_links_read_the_task_return_value(airflow_db):
     )
     _task_result("couponops_allocate", "allocate", "manual__l1", "cmp-20250707")
     assert MlflowRunLink().get_link(None, ti_key=key("couponops_train", "train_model", "manual__l1")) == (
-        "http://127.0.0.1:5000/#/runs/r42"
+        "http://127.0.0.1:5000/#/runs/r42?workflowType=machine_learning"
     )
     assert ModelVersionLink().get_link(None, ti_key=key("couponops_retrain", "gate_model", "manual__l1")) == (
-        "http://127.0.0.1:5000/#/models/couponops-uplift/versions/7"
+        "http://127.0.0.1:5000/#/models/couponops-uplift/versions/7?workflowType=machine_learning"
     )
     assert CampaignLink().get_link(None, ti_key=key("couponops_allocate", "allocate", "manual__l1")) == (
         "/couponops/campaigns?campaign=cmp-20250707"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from mlpkg import mlflow_links
 from tests.integration.browser import VIEWPORT, browser_problem, chromium, screenshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -177,16 +178,27 @@ def test_the_mlflow_model_page_shows_the_champion_and_the_gates_sentence(tour):
     assert champion.description and "policy value" in champion.description, champion.description
     page = tour["page"]
     mlflow = tour["stack"].mlflow_url
-    page.goto(f"{mlflow}/#/models/{model.name}")
+    page.goto(mlflow_links.model_url(mlflow, model.name))
     _dismiss_mlflow_popups(page)
     page.get_by_text("champion").first.wait_for()
     screenshot(page, "mlflow-model", tour["folders"])
 
-    page.goto(f"{mlflow}/#/models/{model.name}/versions/{champion.version}")
+    page.goto(mlflow_links.model_version_url(mlflow, model.name, champion.version))
     sentence = champion.description.split(":")[0]  # e.g. "v1 promoted as the first champion"
     page.get_by_text(sentence).first.wait_for()
     page.get_by_text("champion").first.wait_for()
     screenshot(page, "mlflow-model-version", tour["folders"])
+
+    # The experiment is typed for model training: it opens on its runs, named for people.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tour['state'] / 'mlflow.db'}")
+    run = client.get_run(champion.run_id)
+    page.goto(mlflow_links.experiment_url(mlflow, run.info.experiment_id))
+    _dismiss_mlflow_popups(page)
+    page.get_by_role("link", name=run.info.run_name).first.wait_for()
+    screenshot(page, "mlflow-experiment", tour["folders"])
+    assert run.info.run_name.startswith("train · v"), run.info.run_name
 
 
 def test_the_campaign_report_leads_with_its_headline(tour):

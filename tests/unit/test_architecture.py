@@ -45,6 +45,7 @@ FLOORS: dict[str, int] = {
     "mlpkg": 0,  # the package's own __init__ (a docstring and the version)
     "mlpkg.config": 0,
     "mlpkg.progress": 0,  # progress reports of long stages (the CLI's bar listens)
+    "mlpkg.mlflow_links": 0,  # MLflow UI links in the model-training workflow
     "mlpkg.contracts": 0,
     "mlpkg.db": 0,
     "mlpkg.validation": 1,

@@ -214,7 +214,8 @@ def test_the_campaign_report_leads_with_a_readable_headline_and_works_offline(lo
         assert words in head, words
     assert f"{detail['sent']:,}" in head
     assert "couponops-uplift v1" in head
-    assert 'href="http://127.0.0.1:5000/#/models/couponops-uplift/versions/1"' in html
+    model_link = "http://127.0.0.1:5000/#/models/couponops-uplift/versions/1?workflowType=machine_learning"
+    assert f'href="{model_link}"' in html
     # The fair comparison comes before the biased one, which is labelled as such.
     assert text.index("Model policy vs random control") < text.index("All treated vs random control")
     assert "biased: for reference only" in text
