@@ -334,8 +334,7 @@ class _EventLoad:
 
     def close(self) -> None:
         """Wait for the chunk in flight (idempotent); its error, if any, is :meth:`finish`'s to raise."""
-        failed = self.error if self.error is not None else RuntimeError("closed before finish")
-        self.loader.__exit__(type(failed), failed, None)
+        self.loader.close(raise_errors=False)
 
 
 #: Warehouse model, key columns (raw name -> model column) and compared columns of each raw table.

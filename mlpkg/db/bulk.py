@@ -206,14 +206,22 @@ class ChunkLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Wait for every chunk in flight (their errors are the caller's error already, or raised)."""
+        """Wait for every chunk in flight; raise their errors only when the block raised none."""
+        self.close(raise_errors=exc[0] is None)
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for every chunk in flight and stop the worker (idempotent).
+
+        Args:
+            raise_errors: Raise a chunk's error; ``False`` when the caller already has one to raise.
+        """
         pending, self._pending = self._pending, deque()
         try:
             for _tag, _frame, future in pending:
-                if exc[0] is None:
+                if raise_errors:
                     future.result()
                 else:
-                    future.exception()  # wait; the caller's own error is the one raised
+                    future.exception()  # wait only
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)

@@ -409,6 +409,8 @@ def paired_difference(
     r = _as_1d("reward", reward)
     n = _check_lengths(target_a=pa, logged_arm_idx=idx, logged_propensity=mu, reward=r)
     _check_propensity(mu)
+    if idx.min() < 0 or idx.max() >= pa.shape[1]:
+        raise ValueError(f"logged_arm_idx must lie in [0, {pa.shape[1]})")
     q = per_arm_mean_reward(idx, mu, r, pa.shape[1]) if reward_model is None else np.asarray(reward_model)
     ta, tb = _influence_terms(pa, idx, mu, r, q), _influence_terms(pb, idx, mu, r, q)
     z = float(stats.norm.ppf(1 - alpha / 2))

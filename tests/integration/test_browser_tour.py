@@ -119,9 +119,12 @@ def _campaigns_view(tour):  # noqa: ANN202 - a Playwright FrameLocator
     return view
 
 
-def _href(tour, row, selector: str) -> str:  # noqa: ANN001
-    href = row.locator(selector).first.get_attribute("href")
+def _absolute(tour, href: str) -> str:  # noqa: ANN001
     return href if href.startswith("http") else f"{tour['stack'].api_url}{href}"
+
+
+def _href(tour, row, selector: str) -> str:  # noqa: ANN001
+    return _absolute(tour, row.locator(selector).first.get_attribute("href"))
 
 
 def test_campaigns_entry_lists_the_demo_campaign_and_its_links_answer(tour):
@@ -144,7 +147,7 @@ def test_campaigns_entry_lists_the_demo_campaign_and_its_links_answer(tour):
     assert {"report", "MLflow run"} <= set(links), links
     assert len(row.locator("details a").all()) >= 1, "the campaign's batch links its Data Docs"
     for name, href in links.items():
-        url = href if href.startswith("http") else f"{tour['stack'].api_url}{href}"
+        url = _absolute(tour, href)
         answer = tour["page"].request.get(url)
         assert answer.status == 200, f"{name} -> {url}: {answer.status}"
 

@@ -39,6 +39,21 @@ def _events(engine) -> pd.DataFrame:
     return frame
 
 
+def _snapshot(engine):
+    with session_scope(engine) as s:
+        return q.table_counts(s), q.table_checksums(s)
+
+
+def _loaded_shop(pg_url, tmp_path):
+    """The 600-customer shop's first batch loaded into PostgreSQL: settings, batch, engine, snapshot."""
+    settings = _settings(tmp_path / "pg", pg_url)
+    stages.init_stores(settings)
+    batch = harness.land_simulated_batch(settings, "initial")["batch_dir"]
+    stages.ingest(settings, batch)
+    engine = make_engine(pg_url)
+    return settings, batch, engine, _snapshot(engine)
+
+
 def test_streamed_events_load_the_same_on_postgresql_and_sqlite(pg_url, tmp_path):
     pg = _settings(tmp_path / "pg", pg_url)
     lite = _settings(tmp_path / "lite")
@@ -56,13 +71,7 @@ def test_streamed_events_load_the_same_on_postgresql_and_sqlite(pg_url, tmp_path
 
 
 def test_a_contradiction_in_a_late_chunk_rolls_back_every_copied_chunk(pg_url, tmp_path):
-    settings = _settings(tmp_path / "pg", pg_url)
-    stages.init_stores(settings)
-    batch = harness.land_simulated_batch(settings, "initial")["batch_dir"]
-    stages.ingest(settings, batch)
-    engine = make_engine(pg_url)
-    with session_scope(engine) as s:
-        before = q.table_counts(s), q.table_checksums(s)
+    settings, batch, engine, before = _loaded_shop(pg_url, tmp_path)
 
     stored = pd.read_parquet(f"{batch}/events.parquet").head(2000)
     fresh = stored.assign(event_id=[f"X{i}" for i in range(len(stored))])
@@ -77,8 +86,7 @@ def test_a_contradiction_in_a_late_chunk_rolls_back_every_copied_chunk(pg_url, t
     with pytest.raises(DataContractError, match="no_contradiction") as err:
         stages.ingest(settings, folder)
     assert "row 3500" in str(err.value)
-    with session_scope(engine) as s:
-        assert (q.table_counts(s), q.table_checksums(s)) == before
+    assert _snapshot(engine) == before
     quarantined = err.value.quarantine_path
     assert quarantined is not None and (quarantined / "validation_result.json").is_file()
     engine.dispose()
@@ -87,13 +95,7 @@ def test_a_contradiction_in_a_late_chunk_rolls_back_every_copied_chunk(pg_url, t
 def test_a_key_repeated_in_a_later_chunk_is_the_gates_refusal_not_a_load_error(pg_url, tmp_path):
     """Chunks are copied while the gate reads on, so the repeat reaches COPY before the gate's verdict
     on the whole file: the refusal names the repeated key, and nothing of the batch stays."""
-    settings = _settings(tmp_path / "pg", pg_url)
-    stages.init_stores(settings)
-    batch = harness.land_simulated_batch(settings, "initial")["batch_dir"]
-    stages.ingest(settings, batch)
-    engine = make_engine(pg_url)
-    with session_scope(engine) as s:
-        before = q.table_counts(s), q.table_checksums(s)
+    settings, batch, engine, before = _loaded_shop(pg_url, tmp_path)
 
     events = pd.read_parquet(f"{batch}/events.parquet").head(3000)
     events = events.assign(event_id=[f"R{i}" for i in range(len(events))])
@@ -107,6 +109,5 @@ def test_a_key_repeated_in_a_later_chunk_is_the_gates_refusal_not_a_load_error(p
     with pytest.raises(DataContractError, match="unique_key") as err:
         stages.ingest(settings, folder)
     assert "'R7'" in str(err.value) and "row 2500" in str(err.value)
-    with session_scope(engine) as s:
-        assert (q.table_counts(s), q.table_checksums(s)) == before
+    assert _snapshot(engine) == before
     engine.dispose()
