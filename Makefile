@@ -59,12 +59,12 @@ up-check: $(STAMP) ## Check the Airflow metadata DB of `make up`: scheduled inge
 	$(BIN)/python -m plugins.couponops_up --check
 
 ROUNDS ?= 5
-CUSTOMERS ?=
-BUDGET ?=
-demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (optional CUSTOMERS=, BUDGET=)
+CUSTOMERS ?= 20000
+BUDGET ?= 1500
+demo-loop: $(STAMP) ## Run ROUNDS weekly rounds of the closed loop from a cold start (CUSTOMERS=20000, BUDGET=1500)
 	rm -rf $(STATE)/loop
 	COUPONOPS_STATE_DIR=$(STATE)/loop $(BIN)/couponops-sim loop --rounds $(ROUNDS) \
-		$(if $(CUSTOMERS),--customers $(CUSTOMERS)) $(if $(BUDGET),--budget $(BUDGET))
+		--customers $(CUSTOMERS) --budget $(BUDGET)
 
 # The browser tests drive Debian's Chromium (never a downloaded one). Installed when missing and
 # apt-get can run; elsewhere the browser tests skip and say so.

@@ -317,16 +317,21 @@ def train(log: Annotated[list[str] | None, typer.Option(help="Campaign log(s) to
         run_id=result["mlflow_run_id"],
     )
     _show("promotion gate", decision)
+    if decision.get("next_step"):
+        console.print(f"[yellow]{decision['next_step']}[/yellow]")
 
 
 @app.command()
 def promote(
     version: str,
     reason: Annotated[str, typer.Option(help="Why this version becomes champion")] = "promoted by hand",
+    log: Annotated[str | None, typer.Option(help="An imported log's own model (train --log NAME)")] = None,
 ) -> None:
     """Make VERSION the champion (recorded in `couponops history`)."""
     actor = os.environ.get("USER", "cli")
-    _show("promotion", _run(stages.promote, get_settings(), version, actor=actor, reason=reason))
+    _show(
+        "promotion", _run(stages.promote, get_settings(), version, actor=actor, reason=reason, log_name=log)
+    )
 
 
 @app.command()

@@ -36,6 +36,16 @@ class TrainerSettings(BaseModel):
     arm_heads: Literal["per_arm", "factorised"] = Field(
         "per_arm", description="per_arm: one head per arm; factorised: baseline + coupon/channel arm effects."
     )
+    families: list[Literal["network", "gbm", "logistic"]] = Field(
+        ["network", "gbm", "logistic"],
+        min_length=1,
+        description="Model families each training compares on the log's validation part; the best is logged.",
+    )
+    weighting: Literal["stabilised", "none"] = Field(
+        "stabilised",
+        description="Loss weights: stabilised = min(share(arm) / propensity, max_weight); none = 1.",
+    )
+    max_weight: float = Field(10.0, ge=1, description="Cap on a row's stabilised inverse-propensity weight.")
     num_workers: int = Field(0, ge=0)
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads while training; None leaves torch's default."
@@ -82,10 +92,22 @@ class CampaignSettings(BaseModel):
 class GateSettings(BaseModel):
     """Promotion gate: when may a challenger replace the champion automatically."""
 
-    min_policy_value_gain: float = Field(0.0, ge=0, description="Relative margin, 0.02 = +2%.")
-    max_calibration_error: float = Field(0.05, gt=0)
-    min_test_rows: int = Field(200, ge=1)
-    treat_fraction: float = Field(0.3, gt=0, le=1, description="Share of customers a policy may treat.")
+    holdout_share: float = Field(
+        0.2, gt=0, lt=1, description="Share of customers in the frozen evaluation holdout (never trained on)."
+    )
+    margin: float = Field(
+        0.0, ge=0, description="Gain in conversions per customer the lower bound must exceed to promote."
+    )
+    confidence: float = Field(
+        0.9, ge=0.5, lt=1, description="One-sided confidence of the gain's lower bound."
+    )
+    max_calibration_error: float = Field(
+        0.05, gt=0, description="Calibration error allowed beyond what sampling noise explains."
+    )
+    min_test_rows: int = Field(50, ge=2, description="Fewest held-out rows that give a standard error.")
+    treat_fraction: float = Field(
+        0.3, gt=0, le=1, description="Share of an imported log's rows the gate's budget may treat."
+    )
 
 
 class RetrainSettings(BaseModel):

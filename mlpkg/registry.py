@@ -1,4 +1,4 @@
-"""Model registry logic: aliases, version tags, loading a model, the gate, and recorded promotions.
+"""Model registry logic: aliases, version tags, loading a model, and recorded promotions.
 
 This is the only module that loads a logged model (:func:`load_uplift_model`,
 :func:`score_with_model`): allocation and the gate score through it, never through training
@@ -9,12 +9,8 @@ made. Aliases (``champion``, ``challenger``) replace MLflow's deprecated stages.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
@@ -24,11 +20,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sqlalchemy import Engine
 
-from mlpkg.config import GateSettings
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
-from mlpkg.evaluation.ope import snips
-from mlpkg.evaluation.uplift_metrics import expected_calibration_error
 from mlpkg.models.pyfunc import UpliftPyfunc
 
 CHAMPION = "champion"
@@ -47,78 +40,6 @@ TRAINING_EXPERIMENT_DESCRIPTION = (
     "input, test metrics under test/, and the promotion gate's decision as the run's description "
     "and under its gate/ artifacts."
 )
-
-
-@dataclass
-class GateDecision:
-    """Outcome of comparing a challenger with the champion on the same held-out data."""
-
-    promoted: bool
-    reason: str
-    challenger_version: str
-    champion_version: str | None
-    challenger_value: float | None
-    champion_value: float | None
-    challenger_calibration_error: float | None
-    test_rows: int
-    challenger_stderr: float | None = None
-    champion_stderr: float | None = None
-    required_value: float | None = None
-    outcome: str = ""
-
-    def as_dict(self) -> dict:
-        """Return a JSON-friendly dict."""
-        return asdict(self)
-
-    def sentence(self) -> str:
-        """Say the decision in one sentence with its numbers (the version's MLflow description).
-
-        Built only from the decision's fields, so whatever the gate measures is what it says.
-        """
-        version = f"v{self.challenger_version}"
-        mine = _with_stderr(self.challenger_value, self.challenger_stderr)
-        theirs = _with_stderr(self.champion_value, self.champion_stderr)
-        rows = f"on {self.test_rows:,} held-out rows"
-        if self.outcome == "refused":
-            guards = self.reason.removeprefix("guard failed: ")
-            versus = f" vs champion v{self.champion_version} {theirs}" if self.champion_version else ""
-            return f"{version} refused by the gate ({guards}): policy value {mine}{versus} {rows}."
-        if self.champion_version is None or self.champion_value is None or self.challenger_value is None:
-            calib = _fmt(self.challenger_calibration_error)
-            return (
-                f"{version} promoted as the first champion: policy value {mine} {rows}, "
-                f"calibration error {calib}."
-            )
-        head = (
-            f"{version} promoted over v{self.champion_version}"
-            if self.promoted
-            else f"{version} kept as challenger, champion v{self.champion_version} stays"
-        )
-        gain = self.challenger_value - self.champion_value
-        text = f"{head}: policy value {mine} vs {theirs}, gain {_fmt(gain, signed=True)}"
-        text += _relative(gain, self.champion_value)
-        if self.required_value is not None:
-            needed = self.required_value - self.champion_value
-            text += f" {'>' if self.promoted else '≤'} required {_fmt(needed, signed=True)}"
-            text += _relative(needed, self.champion_value)
-        return f"{text}, {rows}."
-
-
-def _fmt(value: float | None, *, signed: bool = False) -> str:
-    # Four significant digits: enough to compare two policy values, short enough to read.
-    if value is None:
-        return "n/a"
-    return f"{value:+.4g}" if signed else f"{value:.4g}"
-
-
-def _with_stderr(value: float | None, stderr: float | None) -> str:
-    if stderr is None or value is None:
-        return _fmt(value)
-    return f"{_fmt(value)} ± {stderr:.2g}"
-
-
-def _relative(delta: float, base: float) -> str:
-    return f" ({delta / base:+.1%})" if base else ""
 
 
 def make_client(tracking_uri: str) -> MlflowClient:
@@ -167,23 +88,6 @@ def ensure_experiment(
     if description and not exp.tags.get(NOTE_TAG):
         client.set_experiment_tag(exp.experiment_id, NOTE_TAG, description)
     return exp.experiment_id
-
-
-def model_description(gate: GateSettings, treat_fraction: float) -> str:
-    """Return the registered model's description: what the model is and how its champion is chosen."""
-    return (
-        "CouponOps multi-arm uplift model: for every customer it predicts the probability of "
-        "conversion and the revenue under control and under each coupon-and-channel arm; campaigns "
-        f"give each customer the arm with the best predicted uplift within the budget, using the "
-        f"version the '{CHAMPION}' alias points at. Every newly trained version becomes "
-        f"'{CHALLENGER}' and is compared with the champion on the same held-out randomized rows: the "
-        f"policy value (SNIPS conversions per customer when the top {treat_fraction:.0%} by predicted "
-        f"uplift are treated) must beat the champion's by more than {gate.min_policy_value_gain:.1%}, "
-        f"with at least {gate.min_test_rows} test rows and a calibration error of at most "
-        f"{gate.max_calibration_error:g}, or the champion stays. Each version's description states the "
-        "gate's decision and its numbers; a person may also promote a version by hand "
-        "(couponops promote), which is recorded in the warehouse with who and why."
-    )
 
 
 def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
@@ -299,143 +203,31 @@ def promote(
     )
 
 
-def policy_value_on_frame(
-    model_uri: str, test_frame: pd.DataFrame, treat_fraction: float, *, tracking_uri: str
-) -> dict:
-    """Estimate the value of a model's targeting policy on held-out randomized data (SNIPS).
+def no_champion_message(client: MlflowClient, name: str, *, log_name: str | None = None) -> str:
+    """Say why model ``name`` has no champion and how to go on (for every command that needs one).
 
-    The policy gives each customer the arm with the highest predicted uplift, treating only the
-    ``treat_fraction`` with the largest positive uplift; everyone else gets control.
+    Names the newest version and what the gate said about it (its ``gate.reason`` tag), then the
+    two ways forward: promote a version by hand with a reason, or bring more data and train again.
     """
-    scorer = load_uplift_model(model_uri, tracking_uri=tracking_uri)
-    arms = list(scorer.arms)
-    scores = scorer.score_arrays(test_frame)
-    p = scores["p_conv"]
-    c0 = arms.index("control")
-    uplift = p - p[:, [c0]]
-    uplift[:, c0] = 0.0
-    best = np.argmax(uplift, axis=1)
-    best_uplift = uplift[np.arange(len(p)), best]
-    n_treat = int(round(treat_fraction * len(p)))
-    order = np.argsort(-best_uplift)
-    chosen = np.full(len(p), c0)
-    top = order[:n_treat]
-    top = top[best_uplift[top] > 0]
-    chosen[top] = best[top]
-    logged = test_frame["arm"].map({a: i for i, a in enumerate(arms)}).to_numpy()
-    known = ~pd.isna(logged)
-    logged = logged[known].astype(int)
-    y = test_frame["converted"].to_numpy(float)[known]
-    prop = test_frame["propensity"].to_numpy(float)[known]
-    match = (chosen[known] == logged).astype(float)
-    est = snips(match, prop, y)
-    calib = expected_calibration_error(p[known][np.arange(len(logged)), logged], y)
-    return {
-        "policy_value": float(est.value),
-        "policy_value_stderr": float(est.stderr),
-        "calibration_error": float(calib),
-        "test_rows": int(known.sum()),
-    }
+    log = f" --log {log_name}" if log_name else ""
+    train = f"couponops train{log}"
+    try:
+        versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    except MlflowException:
+        versions = []
+    if not versions:
+        return f"model {name!r} has no trained version yet; run `{train}` first"
+    last = versions[-1]
+    tags = last.tags or {}
+    outcome = tags.get("gate.outcome")
+    reason = tags.get("gate.reason", "").removeprefix("guard failed: ")
+    said = {
+        "refused": f"was refused by the gate: {reason}",
+        "kept": f"was kept by the gate: {reason}",
+    }.get(outcome or "", "has not been through the gate")
+    return (
+        f"model {name!r} has no champion: v{last.version} (the newest of {len(versions)}) {said}. "
+        f"To go on, promote a version by hand with a reason (`couponops promote {last.version}{log} "
+        f"--reason '...'`), or add data and run `{train}` again"
+    )
 
-
-def gate_challenger(
-    client: MlflowClient,
-    engine: Engine,
-    *,
-    name: str,
-    tracking_uri: str,
-    challenger_version: str,
-    test_frame: pd.DataFrame,
-    gate: GateSettings,
-    treat_fraction: float,
-    now: datetime,
-    run_id: str | None = None,
-) -> GateDecision:
-    """Set ``challenger``, compare it with the champion on the same data, promote only if better.
-
-    The comparison is written as version tags on the challenger and as a JSON/CSV table artifact
-    of its run, so the decision and its numbers are visible in the MLflow UI.
-    """
-    move_alias(
-        client,
-        engine,
-        name=name,
-        alias=CHALLENGER,
-        version=challenger_version,
-        actor="gate",
-        reason="newly trained version",
-        now=now,
-    )
-    champion = alias_version(client, name, CHAMPION)
-    uri = tracking_uri
-    chall = policy_value_on_frame(
-        f"models:/{name}/{challenger_version}", test_frame, treat_fraction, tracking_uri=uri
-    )
-    champ = (
-        policy_value_on_frame(f"models:/{name}/{champion}", test_frame, treat_fraction, tracking_uri=uri)
-        if champion
-        else None
-    )
-    guards = []
-    if chall["test_rows"] < gate.min_test_rows:
-        guards.append(f"test set has {chall['test_rows']} rows < min_test_rows={gate.min_test_rows}")
-    if chall["calibration_error"] > gate.max_calibration_error:
-        guards.append(f"calibration error {chall['calibration_error']:.4f} > {gate.max_calibration_error}")
-    needed = None
-    if champion is None and not guards:
-        promoted, reason = True, "no champion yet: first model that passes the guards"
-    elif guards:
-        promoted, reason = False, "guard failed: " + "; ".join(guards)
-    else:
-        needed = champ["policy_value"] * (1 + gate.min_policy_value_gain)
-        promoted = chall["policy_value"] > needed
-        verdict = "beats" if promoted else "does not beat"
-        reason = (
-            f"challenger policy value {chall['policy_value']:.5f} {verdict} champion "
-            f"{champ['policy_value']:.5f} x (1 + {gate.min_policy_value_gain})"
-        )
-    decision = GateDecision(
-        promoted=promoted,
-        reason=reason,
-        challenger_version=str(challenger_version),
-        champion_version=champion,
-        challenger_value=chall["policy_value"],
-        champion_value=champ["policy_value"] if champ else None,
-        challenger_calibration_error=chall["calibration_error"],
-        test_rows=chall["test_rows"],
-        challenger_stderr=chall.get("policy_value_stderr"),
-        champion_stderr=champ.get("policy_value_stderr") if champ else None,
-        required_value=needed,
-        outcome="refused" if guards else ("promoted" if promoted else "kept"),
-    )
-    for key, value in decision.as_dict().items():
-        client.set_model_version_tag(name, str(challenger_version), f"gate.{key}", str(value))
-    summary = decision.sentence()
-    client.update_model_version(name, str(challenger_version), description=summary)
-    client.update_registered_model(name, description=model_description(gate, treat_fraction))
-    if run_id:
-        client.set_tag(run_id, "gate.outcome", decision.outcome)
-        client.set_tag(run_id, NOTE_TAG, summary)
-        with tempfile.TemporaryDirectory() as tmp:
-            table = pd.DataFrame(
-                [dict(role="challenger", version=challenger_version, **chall)]
-                + ([dict(role="champion", version=champion, **champ)] if champ else [])
-            )
-            table.to_csv(Path(tmp) / "gate_comparison.csv", index=False)
-            (Path(tmp) / "gate_decision.json").write_text(
-                json.dumps({**decision.as_dict(), "summary": summary}, indent=2)
-            )
-            client.log_artifacts(run_id, tmp, artifact_path="gate")
-    if promoted:
-        move_alias(
-            client,
-            engine,
-            name=name,
-            alias=CHAMPION,
-            version=str(challenger_version),
-            actor="gate",
-            reason=reason,
-            now=now,
-            details=decision.as_dict(),
-        )
-    return decision

@@ -321,7 +321,10 @@ def train(
     from mlpkg.db.engine import session_scope
     from mlpkg.db.queries import as_utc
     from mlpkg.features import feature_snapshot_id
-    from mlpkg.train import train_uplift_model
+    from mlpkg.gate import gate_economics, holdout_mask, holdout_rule
+    from mlpkg.model_selection import choose_family
+    from mlpkg.registry import make_client
+    from mlpkg.train import train_tlearner_model, train_uplift_model
 
     engine = _engine(settings)
     snap_dir = settings.state_dir / "snapshots"
@@ -348,27 +351,48 @@ def train(
     # Short names the MLflow UI does not cut to one shared prefix: who trained, which version, when.
     who = ctx.dag_id.removeprefix("couponops_")
     day = (as_utc(ctx.logical_date) if ctx.logical_date else as_utc(now or utcnow())).date().isoformat()
+    # The gate's frozen holdout: the same customers in every snapshot, never trained on.
+    holdout = holdout_mask(frame["customer_id"], settings.gate.holdout_share)
     tags = {
         **ctx.tags(),
         "data.snapshot_id": snapshot_id,
         "git.commit": git_commit(),
         "data.logs": ",".join(sorted(frame["log_name"].unique())),
+        "data.holdout": holdout_rule(settings.gate.holdout_share),
+        "data.holdout_rows": str(int(holdout.sum())),
+        "data.holdout_customers": str(int(frame.loc[holdout, "customer_id"].nunique())),
     }
-    result = train_uplift_model(
+    # The family (network, gradient-boosting or logistic T-learner) is chosen on the log's own
+    # validation part by the policy value of its budget-constrained allocation.
+    choice = choose_family(
         frame,
+        holdout,
         numeric,
         categorical,
         arms,
         settings=settings,
+        economics_for=lambda rows, columns: gate_economics(engine, settings, rows, columns),
+    )
+    common = dict(
+        settings=settings,
         tracking_uri=settings.resolved_tracking_uri,
         experiment=settings.mlflow_experiment,
         run_name=f"train · {who} · {day}",
-        tags=tags,
+        tags={**tags, **choice.tags()},
         registered_model_name=model_name,
         snapshot_id=snapshot_id,
         snapshot_source=str(snapshot_path),
         version_run_name=f"{who} · v{{version}} · {day}",
+        holdout=holdout,
     )
+    if choice.family == "network":
+        result = train_uplift_model(frame, numeric, categorical, arms, **common)
+    else:
+        result = train_tlearner_model(frame, numeric, categorical, arms, family=choice.family, **common)
+    if not choice.table.empty:
+        make_client(settings.resolved_tracking_uri).log_text(
+            result.mlflow_run_id, choice.table.to_csv(index=False), "selection/families.csv"
+        )
     test_path = snap_dir / f"{snapshot_id}-test.parquet"
     pd.DataFrame(result.test_frame).to_parquet(test_path, index=False)
     with session_scope(engine) as session:
@@ -391,6 +415,8 @@ def train(
         "model_version": result.registered_version,
         "snapshot_id": snapshot_id,
         "test_frame": str(test_path),
+        "model_family": choice.family,
+        "family_choice": choice.reason,
         "metrics": {k: round(float(v), 5) for k, v in result.metrics.items()},
     }
 
@@ -404,34 +430,51 @@ def gate(
     now: datetime | None = None,
     model_name: str | None = None,
 ) -> dict:
-    """Compare the new version with the champion and promote it only if it is better."""
+    """Compare the new version with the champion on the frozen holdout; promote only on evidence."""
     import pandas as pd
 
-    from mlpkg.registry import gate_challenger, make_client
+    from mlpkg.gate import gate_challenger, gate_economics
+    from mlpkg.registry import load_uplift_model, make_client, no_champion_message
 
     name = model_name or settings.registered_model_name
+    uri = settings.resolved_tracking_uri
+    frame = pd.read_parquet(test_frame)
+    arms = list(load_uplift_model(f"models:/{name}/{model_version}", tracking_uri=uri).arms)
+    arms += sorted(set(frame["arm"].astype(str)) - set(arms))
+    engine = _engine(settings)
     decision = gate_challenger(
-        make_client(settings.resolved_tracking_uri),
-        _engine(settings),
+        make_client(uri),
+        engine,
         name=name,
-        tracking_uri=settings.resolved_tracking_uri,
+        tracking_uri=uri,
         challenger_version=str(model_version),
-        test_frame=pd.read_parquet(test_frame),
+        test_frame=frame,
+        economics=gate_economics(engine, settings, frame, arms),
         gate=settings.gate,
-        treat_fraction=settings.gate.treat_fraction,
         now=now or utcnow(),
         run_id=run_id,
     )
-    return {**decision.as_dict(), "model_name": name, "summary": decision.sentence()}
+    out = {**decision.as_dict(), "model_name": name, "summary": decision.sentence()}
+    if not decision.promoted and decision.champion_version is None:
+        # Nothing to allocate with yet: say why and how to go on, here rather than at the next command.
+        own = name == settings.registered_model_name
+        log_name = None if own else name.removeprefix(f"{settings.registered_model_name}-")
+        out["next_step"] = no_champion_message(make_client(uri), name, log_name=log_name)
+    return out
 
 
-def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dict:
-    """Make a version the champion by hand and record who did it and why."""
+def promote(
+    settings: Settings, version: str, *, actor: str, reason: str, log_name: str | None = None
+) -> dict:
+    """Make a version the champion by hand and record who did it and why.
+
+    ``log_name`` picks an imported log's own model (``couponops train --log NAME`` registers it).
+    """
     from mlpkg.registry import make_client
     from mlpkg.registry import promote as _promote
 
     client = make_client(settings.resolved_tracking_uri)
-    name = settings.registered_model_name
+    name = model_name_for(settings, [log_name] if log_name else None)
     versions = sorted(
         (str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=lambda v: int(v)
     )
@@ -441,27 +484,25 @@ def promote(settings: Settings, version: str, *, actor: str, reason: str) -> dic
     previous = _promote(
         client,
         _engine(settings),
-        name=settings.registered_model_name,
+        name=name,
         version=str(version),
         actor=actor,
         reason=reason,
         now=utcnow(),
     )
-    return {"model": settings.registered_model_name, "champion": str(version), "previous": previous}
+    return {"model": name, "champion": str(version), "previous": previous}
 
 
 def _champion(settings: Settings, *, cold_start: bool) -> tuple[str | None, str | None]:
     """Return the champion's (version, pinned model URI); ``(None, None)`` for an allowed cold start."""
-    from mlpkg.registry import CHAMPION, alias_version, make_client
+    from mlpkg.registry import CHAMPION, alias_version, make_client, no_champion_message
 
-    version = alias_version(
-        make_client(settings.resolved_tracking_uri), settings.registered_model_name, CHAMPION
-    )
+    client = make_client(settings.resolved_tracking_uri)
+    version = alias_version(client, settings.registered_model_name, CHAMPION)
     if version is None and not cold_start:
         raise LookupError(
-            f"registered model {settings.registered_model_name!r} has no '{CHAMPION}' alias; train a model "
-            "(couponops train) or promote a version (couponops promote VERSION) first, or allow a cold "
-            "start (pure exploration)"
+            no_champion_message(client, settings.registered_model_name)
+            + ", or allow a cold start (pure exploration)"
         )
     return version, (f"models:/{settings.registered_model_name}/{version}" if version else None)
 

@@ -30,6 +30,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import sklearn
 import torch
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import Metric, Param
@@ -49,9 +50,10 @@ from mlpkg.evaluation.uplift_metrics import (
     uplift_at_k,
 )
 from mlpkg.features import feature_snapshot_id
+from mlpkg.models.baseline import GBM_FAMILY_PARAMS, fit_t_learner
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, uplift_losses
 from mlpkg.models.network import MultiArmUpliftNet
-from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
+from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts, write_tlearner_artifacts
 
 #: Epochs without a val/loss improvement before training stops. The validation loss is mostly
 #: the baseline's, which settles early while the arm effects still improve; on 200k-customer
@@ -97,6 +99,7 @@ class _EpochProgress(Callback):
         """Report ``epoch + 1`` of ``max_epochs``."""
         if trainer.is_global_zero:
             progress.report("training epochs", trainer.current_epoch + 1, trainer.max_epochs)
+
 
 def git_commit(cwd: str | Path | None = None) -> str:
     """Return the git commit of ``cwd`` (default: the mlpkg source folder), or ``"unknown"``."""
@@ -179,7 +182,7 @@ def compute_test_metrics(
     scores: Mapping[str, np.ndarray],
     arms: list[str],
     *,
-    weight_scale: float = 1.0,
+    weights: np.ndarray | None = None,
     revenue_weight: float = REVENUE_WEIGHT,
 ) -> dict[str, float]:
     """Evaluate scores on held-out logged rows.
@@ -202,7 +205,8 @@ def compute_test_metrics(
         frame: Test rows with ``arm``, ``converted``, ``revenue``, ``propensity``.
         scores: ``{"p_conv": [n, A], "revenue": [n, A]}`` as from :meth:`UpliftPyfunc.score_arrays`.
         arms: Arm names in column order; ``arms[0]`` is control.
-        weight_scale: Factor that normalised the training inverse-propensity weights.
+        weights: Row weights of ``test/loss`` as training used them (default: the stabilised
+            inverse-propensity weights of :meth:`UpliftDataModule.row_weights`, mean 1).
         revenue_weight: Weight of the revenue term in ``test/loss``.
 
     Returns:
@@ -225,7 +229,10 @@ def compute_test_metrics(
         torch.from_numpy(y),
         torch.from_numpy(revenue),
     )
-    w = torch.from_numpy(weight_scale / prop)
+    if weights is None:
+        weights = UpliftDataModule.row_weights(frame)
+        weights = weights / weights.mean() if len(weights) else weights
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float64))
     revenue_term = (w * mask * dev).sum() / (w * mask).sum().clamp_min(1.0)
     m["test/loss"] = float((w * bce).mean() + revenue_weight * revenue_term)
     m["test/auc"] = _auc(y, p_logged)
@@ -344,6 +351,7 @@ def train_uplift_model(
     snapshot_id: str | None = None,
     snapshot_source: str | None = None,
     version_run_name: str | None = None,
+    holdout: np.ndarray | None = None,
 ) -> TrainResult:
     """Fit, evaluate, log and (optionally) register the multi-arm uplift model.
 
@@ -366,6 +374,8 @@ def train_uplift_model(
         snapshot_source: Where the snapshot is stored (a path or URI), the dataset's source.
         version_run_name: Run name once a version is registered, with ``{version}`` in it
             (e.g. ``"retrain · v{version} · 2025-07-07"``); ``None`` keeps ``run_name``.
+        holdout: ``bool [len(frame)]`` rows never trained on (the gate's frozen holdout): they
+            are the test split; ``None`` draws a row-wise test split.
 
     Returns:
         The run id, model URI, registered version, metrics and held-out test rows.
@@ -380,31 +390,14 @@ def train_uplift_model(
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
+        holdout=holdout,
+        max_weight=cfg.max_weight if cfg.weighting == "stabilised" else 0.0,
     )
     data.setup("fit")
     arms = data.arms
-    net = MultiArmUpliftNet(
-        len(numeric),
-        data.preprocessor.cardinalities,
-        len(arms),
-        embedding_dim=cfg.embedding_dim,
-        hidden_dim=cfg.hidden_dim,
-        head_dim=cfg.head_dim,
-        dropout=cfg.dropout,
-        arms=arms,
-        arm_heads=cfg.arm_heads,
-    )
-    net.init_output_bias(*data.training_stats())
-    module = UpliftLitModule(
-        net,
-        optimizer=functools.partial(torch.optim.AdamW, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-        revenue_weight=REVENUE_WEIGHT,
-    )
-    run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    # One commit tag for people (git.commit, also copied to the version) and MLflow's own source
-    # tag, which the UI shows in the run's overview rather than among the tags.
-    run_tags.setdefault("git.commit", git_commit())
-    run_tags.setdefault("mlflow.source.git.commit", run_tags["git.commit"])
+    module = _network(settings, data, numeric)
+    net = module.net
+    run_tags = _lineage_tags(tags)
     run_tags.setdefault("model_family", "multi_arm_uplift_net")
     previous_uri = mlflow.get_tracking_uri()
     _ensure_experiment(tracking_uri, experiment, _artifact_location(settings, experiment))
@@ -459,9 +452,11 @@ def train_uplift_model(
                 state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
                 module.load_state_dict(state["state_dict"])
         snapshot = _snapshot_dataset(frame, data.numeric, data.categorical, snapshot_id, snapshot_source)
+        net = module.net.cpu().eval()
         return _log_model(
-            module.net.cpu().eval(),
-            data,
+            lambda folder: write_model_artifacts(net, data.preprocessor, arms, folder),
+            [*data.numeric, *data.categorical],
+            data.datasets["test"].tensors[5].numpy().astype(np.float64),
             test_frame,
             arms,
             run_id=logger.run_id,
@@ -482,8 +477,9 @@ def train_uplift_model(
 
 
 def _log_model(
-    net: MultiArmUpliftNet,
-    data: UpliftDataModule,
+    write_artifacts: Callable[[str], dict[str, str]],
+    features: list[str],
+    test_weights: np.ndarray | None,
     test_frame: pd.DataFrame,
     arms: list[str],
     *,
@@ -500,17 +496,16 @@ def _log_model(
     client = registry.make_client(tracking_uri)
     try:
         with tempfile.TemporaryDirectory() as art_dir:
-            artifacts = write_model_artifacts(net, data.preprocessor, arms, art_dir)
+            artifacts = write_artifacts(art_dir)
             # Score through the same code path serving uses, so the metrics describe the logged model.
             scorer = UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
             scores = scorer.score_arrays(test_frame)
-            metrics = compute_test_metrics(test_frame, scores, arms, weight_scale=data.weight_scale)
+            metrics = compute_test_metrics(test_frame, scores, arms, weights=test_weights)
             metrics.update(_finite({"val/loss_best": best_val_loss}))
             if extra_metrics_fn is not None:
                 metrics.update(_finite(extra_metrics_fn(test_frame, scores, arms)))
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-            features = [*data.numeric, *data.categorical]
             # The inferred signature keeps the training dtypes: MLflow refuses int64 input for a
             # double column and vice versa, and features are built the same way for scoring.
             # score_arrays (the allocator's path) skips this schema check entirely.
@@ -531,6 +526,7 @@ def _log_model(
                     # in a subprocess. mlpkg itself must be installed where the model is served.
                     pip_requirements=[
                         f"torch=={torch.__version__.split('+')[0]}",
+                        f"scikit-learn=={sklearn.__version__}",
                         f"mlflow=={mlflow.__version__}",
                         f"pandas=={pd.__version__}",
                         f"numpy=={np.__version__}",
@@ -556,3 +552,204 @@ def _log_model(
         test_frame=test_frame,
         arms=list(arms),
     )
+
+
+def _lineage_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    """Return a run's tags: the caller's lineage plus the commit.
+
+    One commit tag for people (``git.commit``, also copied to the version) and MLflow's own
+    source tag, which the UI shows in the run's overview rather than among the tags.
+    """
+    run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    run_tags.setdefault("git.commit", git_commit())
+    run_tags.setdefault("mlflow.source.git.commit", run_tags["git.commit"])
+    return run_tags
+
+
+def _network(settings: Settings, data: UpliftDataModule, numeric: list[str]) -> UpliftLitModule:
+    cfg = settings.trainer
+    net = MultiArmUpliftNet(
+        len(numeric),
+        data.preprocessor.cardinalities,
+        len(data.arms),
+        embedding_dim=cfg.embedding_dim,
+        hidden_dim=cfg.hidden_dim,
+        head_dim=cfg.head_dim,
+        dropout=cfg.dropout,
+        arms=data.arms,
+        arm_heads=cfg.arm_heads,
+    )
+    net.init_output_bias(*data.training_stats())
+    return UpliftLitModule(
+        net,
+        optimizer=functools.partial(torch.optim.AdamW, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        revenue_weight=REVENUE_WEIGHT,
+    )
+
+
+def fit_family(
+    family: str,
+    frame: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    arms: list[str],
+    *,
+    settings: Settings,
+) -> Any:
+    """Fit one model family on ``frame`` without logging anything; return a scorer.
+
+    The scorer has ``arms`` (control first) and ``score_arrays(df)``, like a loaded model. The
+    network trains on the CPU with the settings' network and early stopping on a validation part
+    of ``frame``; ``gbm`` and ``logistic`` are the T-learners of :mod:`mlpkg.models.baseline`.
+
+    Args:
+        family: ``network``, ``gbm`` or ``logistic``.
+        frame: Model input rows to fit on.
+        numeric: Numeric feature columns.
+        categorical: Categorical feature columns.
+        arms: Arm names including control.
+        settings: CouponOps settings (``trainer`` for the network and the seed).
+
+    Returns:
+        The fitted scorer.
+    """
+    cfg = settings.trainer
+    if family in ("gbm", "logistic"):
+        with warnings.catch_warnings():
+            # An arm without enough rows gets a constant rate; the warning says so per arm.
+            warnings.simplefilter("ignore", UserWarning)
+            return fit_t_learner(
+                frame.reset_index(drop=True),
+                numeric,
+                categorical,
+                ordered_arm_list(arms),
+                seed=cfg.seed,
+                params=GBM_FAMILY_PARAMS if family == "gbm" else None,
+                n_threads=cfg.num_threads or 1,
+                family=family,
+            )
+    if family != "network":
+        raise ValueError(f"unknown model family {family!r}; known: network, gbm, logistic")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = UpliftDataModule(
+        frame.reset_index(drop=True),
+        numeric,
+        categorical,
+        arms,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        fractions=(0.85, 0.15, 0.0),
+        max_weight=cfg.max_weight if cfg.weighting == "stabilised" else 0.0,
+    )
+    data.setup("fit")
+    module = _network(settings, data, numeric)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=cfg.max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EarlyStopping(monitor="val/loss", mode="min", patience=EARLY_STOPPING_PATIENCE)],
+        deterministic="warn",
+    )
+    trainer.fit(module, datamodule=data)
+    with tempfile.TemporaryDirectory() as folder:
+        artifacts = write_model_artifacts(module.net.cpu().eval(), data.preprocessor, data.arms, folder)
+        return UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
+
+
+def ordered_arm_list(arms: list[str]) -> list[str]:
+    """Return ``arms`` with control first (the T-learners' and the network's column order)."""
+    return ["control", *(a for a in arms if a != "control")]
+
+
+def train_tlearner_model(
+    frame: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    arms: list[str],
+    *,
+    family: str,
+    settings: Settings,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    registered_model_name: str | None = None,
+    snapshot_id: str | None = None,
+    snapshot_source: str | None = None,
+    version_run_name: str | None = None,
+    holdout: np.ndarray | None = None,
+) -> TrainResult:
+    """Fit a T-learner family on the non-holdout rows, evaluate on the holdout, log and register it.
+
+    The run looks like a network's: the same naming, lineage tags, snapshot dataset input, test
+    metrics and pyfunc (:class:`UpliftPyfunc` holding the T-learner), so the gate, the allocator
+    and the UIs treat every family alike.
+
+    Args:
+        frame: Model input frame.
+        numeric: Numeric feature columns.
+        categorical: Categorical feature columns.
+        arms: Arm names including control.
+        family: ``gbm`` or ``logistic``.
+        settings: CouponOps settings.
+        tracking_uri: MLflow tracking (and registry) URI.
+        experiment: MLflow experiment name.
+        run_name: MLflow run name.
+        tags: Lineage tags; ``git.commit`` is added when absent.
+        registered_model_name: Register under this name; ``None`` skips it.
+        snapshot_id: Id of the training snapshot (its MLflow dataset digest).
+        snapshot_source: Where the snapshot is stored.
+        version_run_name: Run name once registered, with ``{version}`` in it.
+        holdout: ``bool [len(frame)]`` rows never trained on (the test rows); ``None``: 15 % of
+            rows drawn at random.
+
+    Returns:
+        The run id, model URI, registered version, metrics and held-out test rows.
+    """
+    frame = frame.reset_index(drop=True)
+    if holdout is None:
+        holdout = np.random.default_rng(settings.trainer.seed).random(len(frame)) < 0.15
+    test_frame = frame[holdout].reset_index(drop=True)
+    learner = fit_family(family, frame[~holdout], numeric, categorical, arms, settings=settings)
+    run_tags = {**_lineage_tags(tags), "model_family": f"{family}_tlearner"}
+    location = _artifact_location(settings, experiment)
+    _ensure_experiment(tracking_uri, experiment, location)
+    client = registry.make_client(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+    params = {
+        "model_family": f"{family}_tlearner",
+        "features.numeric": ",".join(numeric),
+        "features.categorical": ",".join(categorical),
+        "arms": ",".join(learner.arms),
+        "n_arms": len(learner.arms),
+        "data.n_rows": len(frame),
+        "data.n_train": int((~holdout).sum()),
+        "data.n_test": int(holdout.sum()),
+        **({f"gbm.{k}": v for k, v in GBM_FAMILY_PARAMS.items()} if family == "gbm" else {}),
+    }
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()])
+    snapshot = _snapshot_dataset(frame, numeric, categorical, snapshot_id, snapshot_source)
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        return _log_model(
+            lambda folder: write_tlearner_artifacts(learner, folder),
+            [*numeric, *categorical],
+            None,
+            test_frame,
+            list(learner.arms),
+            run_id=run.info.run_id,
+            tracking_uri=tracking_uri,
+            settings=settings,
+            run_tags=run_tags,
+            best_val_loss=math.nan,
+            registered_model_name=registered_model_name,
+            extra_metrics_fn=None,
+            snapshot=snapshot,
+            version_run_name=version_run_name,
+        )
+    finally:
+        mlflow.set_tracking_uri(previous_uri)

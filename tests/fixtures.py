@@ -55,8 +55,11 @@ def plant_contacts(session, customer_ids, channels=("email", "sms", "push"), con
     from mlpkg.db.models import Channel, Contact, Customer
 
     for cid in customer_ids:
-        session.merge(Customer(customer_id=cid, signup_date=date(2025, 1, 1), region="north", device="ios",
-                               segment="regular"))
+        session.merge(
+            Customer(
+                customer_id=cid, signup_date=date(2025, 1, 1), region="north", device="ios", segment="regular"
+            )
+        )
     session.flush()  # without a relationship() the unit of work does not order the two tables
     columns = {"email": "email", "sms": "phone", "push": "push_token"}
     for cid in customer_ids:
@@ -67,10 +70,14 @@ def plant_contacts(session, customer_ids, channels=("email", "sms", "push"), con
             if session.get(Channel, ch) is None:
                 session.add(Channel(channel=ch, send_cost=0.01, daily_capacity=100_000))
         session.flush()
-        q.record_consent_events(session, [
-            dict(customer_id=cid, channel=ch, opted_in=True, updated_at=datetime(2025, 1, 1, tzinfo=UTC))
-            for cid in customer_ids for ch in channels
-        ])
+        q.record_consent_events(
+            session,
+            [
+                dict(customer_id=cid, channel=ch, opted_in=True, updated_at=datetime(2025, 1, 1, tzinfo=UTC))
+                for cid in customer_ids
+                for ch in channels
+            ],
+        )
 
 
 def run_cli(*args):  # noqa: ANN002, ANN201 - CLI words; a typer Result
@@ -87,7 +94,6 @@ def run_cli(*args):  # noqa: ANN002, ANN201 - CLI words; a typer Result
         get_settings.cache_clear()
 
 
-
 def demo_env() -> dict[str, str]:
     """The environment of the tests' `make demo` run: this process's, without CouponOps/Airflow/MLflow
     settings, and a small shop (1,500 customers, 4 epochs) so the loop runs in about two minutes."""
@@ -100,3 +106,30 @@ def demo_env() -> dict[str, str]:
         COUPONOPS_CAMPAIGN__SCORE_SHARDS="3",
     )
     return env
+
+
+def gate_numbers(value=0.040, other=0.040, gain_se=0.001, calibration=0.01, limit=0.06, rows=1000) -> dict:
+    """Return numbers shaped like ``mlpkg.gate.evaluate``'s: a challenger of ``value`` against ``other``."""
+    gain = value - other
+    return {
+        "challenger_value": value,
+        "challenger_stderr": 0.004,
+        "other_value": other,
+        "other_stderr": 0.004,
+        "gain": gain,
+        "gain_stderr": gain_se,
+        "gain_lcb": gain - 1.2816 * gain_se,
+        "gain_ucb": gain + 1.2816 * gain_se,
+        "snips_gain": gain,
+        "challenger_vs_control": value - 0.03,
+        "other_vs_control": other - 0.03,
+        "calibration_error": calibration,
+        "calibration_limit": limit,
+        "test_rows": rows,
+        "test_customers": rows,
+        "challenger_treated": 300,
+        "other_treated": 300.0,
+        "challenger_spend": 150.0,
+        "other_spend": 150.0,
+        "budget": 150.0,
+    }

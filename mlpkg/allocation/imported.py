@@ -64,14 +64,10 @@ def allocate_imported(
         id_column = (log.spec or {}).get("id_column", "customer_id")
         control_label = log.control_label
     model_name = f"{settings.registered_model_name}-{log_name}"
-    version = registry.alias_version(
-        registry.make_client(settings.resolved_tracking_uri), model_name, registry.CHAMPION
-    )
+    client = registry.make_client(settings.resolved_tracking_uri)
+    version = registry.alias_version(client, model_name, registry.CHAMPION)
     if version is None:
-        raise LookupError(
-            f"no champion for log {log_name!r} (model {model_name!r}); run `couponops train --log "
-            f"{log_name}` first"
-        )
+        raise LookupError(registry.no_champion_message(client, model_name, log_name=log_name))
     df = read_customers(customers_file, id_column, [*numeric, *categorical])
     scorer = registry.load_uplift_model(
         f"models:/{model_name}/{version}", tracking_uri=settings.resolved_tracking_uri

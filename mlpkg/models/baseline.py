@@ -1,10 +1,19 @@
-"""Tree-based T-learner baseline: one gradient-boosted conversion model per arm.
+"""T-learners: one conversion model per arm, gradient-boosted trees or regularised logistic regression.
 
-The baseline answers "is the neural model worth it?": it is quick to fit, needs no tuning and
-is a strong reference on tabular data. Each arm's model sees only the customers logged in that
-arm, weighted by ``1 / propensity`` so that an arm's training rows stand for the whole population
-even when the logging policy favoured some customers. Uplift is the difference between an arm's
-predicted conversion probability and control's.
+Each arm's model sees only the customers logged in that arm, weighted by ``1 / propensity``
+(normalised within the arm and capped, so a few rarely-logged rows cannot decide the fit) so
+that an arm's training rows stand for the whole population even when the logging policy favoured
+some customers. Uplift is the difference between an arm's predicted conversion probability and
+control's. Two families:
+
+* ``gbm``: scikit-learn's HistGradientBoostingClassifier with early stopping on an inner
+  validation split (strong on tabular data with interactions);
+* ``logistic``: standardised (log-compressed) numeric features and one-hot categories into an
+  L2-regularised logistic regression whose strength is chosen by cross-validated log loss
+  (strong on small, weak-effect logs where trees overfit noise).
+
+Both expose :meth:`TLearner.score_arrays`, the scoring interface of the logged network, so the
+product's allocator and gate score either through :class:`mlpkg.models.pyfunc.UpliftPyfunc`.
 """
 
 from __future__ import annotations
@@ -16,7 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.pipeline import FunctionTransformer, Pipeline, make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from threadpoolctl import threadpool_limits
 
 CONTROL_ARM = "control"
@@ -26,6 +40,9 @@ MAX_CATEGORIES = 250
 # of a tree model, which would otherwise fail or overfit.
 MIN_ROWS_PER_ARM = 30
 PRIOR_STRENGTH = 10.0
+# Fewest rows of the rarer outcome an arm's model needs: early stopping and cross-validation
+# split each class, and a handful of conversions cannot tell customers apart anyway.
+MIN_CLASS_ROWS = 10
 
 DEFAULT_PARAMS: dict[str, object] = {
     "max_iter": 200,
@@ -34,6 +51,23 @@ DEFAULT_PARAMS: dict[str, object] = {
     "min_samples_leaf": 40,
     "l2_regularization": 1.0,
 }
+#: The ``gbm`` family's settings: more rounds than DEFAULT_PARAMS, stopped early on an inner
+#: validation split, and larger leaves (a leaf's uplift is a difference of two noisy rates).
+GBM_FAMILY_PARAMS: dict[str, object] = {
+    "max_iter": 500,
+    "learning_rate": 0.05,
+    "max_leaf_nodes": 15,
+    "min_samples_leaf": 100,
+    "l2_regularization": 1.0,
+    "early_stopping": True,
+    "validation_fraction": 0.15,
+    "n_iter_no_change": 20,
+}
+#: Inverse regularisation strengths the ``logistic`` family chooses from by 3-fold CV log loss.
+LOGISTIC_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
+#: Cap on a row's inverse-propensity weight after normalising to mean 1 within its arm.
+MAX_WEIGHT = 10.0
+FAMILIES = ("gbm", "logistic")
 
 
 @dataclass
@@ -54,9 +88,11 @@ class TLearner:
     numeric: list[str]
     categorical: list[str]
     categories: dict[str, list[str]]
-    models: dict[str, HistGradientBoostingClassifier | float] = field(default_factory=dict)
+    models: dict[str, HistGradientBoostingClassifier | Pipeline | float] = field(default_factory=dict)
     outcome: str = "converted"
     n_threads: int | None = None
+    family: str = "gbm"
+    mean_revenue: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def thread_limit(self) -> Iterator[None]:
@@ -109,11 +145,27 @@ class TLearner:
         with self.thread_limit():
             for j, arm in enumerate(self.arms):
                 model = self.models[arm]
-                if isinstance(model, HistGradientBoostingClassifier):
-                    out[:, j] = model.predict_proba(x)[:, list(model.classes_).index(1)]
-                else:
+                if isinstance(model, float):
                     out[:, j] = model
+                else:
+                    out[:, j] = model.predict_proba(x)[:, list(model.classes_).index(1)]
         return out
+
+    def score_arrays(self, df: pd.DataFrame, chunk_size: int | None = None) -> dict[str, np.ndarray]:
+        """Score every arm for every row: the interface of the logged network's pyfunc.
+
+        Args:
+            df: Frame with the feature columns (extra columns are ignored).
+            chunk_size: Unused (the models score the whole frame at once); kept for the interface.
+
+        Returns:
+            ``{"p_conv": [n, A], "revenue": [n, A]}`` float32; revenue given conversion is each
+            arm's mean over its converted training rows.
+        """
+        p = self.predict_proba_arms(df).astype(np.float32)
+        fallback = float(np.mean(list(self.mean_revenue.values()))) if self.mean_revenue else 1.0
+        revenue = np.array([self.mean_revenue.get(a, fallback) for a in self.arms], dtype=np.float32)
+        return {"p_conv": p, "revenue": np.broadcast_to(revenue, p.shape).copy()}
 
     def predict_uplift(self, df: pd.DataFrame) -> np.ndarray:
         """Predict ``p_conv(arm) - p_conv(control)`` for every treatment arm.
@@ -166,12 +218,14 @@ def fit_t_learner(
     propensity_column: str = "propensity",
     params: dict[str, object] | None = None,
     n_threads: int | None = None,
+    family: str = "gbm",
 ) -> TLearner:
-    """Fit one HistGradientBoostingClassifier per arm on that arm's logged customers.
+    """Fit one conversion model per arm on that arm's logged customers.
 
-    Rows are weighted by ``1 / propensity`` (normalised to mean 1 within each arm) when the
-    propensity column is present. An arm with too few rows or a single outcome class gets a
-    constant rate shrunk towards the overall rate instead of a model (with a warning).
+    Rows are weighted by ``1 / propensity`` (normalised to mean 1 within each arm and capped at
+    :data:`MAX_WEIGHT`) when the propensity column is present. An arm with too few rows or a
+    single outcome class gets a constant rate shrunk towards the overall rate instead of a model
+    (with a warning).
 
     Args:
         train_df: Model input frame (features, ``arm``, outcome, ``propensity``).
@@ -182,12 +236,16 @@ def fit_t_learner(
         seed: Random seed for the boosting models.
         arm_column: Column holding the logged arm.
         propensity_column: Column holding the logged arm's propensity.
-        params: Overrides for the HistGradientBoostingClassifier parameters.
+        params: Overrides for the HistGradientBoostingClassifier parameters (``gbm``; the
+            defaults are :data:`DEFAULT_PARAMS`) or ``{"Cs": [...]}`` (``logistic``).
         n_threads: OpenMP threads for fitting and later scoring; ``None`` = all cores.
+        family: ``gbm`` or ``logistic`` (see the module docstring).
 
     Returns:
         The fitted :class:`TLearner`.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not arms or arms[0] != CONTROL_ARM:
         raise ValueError(f"arms[0] must be {CONTROL_ARM!r}, got {arms[:1]}")
     if len(set(arms)) != len(arms):
@@ -202,6 +260,7 @@ def fit_t_learner(
         categories={c: _category_levels(train_df[c]) for c in categorical},
         outcome=outcome,
         n_threads=n_threads,
+        family=family,
     )
     x_all = learner.encode(train_df)
     y_all = train_df[outcome].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -218,25 +277,83 @@ def fit_t_learner(
     arm_values = train_df[arm_column].astype("string").to_numpy()
     cat_mask = [False] * len(numeric) + [True] * len(categorical)
     hgb_params = {**DEFAULT_PARAMS, **(params or {})}
+    revenue_all = (
+        train_df["revenue"].to_numpy(dtype=np.float64, na_value=0.0)
+        if "revenue" in train_df.columns
+        else np.zeros_like(y_all)
+    )
+    paid = (y_all > 0.5) & (revenue_all > 0)
+    overall_revenue = float(revenue_all[paid].mean()) if paid.any() else 1.0
     for arm in arms:
         rows = arm_values == arm
         x, y, w = x_all[rows], y_all[rows], w_all[rows]
-        if rows.sum() < MIN_ROWS_PER_ARM or len(np.unique(y)) < 2:
+        if len(w):
+            w = np.minimum(w / w.mean(), MAX_WEIGHT)
+        arm_paid = paid[rows]
+        # Mean order value given conversion, shrunk to the overall mean on few orders.
+        learner.mean_revenue[arm] = float(
+            (revenue_all[rows][arm_paid].sum() + PRIOR_STRENGTH * overall_revenue)
+            / (arm_paid.sum() + PRIOR_STRENGTH)
+        )
+        minority = int(min((y > 0.5).sum(), (y <= 0.5).sum()))
+        if rows.sum() < MIN_ROWS_PER_ARM or minority < MIN_CLASS_ROWS:
             learner.models[arm] = float(
                 (np.sum(w * y) + PRIOR_STRENGTH * overall_rate) / (np.sum(w) + PRIOR_STRENGTH)
             )
             warnings.warn(
-                f"arm {arm!r}: {int(rows.sum())} rows, {len(np.unique(y))} outcome class(es); "
+                f"arm {arm!r}: {int(rows.sum())} rows, {minority} of the rarer outcome; "
                 "using a constant conversion rate instead of a model",
                 stacklevel=2,
             )
             continue
-        model = HistGradientBoostingClassifier(
-            categorical_features=cat_mask if any(cat_mask) else None,
-            random_state=seed,
-            **hgb_params,
+        model = (
+            HistGradientBoostingClassifier(
+                categorical_features=cat_mask if any(cat_mask) else None,
+                random_state=seed,
+                **hgb_params,
+            )
+            if family == "gbm"
+            else _logistic(len(numeric), len(categorical), (params or {}).get("Cs", LOGISTIC_CS), seed)
         )
         with learner.thread_limit():
-            model.fit(x, y.astype(np.int64), sample_weight=w / w.mean())
+            fit_weight = {"sample_weight": w / w.mean()}
+            if family == "logistic":
+                fit_weight = {"logisticregressioncv__sample_weight": w / w.mean()}
+            model.fit(x, y.astype(np.int64), **fit_weight)
         learner.models[arm] = model
     return learner
+
+
+def _signed_log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _logistic(n_numeric: int, n_categorical: int, cs: object, seed: int) -> Pipeline:
+    """Return the ``logistic`` family's per-arm model over the encoded feature matrix."""
+    numeric = list(range(n_numeric))
+    categorical = list(range(n_numeric, n_numeric + n_categorical))
+    columns = ColumnTransformer(
+        [
+            (
+                "numeric",
+                make_pipeline(
+                    SimpleImputer(strategy="median", keep_empty_features=True),
+                    FunctionTransformer(_signed_log1p),
+                    StandardScaler(),
+                ),
+                numeric,
+            ),
+            (
+                "categorical",
+                make_pipeline(
+                    SimpleImputer(strategy="constant", fill_value=-1.0, keep_empty_features=True),
+                    OneHotEncoder(handle_unknown="ignore"),
+                ),
+                categorical,
+            ),
+        ]
+    )
+    return make_pipeline(
+        columns,
+        LogisticRegressionCV(Cs=list(cs), cv=3, scoring="neg_log_loss", max_iter=2000, random_state=seed),
+    )

@@ -25,6 +25,8 @@ from mlpkg.models.preprocessing import FeaturePreprocessor
 CONTROL_ARM = "control"
 #: Columns of the model input frame besides the features (see the shared contracts).
 LABEL_COLUMNS = ("arm", "converted", "revenue", "propensity")
+#: Cap on a training row's stabilised inverse-propensity weight (see UpliftDataModule.row_weights).
+MAX_TRAINING_WEIGHT = 10.0
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -251,6 +253,11 @@ class UpliftDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
         seed: Seed of the split and of the shuffling.
         fractions: Train, validation and test shares.
+        holdout: ``bool [n]`` rows kept out of training for evaluation (the gate's frozen,
+            customer-disjoint holdout); when given they are the test split, and the other rows
+            are split into train and validation in proportion to ``fractions[:2]``.
+        max_weight: Cap on a row's stabilised inverse-propensity weight (see :meth:`row_weights`);
+            0 trains unweighted.
     """
 
     def __init__(
@@ -264,6 +271,8 @@ class UpliftDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 7,
         fractions: tuple[float, float, float] = (0.70, 0.15, 0.15),
+        holdout: np.ndarray | None = None,
+        max_weight: float = MAX_TRAINING_WEIGHT,
     ) -> None:
         """Validate the frame and arms; the split happens in :meth:`setup`."""
         super().__init__()
@@ -285,6 +294,12 @@ class UpliftDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.fractions = fractions
+        if holdout is not None:
+            holdout = np.asarray(holdout, dtype=bool)
+            if holdout.shape != (len(frame),):
+                raise ValueError(f"holdout must be a bool array of {len(frame)} rows, got {holdout.shape}")
+        self.holdout = holdout
+        self.max_weight = float(max_weight)
         self.preprocessor = FeaturePreprocessor(self.numeric, self.categorical)
         self.datasets: dict[str, TensorDataset] = {}
         self.split_index: dict[str, np.ndarray] = {}
@@ -294,17 +309,41 @@ class UpliftDataModule(pl.LightningDataModule):
         """Split, fit the preprocessor on the training rows and build tensors (idempotent)."""
         if self.datasets:
             return
-        train, val, test = split_by_arm(self.frame, self.fractions, self.seed)
+        if self.holdout is None:
+            train, val, test = split_by_arm(self.frame, self.fractions, self.seed)
+        else:
+            rest = np.flatnonzero(~self.holdout)
+            share = self.fractions[0] / (self.fractions[0] + self.fractions[1])
+            tr, va, _ = split_by_arm(self.frame.iloc[rest], (share, 1.0 - share, 0.0), self.seed)
+            train, val, test = rest[tr], rest[va], np.flatnonzero(self.holdout)
         if len(train) == 0 or len(val) == 0:
             raise ValueError(f"too few rows ({len(self.frame)}) for a train/validation split")
         self.split_index = {"train": train, "val": val, "test": test}
         self.preprocessor.fit(self.frame.iloc[train])
-        inv = 1.0 / self.frame["propensity"].to_numpy(dtype=np.float64)
+        raw = (
+            self.row_weights(self.frame, self.max_weight)
+            if self.max_weight > 0
+            else np.ones(len(self.frame), dtype=np.float64)
+        )
         # Normalise on train only, and apply the same scale to val/test so their weighted
         # losses are on the scale the model was trained on.
-        self.weight_scale = float(1.0 / inv[train].mean())
+        self.weight_scale = float(1.0 / raw[train].mean())
         for name, rows in self.split_index.items():
-            self.datasets[name] = self._tensors(self.frame.iloc[rows], inv[rows] * self.weight_scale)
+            self.datasets[name] = self._tensors(self.frame.iloc[rows], raw[rows] * self.weight_scale)
+
+    @staticmethod
+    def row_weights(frame: pd.DataFrame, max_weight: float = MAX_TRAINING_WEIGHT) -> np.ndarray:
+        """Return stabilised, clipped inverse-propensity weights: ``min(share(arm) / p, max_weight)``.
+
+        Raw ``1 / p`` lets one exploration row (logged with ``p`` ≈ 0.005) outweigh hundreds of
+        model-policy rows (``p`` ≈ 0.9), so a few random draws decide the fit. Stabilising by the
+        arm's share of rows keeps the within-arm correction (rows the policy rarely gave the arm
+        count more) while each arm keeps its own total, and the cap bounds any single row.
+        """
+        prop = frame["propensity"].to_numpy(dtype=np.float64)
+        arm = frame["arm"].astype(str)
+        share = arm.map(arm.value_counts(normalize=True)).to_numpy(dtype=np.float64)
+        return np.minimum(share / prop, max_weight)
 
     def _tensors(self, part: pd.DataFrame, weight: np.ndarray) -> TensorDataset:
         x_num, x_cat = self.preprocessor.transform(part)

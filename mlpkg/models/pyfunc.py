@@ -1,8 +1,10 @@
-"""The uplift model as a self-contained MLflow pyfunc.
+"""The uplift model as a self-contained MLflow pyfunc, whichever family won the training.
 
-The logged model carries two artifacts: the network's ``state_dict`` and a JSON config (arms,
-feature lists, fitted preprocessor, network hyperparameters). Loading needs only the installed
-``mlpkg`` package, torch and pandas; it never needs the training data or a Lightning checkpoint.
+The logged model carries two artifacts: a JSON config (family, arms, feature lists, and for the
+network its fitted preprocessor and hyperparameters) and the fitted parameters: the network's
+``state_dict``, or a T-learner (:mod:`mlpkg.models.baseline`) saved with joblib. Loading needs
+only the installed ``mlpkg`` package and its pinned libraries; never the training data or a
+Lightning checkpoint. Both families score through :meth:`UpliftPyfunc.score_arrays`.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import joblib
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
 
 from mlpkg import progress
+from mlpkg.models.baseline import TLearner
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.preprocessing import FeaturePreprocessor
 
@@ -69,6 +73,36 @@ def write_model_artifacts(
     return {CONFIG_ARTIFACT: str(config), WEIGHTS_ARTIFACT: str(weights)}
 
 
+def write_tlearner_artifacts(learner: TLearner, directory: str | Path) -> dict[str, str]:
+    """Write a fitted T-learner and its config JSON that :class:`UpliftPyfunc` loads.
+
+    Args:
+        learner: The fitted T-learner (``learner.arms[0]`` is control).
+        directory: Existing folder to write into.
+
+    Returns:
+        The ``artifacts`` mapping for ``mlflow.pyfunc.log_model``.
+    """
+    directory = Path(directory)
+    weights = directory / "tlearner.joblib"
+    config = directory / "uplift_config.json"
+    joblib.dump(learner, weights)
+    config.write_text(
+        json.dumps(
+            {
+                "format_version": _CONFIG_VERSION,
+                "family": f"{learner.family}_tlearner",
+                "arms": list(learner.arms),
+                "control_arm": _CONTROL_ARM,
+                "numeric": list(learner.numeric),
+                "categorical": list(learner.categorical),
+            },
+            indent=2,
+        )
+    )
+    return {CONFIG_ARTIFACT: str(config), WEIGHTS_ARTIFACT: str(weights)}
+
+
 class UpliftPyfunc(mlflow.pyfunc.PythonModel):
     """Score customers for every arm with the trained multi-arm uplift network.
 
@@ -92,6 +126,8 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
         self.arms: list[str] = []
         self.net: MultiArmUpliftNet | None = None
         self.preprocessor: FeaturePreprocessor | None = None
+        self.tlearner: TLearner | None = None
+        self.family = "network"
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Rebuild the network on CPU from the logged artifacts."""
@@ -111,6 +147,13 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
         if config.get("format_version") != _CONFIG_VERSION:
             raise ValueError(f"unsupported uplift model config version {config.get('format_version')!r}")
         self.arms = list(config["arms"])
+        self.family = str(config.get("family", "network"))
+        if self.family != "network":
+            learner = joblib.load(weights_path)
+            if not isinstance(learner, TLearner) or list(learner.arms) != self.arms:
+                raise ValueError(f"{weights_path} does not hold the T-learner its config describes")
+            self.tlearner = learner
+            return self
         self.preprocessor = FeaturePreprocessor.from_dict(config["preprocessor"])
         net = MultiArmUpliftNet(**config["net"])
         net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
@@ -125,6 +168,8 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
     @property
     def feature_columns(self) -> list[str]:
         """Raw input columns the model reads."""
+        if self.tlearner is not None:
+            return [*self.tlearner.numeric, *self.tlearner.categorical]
         if self.preprocessor is None:
             raise RuntimeError("model not loaded")
         return [*self.preprocessor.numeric, *self.preprocessor.categorical]
@@ -139,6 +184,10 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
         Returns:
             ``{"p_conv": [n, A], "revenue": [n, A]}`` float32 arrays; columns follow :attr:`arms`.
         """
+        if self.tlearner is not None:
+            scores = self.tlearner.score_arrays(df)
+            progress.report("scoring customers", len(df), len(df))
+            return scores
         if self.net is None or self.preprocessor is None:
             raise RuntimeError("model not loaded; call load_artifacts() or load it through MLflow")
         step = int(chunk_size or self.chunk_size)

@@ -126,7 +126,7 @@ def loop(
             f"oracle {row['oracle_incremental']} ({row['share_of_oracle']:.0%}); model group "
             f"{row['model_group_true']} vs oracle on its customers and budget {row['model_group_oracle']} "
             f"({row['model_group_share_of_oracle']:.0%}); measured {row['model_group_measured']} "
-            f"{row['measured_ci']}; gate: {row.get('gate', 'not retrained')}"
+            f"{row['measured_ci']}; gate: {row.get('gate', 'not retrained')}{_verdict(row)}"
         )
 
     run_closed_loop(settings, rounds, objective=objective, budget=budget, on_round=show)
@@ -156,11 +156,24 @@ def loop(
             f"{r['model_group_oracle']:.1f}",
             f"{r['model_group_share_of_oracle']:.0%}",
             f"{r['model_group_measured']:.1f}",
-            {"promoted": "promoted", "kept champion": "kept"}.get(r.get("gate"), "-"),
+            {"promoted": "promoted", "kept champion": "kept"}.get(r.get("gate"), "-")
+            + _verdict(r, short=True),
         )
     console.print(table)
     path = stages.write_json(settings.reports_dir / "closed_loop.json", {"rounds": rows})
     console.print(f"all columns: {path}")
+
+
+def _verdict(row: dict, *, short: bool = False) -> str:
+    """Say whether the gate's decision was right by the truth (when there was a champion to judge)."""
+    if "gate_right" not in row:
+        return ""
+    if short:
+        return " ✓" if row["gate_right"] else " ✗"
+    return (
+        f" ({'right' if row['gate_right'] else 'wrong'} by truth: challenger {row['gate_challenger_true']} "
+        f"vs champion {row['gate_champion_true']})"
+    )
 
 
 if __name__ == "__main__":

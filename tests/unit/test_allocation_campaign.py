@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from mlpkg.allocation.campaign import allocate_campaign
+from mlpkg.allocation.campaign import allocate_campaign, score_population
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
@@ -139,6 +139,23 @@ def test_cold_start_explores_within_budget_with_exact_propensities(world):
     assert summary["treated"] > 0 and ledger["expected_cost"].sum() <= 30.0 + 1e-6
     assert set(ledger.loc[ledger.arm != "control", "policy"]) == {"explore"}
     assert (ledger["model_arm"] == "control").all()
+    # Exact propensities: an explored customer got each of their n eligible arms with probability
+    # e / n (one exploration share e for everyone); an eligible customer got nothing with 1 - e,
+    # and a customer no arm can reach got nothing for sure. They are probabilities of what happened.
+    pop = score_population(engine, settings, as_of=now, model_uri=None, objective="conversions")
+    n_elig = pd.Series(pop.eligible.sum(axis=1), index=pop.ids.astype(str))
+    ledger = ledger.assign(n_elig=ledger["customer_id"].map(n_elig).to_numpy())
+    treated = ledger[ledger.arm != "control"]
+    shares = treated["propensity"] * treated["n_elig"]
+    e = float(shares.iloc[0])
+    assert 0 < e < 1 and shares.to_numpy() == pytest.approx(e, rel=1e-9)
+    untreated = ledger[ledger.arm == "control"]
+    reachable = untreated[untreated.n_elig > 0]
+    assert reachable["propensity"].to_numpy() == pytest.approx(1 - e, rel=1e-9)
+    assert (untreated.loc[untreated.n_elig == 0, "propensity"] == 1.0).all()
+    # Exploration spends the budget in expectation: e times the mean eligible cost of everyone.
+    expected_share = min(1 - settings.campaign.control_share, 30.0 / _mean_reach_cost(pop))
+    assert e == pytest.approx(expected_share, rel=1e-6)
 
 
 def test_cooldown_is_measured_in_campaign_time(world):
@@ -177,3 +194,12 @@ def test_a_ledger_that_breaks_its_contract_is_refused_and_nothing_is_written(wor
     assert "propensity" in str(err.value)
     with session_scope(engine) as s:
         assert q.table_checksums(s) == before
+
+
+def _mean_reach_cost(pop) -> float:  # noqa: ANN001 - a ScoredPopulation
+    """Sum over reachable customers of their mean eligible option cost (the cold start's yardstick)."""
+    n_elig = pop.eligible.sum(axis=1)
+    reach = n_elig > 0
+    mean_cost = (np.where(pop.eligible, pop.cost, 0).sum(axis=1)[reach] / n_elig[reach]).mean()
+    return float(mean_cost * reach.sum())
+

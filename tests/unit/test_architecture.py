@@ -64,6 +64,7 @@ FLOORS: dict[str, int] = {
     "mlpkg.delivery": 4,
     "mlpkg.feedback": 4,
     "mlpkg.gate": 5,
+    "mlpkg.model_selection": 5,  # each training's model family, chosen on the log's validation part
     "mlpkg.reports": 5,  # reads feedback and the registry for product owners
     "mlpkg.report_page": 0,  # the campaign page (Jinja2 template and number formats), no product imports
     "mlpkg.offline_eval": 5,  # `couponops evaluate`: any policy on a logged campaign or the ledger

@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mlpkg import registry, stages
+from mlpkg import gate, registry, stages
 from mlpkg.allocation.campaign import allocate_campaign
 from mlpkg.config import GateSettings
 from mlpkg.feedback import measure_campaign
 from mlpkg.simulator.lab import harness
-from tests.fixtures import run_cli, use_oracle
+from tests.fixtures import gate_numbers, run_cli, use_oracle
 
 pytestmark = pytest.mark.unit
 
@@ -29,40 +29,36 @@ GATE_NOW = datetime(2025, 7, 6, 12, 30, 15, 123456, tzinfo=UTC)
 _cli = run_cli
 
 
-def _gate_three_versions(settings, engine, monkeypatch) -> None:
-    """Register v1 (promoted: first champion), v2 (kept: below the margin), v3 (refused: calibration)."""
+def _gate_three_versions(settings, engine) -> None:
+    """Record v1 (promoted: first champion), v2 (kept: gain within noise), v3 (refused: calibration)."""
     client = registry.make_client(settings.resolved_tracking_uri)
     name = settings.registered_model_name
     exp = client.create_experiment("cli-output-gate")
     client.create_registered_model(name)
-    values: dict[str, dict] = {}
-    monkeypatch.setattr(
-        registry, "policy_value_on_frame", lambda uri, frame, fraction, tracking_uri: values[uri]
-    )
-    for policy_value, calibration_error in ((0.040, 0.01), (0.041, 0.01), (0.050, 0.2)):
+    champion = None
+    for value, calibration in ((0.040, 0.01), (0.041, 0.01), (0.050, 0.2)):
         run = client.create_run(exp)
-        version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
-        values[f"models:/{name}/{version.version}"] = dict(
-            policy_value=policy_value, calibration_error=calibration_error, test_rows=1000
+        version = str(
+            client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
         )
-        registry.gate_challenger(
-            client,
-            engine,
-            name=name,
-            tracking_uri=settings.resolved_tracking_uri,
-            challenger_version=str(version.version),
-            test_frame=pd.DataFrame(),
-            gate=GateSettings(min_policy_value_gain=0.05, max_calibration_error=0.05),
-            treat_fraction=0.3,
-            now=GATE_NOW,
+        other = 0.030 if champion is None else 0.040
+        nums = gate_numbers(value, other, gain_se=0.002, calibration=calibration)
+        decision = gate.decide(
+            nums, challenger_version=version, champion_version=champion, gate=GateSettings(),
+            holdout="test holdout", economics="test economics",
+        )  # fmt: skip
+        gate.record_decision(
+            client, engine, name=name, decision=decision, numbers=nums, gate=GateSettings(), now=GATE_NOW
         )
+        if decision.promoted:
+            champion = version
 
 
 @pytest.fixture
 def loop(ingested, monkeypatch):
     """A measured campaign ``c1`` scored by v1, three gated versions and one retraining decision."""
     settings, engine = ingested
-    _gate_three_versions(settings, engine, monkeypatch)
+    _gate_three_versions(settings, engine)
     shop = harness.load_world(settings)
     use_oracle(monkeypatch, shop)
     now = shop.now.to_pydatetime()
@@ -124,7 +120,7 @@ def test_history_fits_80_columns_says_refusals_and_json_holds_the_same_rows(loop
     assert [r["campaign"] for r in rows["campaigns"]] == ["c1"]
     gates = {r["version"]: r for r in rows["gate_decisions"]}
     assert {v: r["outcome"] for v, r in gates.items()} == {"1": "promoted", "2": "kept", "3": "refused"}
-    assert gates["3"]["reason"].startswith("guard failed: calibration error 0.2000 > 0.05")
+    assert gates["3"]["reason"].startswith("guard failed: calibration error 0.2000 > 0.0600 allowed")
     assert gates["2"]["champion"] == "1" and gates["2"]["challenger_value"] == pytest.approx(0.041)
     assert rows["retrain_decisions"] and rows["retrain_decisions"][0]["triggers"]
 
@@ -209,8 +205,18 @@ def test_the_campaign_report_leads_with_a_readable_headline_and_works_offline(lo
     detail = campaign_detail(settings, "c1")
 
     head = text[: text.index("Did the model's targeting work?")]
-    for words in ("Incremental conversions", "Incremental revenue", "Profit", "Spend vs budget", "ROI",
-                  "Messages sent", "95% interval", "Sent 2025-", "measured 2025-", "€80.00 budget"):
+    for words in (
+        "Incremental conversions",
+        "Incremental revenue",
+        "Profit",
+        "Spend vs budget",
+        "ROI",
+        "Messages sent",
+        "95% interval",
+        "Sent 2025-",
+        "measured 2025-",
+        "€80.00 budget",
+    ):
         assert words in head, words
     assert f"{detail['sent']:,}" in head
     assert "couponops-uplift v1" in head
@@ -220,7 +226,7 @@ def test_the_campaign_report_leads_with_a_readable_headline_and_works_offline(lo
     assert text.index("Model policy vs random control") < text.index("All treated vs random control")
     assert "biased: for reference only" in text
     # What was sent: coupon x channel x policy with customers and messages.
-    sent_part = text[text.index("What was sent"):]
+    sent_part = text[text.index("What was sent") :]
     assert "model policy" in sent_part and re.search(r"\b(email|sms|push)\b", sent_part)
     # Readable numbers only: percentages, currency, rounded intervals; no NaN/None, no 6-decimal floats.
     assert not re.search(r"\bNaN\b|\bNone\b|\bnan\b", text)

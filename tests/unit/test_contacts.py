@@ -496,7 +496,8 @@ def test_training_snapshots_and_mlflow_hold_no_contact_details(shop_state):
     found = _files_with(settings.state_dir, secrets)
     leaks = {k: v for k, v in found.items() if not k.startswith("warehouse.db")}
     assert leaks == {} and _files_with(artifacts, secrets) == {}
-    assert pd.read_parquet(snapshots[0])["customer_id"].isin(owners).any()
+    [training] = [p for p in snapshots if p.name == f"{result['snapshot_id']}.parquet"]
+    assert pd.read_parquet(training)["customer_id"].isin(owners).any()
 
 
 class _QuotingSender:

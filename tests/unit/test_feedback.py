@@ -45,8 +45,15 @@ def test_measurement_is_stored_per_breakdown(measured):
     metrics = campaign_metrics(engine, "c1")
     assert {"overall", "arm", "coupon", "channel", "segment", "policy"} <= set(metrics["breakdown"])
     assert overall["customers"] > 0 and overall["control_customers"] > 0
+    # The increment is the model group's conversions over the control group's rate, recomputed here
+    # from the attributed rows; its interval covers what the simulator knows the group truly gained.
+    rows = attribute_campaign(engine, "c1", window_days=settings.campaign.attribution_window_days)
+    group, control = rows[rows.policy == "model"], rows[rows.policy == "control"]
+    expected = len(group) * (group["converted"].mean() - control["converted"].mean())
+    assert overall["incremental_conversions"] == pytest.approx(expected)
+    truth = shop.oracle_value(group[["customer_id", "arm"]], margin=settings.campaign.margin)
     lo, hi = overall["incremental_conversions_ci"]
-    assert lo <= overall["incremental_conversions"] <= hi
+    assert lo < hi and lo <= truth["incremental_conversions"] <= hi, (lo, hi, truth)
     with session_scope(engine) as s:
         assert s.get(m.Campaign, "c1").status == "measured"
         log = s.get(m.CampaignLog, "campaign:c1")
@@ -73,11 +80,34 @@ def test_replaying_the_same_feedback_file_changes_no_metric(measured):
 
 def test_attribution_counts_orders_in_the_window_only_and_control_as_baseline(measured):
     settings, engine, shop, batch, _ = measured
+    before = attribute_campaign(engine, "c1", window_days=7)
+    # An order the day after the 7-day window closes, by a customer who did not convert in it.
+    events = pd.read_csv(batch["feedback_file"], dtype=str, keep_default_na=False)
+    with session_scope(engine) as s:
+        sent_at = q.as_utc(s.get(m.Campaign, "c1").as_of)
+    late_buyer = before.loc[before.converted == 0, "customer_id"].iloc[0]
+    late = events[events.event_type == "order"].head(1).assign(
+        event_id="late-order-1",
+        customer_id=late_buyer,
+        order_id="late-order-1",
+        coupon_id="",
+        channel="",
+        ts=(sent_at + pd.Timedelta(days=8)).isoformat(),
+    )
+    folder = settings.raw_dir / "late-order"
+    folder.mkdir()
+    late.to_csv(folder / "feedback.csv", index=False)
+    stages.ingest_feedback(settings, folder, now=shop.now.to_pydatetime() + pd.Timedelta(days=9))
     attributed = attribute_campaign(engine, "c1", window_days=7)
     with engine.connect() as conn:
         orders = pd.read_sql(select(m.FeedbackEvent).where(m.FeedbackEvent.event_type == "order"), conn)
-    buyers = set(orders["customer_id"])
+    assert late_buyer in set(orders["customer_id"])  # stored, but outside the window
+    in_window = orders[pd.to_datetime(orders["ts"], utc=True) < sent_at + pd.Timedelta(days=7)]
+    buyers = set(in_window["customer_id"])
     assert set(attributed.loc[attributed.converted == 1, "customer_id"]) == buyers
+    assert late_buyer not in buyers
+    longer = attribute_campaign(engine, "c1", window_days=9).set_index("customer_id")
+    assert longer.loc[late_buyer, "converted"] == 1  # a 9-day window does count it
     assert attributed.loc[attributed.policy == "control", "converted"].sum() > 0
     short = attribute_campaign(engine, "c1", window_days=1)
     assert short["converted"].sum() <= attributed["converted"].sum()

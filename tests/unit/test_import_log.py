@@ -380,3 +380,44 @@ def test_allocate_an_imported_logs_arms_to_a_customers_file(store, shop_export, 
         ["allocate", "--log", "spring_test", "--customers", str(path.parent / "nope.csv"), "--budget", "40"],
     )
     assert bad.exit_code == 2 and "does not" in bad.output and "nope.csv" in bad.output
+
+
+@pytest.mark.model
+def test_a_refused_first_model_says_why_and_how_to_go_on(store, shop_export, tmp_path):
+    """No circle: train --log says the version was refused and why, allocate --log names it and the
+    way on, and `promote VERSION --log NAME --reason` makes it the log's champion."""
+    from typer.testing import CliRunner
+
+    from mlpkg.cli import app
+
+    settings, _ = store
+    path, spec, frame = shop_export
+    stages.init_stores(settings)
+    stages.import_log(settings, path, spec, now=NOW)
+    settings.gate.min_test_rows = 10**6  # no holdout is that large: the guard refuses the first model
+    ctx = stages.RunContext(dag_id="test", run_id="byo-3")
+    trained = stages.train(settings, ctx, log_names=["spring_test"])
+    decision = stages.gate(
+        settings,
+        model_version=trained["model_version"],
+        test_frame=trained["test_frame"],
+        model_name=trained["model_name"],
+    )
+    assert decision["outcome"] == "refused" and "min_test_rows=1000000" in decision["next_step"]
+    assert "couponops promote 1 --log spring_test --reason" in decision["next_step"]
+
+    customers = tmp_path / "customers.csv"
+    features = frame.drop(columns=["variant", "purchased", "order_value", "clicked"])
+    features.head(100).to_csv(customers, index=False)
+    args = ["allocate", "--log", "spring_test", "--customers", str(customers), "--budget", "20"]
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.csv")])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    text = " ".join(refused.output.split())
+    assert "v1 (the newest of 1) was refused by the gate" in text and "min_test_rows=1000000" in text
+    assert "couponops promote 1 --log spring_test --reason" in text
+
+    promoted = CliRunner().invoke(app, ["promote", "1", "--log", "spring_test", "--reason", "pilot on 100"])
+    assert promoted.exit_code == 0, promoted.output
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.csv")])
+    assert done.exit_code == 0, done.output
+    assert len(pd.read_csv(tmp_path / "b.csv")) == 100

@@ -103,7 +103,9 @@ def test_training_runs_are_named_tagged_and_described_by_the_gate(ingested):
     # The registered model says what it is and how its champion is chosen ...
     model = client.get_registered_model(name)
     assert "uplift" in model.description and "champion" in model.description
-    assert f"{settings.gate.min_policy_value_gain:.1%}" in model.description
+    assert "frozen holdout" in model.description and f"{settings.gate.confidence:.0%} lower bound" in (
+        model.description
+    )
     assert registry.alias_version(client, name, registry.CHAMPION) == first["model_version"]
 
     # ... and every version carries the gate's decision in one sentence with its numbers.
@@ -112,14 +114,20 @@ def test_training_runs_are_named_tagged_and_described_by_the_gate(ingested):
     assert f"{d1['challenger_value']:.4g}" in v1 and f"{d1['test_rows']:,} held-out rows" in v1
     v2 = client.get_model_version(name, second["model_version"]).description
     champion = first["model_version"]
-    verdict = (
-        f"promoted over v{champion}" if d2["promoted"] else f"kept as challenger, champion v{champion} stays"
-    )
+    verdict = f"promoted over v{champion}" if d2["promoted"] else f"kept, champion v{champion} stays"
     assert v2.startswith(f"v{second['model_version']} {verdict}: policy value ")
-    gain = d2["challenger_value"] - d2["champion_value"]
-    for number in (f"{d2['challenger_value']:.4g}", f"{d2['champion_value']:.4g}", f"gain {gain:+.4g}"):
+    for number in (
+        f"{d2['challenger_value']:.4g}",
+        f"{d2['champion_value']:.4g}",
+        f"paired gain {d2['gain']:+.4g} ± {d2['gain_stderr']:.2g}",
+        f"90% lower bound {d2['gain_lcb']:+.4g}",
+        f"{d2['test_rows']:,} held-out rows",
+    ):
         assert number in v2, (number, v2)
     assert f"± {d2['challenger_stderr']:.2g}" in v2
+    # The paired comparison is of the same rows: the gain is the difference of the two values.
+    assert d2["gain"] == pytest.approx(d2["challenger_value"] - d2["champion_value"], abs=1e-12)
+    assert d2["promoted"] == (d2["gain_lcb"] > settings.gate.margin)
     assert v2 == d2["summary"] and v2.count(".") >= 1 and "\n" not in v2
     # The run page says it too, and the gate's artifacts stay.
     assert client.get_run(second["mlflow_run_id"]).data.tags[registry.NOTE_TAG] == v2
@@ -136,8 +144,8 @@ def test_a_refused_version_says_which_guard_refused_it(ingested):
     trained, decision = _train_and_gate(settings, "cli", "2025-07-03")
     assert not decision["promoted"]
     text = client.get_model_version(settings.registered_model_name, trained["model_version"]).description
-    assert text.startswith(f"v{trained['model_version']} refused by the gate (test set has")
-    assert f"{decision['challenger_value']:.4g}" in text and "min_test_rows=1000000" in text
+    assert text.startswith(f"v{trained['model_version']} refused by the gate (")
+    assert "min_test_rows=1000000" in text and "held-out rows" in text
     run = client.get_run(trained["mlflow_run_id"])
     assert run.info.run_name == f"cli · v{trained['model_version']} · 2025-07-03"
     assert run.data.tags["gate.outcome"] == "refused"

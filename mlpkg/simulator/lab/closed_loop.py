@@ -125,9 +125,13 @@ def run_closed_loop(
         model_group = model_rows[["customer_id", "arm"]]
         model_truth = shop.oracle_value(model_group, margin=settings.campaign.margin)
         # The model's own yardstick: the oracle on the customers and budget the model was given
-        # (what is left once the control group is held out and exploration has spent its share).
-        model_spend = max(float(model_rows["expected_cost"].sum()), 1e-9)
-        oracle_model = _oracle_value(shop, model_rows["customer_id"], cooling, model_spend, objective, margin)
+        # (what is left once the control group is held out and exploration has spent its share),
+        # not on what the model itself expected to spend.
+        explore_spend = float(ledger.loc[ledger["policy"] == "explore", "expected_cost"].sum())
+        model_budget = max(budget - explore_spend, 1e-9)
+        oracle_model = _oracle_value(
+            shop, model_rows["customer_id"], cooling, model_budget, objective, margin
+        )
         row = {
             "round": r,
             "campaign": campaign,
@@ -157,10 +161,61 @@ def run_closed_loop(
                 now=later,
             )
             row["gate"] = "promoted" if gate["promoted"] else "kept champion"
+            row["gate_outcome"] = gate["outcome"]
+            row["model_family"] = trained.get("model_family")
+            if gate["champion_version"]:
+                # Judged on the next round's customers: those not on cooldown a week from now.
+                cooling_next = _on_cooldown(settings, shop.now + timedelta(days=days_per_round))
+                row.update(_gate_truth(settings, shop, gate, budget, objective, cooling=cooling_next))
         rows.append(row)
         if on_round:
             on_round(row)
     return rows
+
+
+def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
+    settings: Settings, shop, gate: dict, budget: float, objective: str, *, cooling: set[str]
+) -> dict:
+    """Judge a gate decision by the truth: each version's allocation of the next campaign, valued exactly.
+
+    Both versions allocate the same customers (all, less those on cooldown) at the same budget
+    through the product's allocator; the simulator values each allocation. The decision was
+    right when it promoted the truly better version or kept the truly better champion.
+    """
+    from mlpkg.data import customer_features
+    from mlpkg.registry import score_with_model
+    from mlpkg.simulator.lab.policy_quality import allocate_by_scores
+
+    as_of = q_as_utc(shop.now)
+    feats = customer_features(stages._engine(settings), as_of)
+    feats = feats[~feats["customer_id"].isin(cooling)].sort_values("customer_id").reset_index(drop=True)
+    ids = feats["customer_id"].tolist()
+    values = {}
+    for role, version in (("challenger", gate["challenger_version"]), ("champion", gate["champion_version"])):
+        scores = score_with_model(
+            f"models:/{gate['model_name']}/{version}", feats, tracking_uri=settings.resolved_tracking_uri
+        )
+        alloc = allocate_by_scores(
+            ids, scores["p_conv"], scores["revenue"], list(scores["arms"]), shop, budget,
+            objective=objective, margin=settings.campaign.margin,
+        )  # fmt: skip
+        truth = shop.oracle_value(alloc, margin=settings.campaign.margin)
+        values[role] = float(truth["incremental_conversions"])
+    better = values["challenger"] > values["champion"]
+    return {
+        "gate_challenger_true": round(values["challenger"], 2),
+        "gate_champion_true": round(values["champion"], 2),
+        "gate_right": bool(gate["promoted"] == better),
+        "gate_promoted_worse": bool(gate["promoted"] and not better),
+        "gate_true_loss": round(values["champion"] - values["challenger"], 2) if gate["promoted"] else 0.0,
+    }
+
+
+def q_as_utc(ts):  # noqa: ANN001, ANN201 - a timestamp
+    """Return ``ts`` as a timezone-aware UTC datetime."""
+    from mlpkg.db import queries as q
+
+    return q.as_utc(ts).to_pydatetime()
 
 
 def _oracle_value(

@@ -1,0 +1,131 @@
+"""Choose each training's model family on the log's own validation part, by policy value at the budget.
+
+Every configured family (``trainer.families``: the network, a gradient-boosting T-learner, a
+regularised logistic T-learner) is fitted on the training part of the non-holdout rows and
+judged on a customer-disjoint validation part by what matters: the doubly robust value of the
+allocation the product would make with it (the gate's consent- and budget-constrained policy at
+common costs, :mod:`mlpkg.gate`), with the Qini coefficient beside it. The family with the best
+value is then trained for real and registered; the comparison is recorded with the version, so
+the registry says which family won and why. The gate's holdout is never touched here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mlpkg import gate
+from mlpkg.config import Settings
+from mlpkg.evaluation.uplift_metrics import consent_eligibility, multi_arm_qini
+from mlpkg.train import fit_family, ordered_arm_list
+
+#: Key of the validation hash (independent of the gate's holdout hash).
+SELECTION_SALT = "couponops-family-selection-v1"
+#: Share of the non-holdout customers that validate the families.
+SELECTION_SHARE = 0.2
+
+
+@dataclass
+class FamilyChoice:
+    """Which family won a training's comparison, with every family's numbers."""
+
+    family: str
+    reason: str
+    table: pd.DataFrame
+
+    def tags(self) -> dict[str, str]:
+        """Return the version/run tags that record the choice."""
+        tags = {"selection.family": self.family, "selection.reason": self.reason}
+        for row in self.table.itertuples():
+            tags[f"selection.{row.family}.policy_value"] = f"{row.policy_value:.6g}"
+        return tags
+
+
+def choose_family(
+    frame: pd.DataFrame,
+    holdout: np.ndarray,
+    numeric: list[str],
+    categorical: list[str],
+    arms: list[str],
+    *,
+    settings: Settings,
+    economics_for: Callable[[pd.DataFrame, list[str]], gate.GateEconomics],
+) -> FamilyChoice:
+    """Fit every configured family on part of the non-holdout rows and pick the best on the rest.
+
+    Args:
+        frame: The training snapshot (with ``customer_id``).
+        holdout: ``bool [len(frame)]``: the gate's rows, left out here too.
+        numeric: Numeric feature columns.
+        categorical: Categorical feature columns.
+        arms: Arm names including control.
+        settings: CouponOps settings (``trainer.families``, ``gate``).
+        economics_for: ``f(rows, arms)``: the gate's costs, eligibility and budget for ``rows``.
+
+    Returns:
+        The winning family, why, and the table of every family's numbers.
+    """
+    families = list(dict.fromkeys(settings.trainer.families))
+    if len(families) == 1:
+        return FamilyChoice(
+            families[0], "the only configured family", pd.DataFrame(columns=["family", "policy_value"])
+        )
+    rest = ~np.asarray(holdout, dtype=bool)
+    val = rest & gate.holdout_mask(frame["customer_id"], SELECTION_SHARE, SELECTION_SALT)
+    fit = rest & ~val
+    fallback = families[0]
+    if val.sum() < settings.gate.min_test_rows or fit.sum() < 2 * settings.gate.min_test_rows:
+        return FamilyChoice(
+            fallback,
+            f"{int(val.sum())} validation rows are too few to compare families; {fallback}, the first",
+            pd.DataFrame(columns=["family", "policy_value"]),
+        )
+    fit_rows, val_rows = frame[fit].reset_index(drop=True), frame[val].reset_index(drop=True)
+    columns = ordered_arm_list(arms)
+    econ = economics_for(val_rows, columns)
+    predictions, seconds = {}, {}
+    for family in families:
+        started = time.perf_counter()
+        scorer = fit_family(family, fit_rows, numeric, categorical, columns, settings=settings)
+        p = scorer.score_arrays(val_rows)["p_conv"].astype(np.float64)
+        own = list(scorer.arms)
+        predictions[family] = p[:, [own.index(a) for a in columns]]
+        seconds[family] = time.perf_counter() - started
+    p_common = np.mean(list(predictions.values()), axis=0)
+    logged = val_rows["arm"].astype(str).map({a: i for i, a in enumerate(columns)}).to_numpy(np.int64)
+    prop = val_rows["propensity"].to_numpy(np.float64)
+    y = val_rows[gate.OUTCOME].to_numpy(np.float64)
+    eligible = consent_eligibility(val_rows, columns)
+    rows = []
+    for family, p in predictions.items():
+        scores = gate._Scores(version=family, p=p, has_arm=np.ones(len(columns), dtype=bool))
+        target = gate.policy_matrix(scores, econ, p_common)
+        value, stderr = gate.dr_value(target, logged, prop, y, p_common)
+        qini = multi_arm_qini(p, logged, y, prop, columns, eligible=eligible)
+        finite = [v for v in qini.values() if math.isfinite(v)]
+        rows.append(
+            {
+                "family": family,
+                "policy_value": value,
+                "stderr": stderr,
+                "qini": float(np.mean(finite)) if finite else math.nan,
+                "fit_seconds": round(seconds[family], 2),
+                "fit_rows": len(fit_rows),
+                "validation_rows": len(val_rows),
+            }
+        )
+    table = (
+        pd.DataFrame(rows).sort_values("policy_value", ascending=False, kind="stable").reset_index(drop=True)
+    )
+    best, second = table.iloc[0], table.iloc[1]
+    reason = (
+        f"{best.family} has the best policy value on {len(val_rows):,} validation rows at the budget: "
+        f"{best.policy_value:.4g} ± {best.stderr:.2g} vs {second.family} {second.policy_value:.4g} "
+        f"(Qini {best.qini:.3g} vs {second.qini:.3g})"
+    )
+    return FamilyChoice(str(best.family), reason, table)
