@@ -10,8 +10,8 @@ the same customer is never on both sides. Every version records the rule and its
 the arm with the best predicted uplift within consent (``consent_{channel}`` features), the
 coupon's minimum basket and the budget, solved by the product's Lagrangian allocator. Costs come
 from the shop's catalogue (coupon cost paid on conversion, send cost always) or an imported log's
-per-arm costs, at the *common* predicted conversion (the mean of both versions), so that neither
-policy buys more treatment by under-predicting what it will cost.
+per-arm costs, at the version's own predicted conversion, as the product would allocate with it
+(the spend each version's allocation would really cost is recorded beside its value).
 
 **Estimate.** Doubly robust (reward model: the versions' mean prediction, fitted on other rows),
 SNIPS beside it, as a *paired* difference challenger − champion on the same rows with its
@@ -20,9 +20,9 @@ the one-sided lower bound of the gain at ``gate.confidence`` clears ``gate.margi
 
 **Guards scale with the evidence.** The calibration error may exceed ``gate.max_calibration_error``
 by what sampling noise explains at this many rows (the ``confidence`` quantile of the error of a
-perfectly calibrated model with the same predictions); a first version, which has no champion to
-beat, is refused only when it is worse than random targeting at the same budget by its upper
-bound; fewer than ``gate.min_test_rows`` held-out rows cannot give a standard error.
+perfectly calibrated model with the same predictions); fewer than ``gate.min_test_rows`` held-out
+rows cannot give a standard error. A first version, with no champion to beat, is promoted when it
+passes the guards; its gain over random targeting at the same budget is recorded beside it.
 """
 
 from __future__ import annotations
@@ -202,17 +202,18 @@ def _score(uri: str, frame: pd.DataFrame, columns: list[str], version: str, trac
     return _Scores(version=version, p=p, has_arm=has)
 
 
-def policy_matrix(scores: _Scores, econ: GateEconomics, p_common: np.ndarray) -> np.ndarray:
+def policy_matrix(scores: _Scores, econ: GateEconomics, p_cost: np.ndarray) -> np.ndarray:
     """Return the version's allocation of the held-out rows as a one-hot ``[n, A]`` matrix.
 
     The product's rule: maximise predicted incremental conversions within eligibility and the
-    budget; the costs are the common ones (``p_common``), not the version's own.
+    budget, with expected costs at conversion probabilities ``p_cost`` (the version's own, as the
+    product allocates; or common ones, for random targeting).
     """
     n, a = scores.p.shape
     uplift = (scores.p[:, 1:] - scores.p[:, :1]).astype(np.float32)
     problem = AllocationProblem(
         value=uplift,
-        cost=econ.cost(p_common[:, 1:]),
+        cost=econ.cost(p_cost[:, 1:]),
         eligible=econ.eligible & scores.has_arm[None, 1:],
         option_coupon=np.full(a - 1, -1),
         option_channel=np.full(a - 1, -1),
@@ -379,9 +380,10 @@ def evaluate(
     y = frame[OUTCOME].to_numpy(np.float64)
     versions = [challenger] + ([champion] if champion is not None else [])
     p_common = np.mean([v.p for v in versions], axis=0)
-    mine = policy_matrix(challenger, econ, p_common)
+    # Each version allocates with its own predicted costs, as the product deploys it.
+    mine = policy_matrix(challenger, econ, challenger.p)
     theirs = (
-        policy_matrix(champion, econ, p_common) if champion is not None else random_targeting(econ, p_common)
+        policy_matrix(champion, econ, champion.p) if champion is not None else random_targeting(econ, p_common)
     )
     control = np.zeros_like(mine)
     control[:, 0] = 1.0
@@ -471,16 +473,16 @@ def decide(
             f"calibration error {numbers['calibration_error']:.4f} > {numbers['calibration_limit']:.4f} "
             f"allowed at {numbers['test_rows']:,} rows (limit {gate.max_calibration_error:g} plus noise)"
         )
-    if champion_version is None and numbers["gain_ucb"] < 0:
-        guards.append(
-            f"worse than random targeting at the same budget: gain {numbers['gain']:+.4g}, "
-            f"{gate.confidence:.0%} upper bound {numbers['gain_ucb']:+.4g} < 0"
-        )
     if guards:
         promoted, outcome, reason = False, "refused", "guard failed: " + "; ".join(guards)
     elif champion_version is None:
+        # With nothing to keep, the first version that passes the guards serves; its comparison
+        # with random targeting at the same budget is recorded for people to judge.
         promoted, outcome = True, "promoted"
-        reason = "no champion yet: first version that passes the guards"
+        reason = (
+            "no champion yet: first version that passes the guards (vs random targeting at the same "
+            f"budget: gain {numbers['gain']:+.5f} ± {numbers['gain_stderr']:.5f})"
+        )
     else:
         promoted = numbers["gain_lcb"] > gate.margin
         outcome = "promoted" if promoted else "kept"

@@ -3,10 +3,13 @@
 Every configured family (``trainer.families``: the network, a gradient-boosting T-learner, a
 regularised logistic T-learner) is fitted on the training part of the non-holdout rows and
 judged on a customer-disjoint validation part by what matters: the doubly robust value of the
-allocation the product would make with it (the gate's consent- and budget-constrained policy at
-common costs, :mod:`mlpkg.gate`), with the Qini coefficient beside it. The family with the best
-value is then trained for real and registered; the comparison is recorded with the version, so
-the registry says which family won and why. The gate's holdout is never touched here.
+allocation the product would make with it (the gate's consent- and budget-constrained policy,
+:mod:`mlpkg.gate`), with the Qini coefficient beside it. The first configured family (the network
+by default) is kept unless another beats it by the one-sided ``gate.confidence`` lower bound of
+the paired gain: on a log too small or too noisy to tell them apart, the choice does not follow
+noise. The chosen family is then trained for real and registered; the comparison is recorded
+with the version, so the registry says which family won and why. The gate's holdout is never
+touched here.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from mlpkg import gate
 from mlpkg.config import Settings
+from mlpkg.evaluation.ope import paired_difference
 from mlpkg.evaluation.uplift_metrics import consent_eligibility, multi_arm_qini
 from mlpkg.train import fit_family, ordered_arm_list
 
@@ -101,10 +106,11 @@ def choose_family(
     prop = val_rows["propensity"].to_numpy(np.float64)
     y = val_rows[gate.OUTCOME].to_numpy(np.float64)
     eligible = consent_eligibility(val_rows, columns)
-    rows = []
+    rows, targets = [], {}
     for family, p in predictions.items():
         scores = gate._Scores(version=family, p=p, has_arm=np.ones(len(columns), dtype=bool))
-        target = gate.policy_matrix(scores, econ, p_common)
+        # Each family allocates with its own predicted costs, as the product would deploy it.
+        target = targets[family] = gate.policy_matrix(scores, econ, p)
         value, stderr = gate.dr_value(target, logged, prop, y, p_common)
         qini = multi_arm_qini(p, logged, y, prop, columns, eligible=eligible)
         finite = [v for v in qini.values() if math.isfinite(v)]
@@ -119,13 +125,31 @@ def choose_family(
                 "validation_rows": len(val_rows),
             }
         )
-    table = (
-        pd.DataFrame(rows).sort_values("policy_value", ascending=False, kind="stable").reset_index(drop=True)
-    )
-    best, second = table.iloc[0], table.iloc[1]
+    # Paired gains over the default (first) family: the same rows and reward model, so the
+    # difference of two DR values has a much smaller standard error than either value.
+    base = families[0]
+    z = float(stats.norm.ppf(settings.gate.confidence))
+    for row in rows:
+        diff = paired_difference(targets[row["family"]], targets[base], logged, prop, y, p_common)["dr"]
+        row["gain_vs_default"], row["gain_stderr"] = diff.value, diff.stderr
+        row["gain_lcb"] = diff.value - z * diff.stderr if row["family"] != base else 0.0
+    table = pd.DataFrame(rows).sort_values("policy_value", ascending=False, kind="stable")
+    table = table.reset_index(drop=True)
+    # Leave the default only on evidence: a family whose gain's lower bound clears zero.
+    better = table[(table["family"] != base) & (table["gain_lcb"] > 0)]
+    confidence = f"{settings.gate.confidence:.0%}"
+    if better.empty:
+        top = table[table["family"] != base].iloc[0]
+        reason = (
+            f"{base} (the default): no family beats it on {len(val_rows):,} validation rows by the "
+            f"{confidence} lower bound of its paired gain at the budget (next best: {top.family}, "
+            f"{top.gain_vs_default:+.4g} ± {top.gain_stderr:.2g})"
+        )
+        return FamilyChoice(base, reason, table)
+    best = better.iloc[0]
     reason = (
-        f"{best.family} has the best policy value on {len(val_rows):,} validation rows at the budget: "
-        f"{best.policy_value:.4g} ± {best.stderr:.2g} vs {second.family} {second.policy_value:.4g} "
-        f"(Qini {best.qini:.3g} vs {second.qini:.3g})"
+        f"{best.family} beats {base} on {len(val_rows):,} validation rows at the budget: paired gain "
+        f"{best.gain_vs_default:+.4g} ± {best.gain_stderr:.2g}, {confidence} lower bound "
+        f"{best.gain_lcb:+.4g} > 0 (policy value {best.policy_value:.4g}, Qini {best.qini:.3g})"
     )
     return FamilyChoice(str(best.family), reason, table)

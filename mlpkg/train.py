@@ -638,22 +638,33 @@ def fit_family(
         arms,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        fractions=(0.85, 0.15, 0.0),
+        # The shares train_uplift_model gives train and validation once the holdout is out.
+        fractions=(0.70 / 0.85, 0.15 / 0.85, 0.0),
         max_weight=cfg.max_weight if cfg.weighting == "stabilised" else 0.0,
     )
     data.setup("fit")
     module = _network(settings, data, numeric)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=cfg.max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[EarlyStopping(monitor="val/loss", mode="min", patience=EARLY_STOPPING_PATIENCE)],
-        deterministic="warn",
-    )
-    trainer.fit(module, datamodule=data)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ckpt-", dir=settings.state_dir) as ckpt_dir:
+        # The best epoch by val/loss, as train_uplift_model keeps it, not the last one.
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/loss", mode="min", save_top_k=1)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=cfg.max_epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[
+                EarlyStopping(monitor="val/loss", mode="min", patience=EARLY_STOPPING_PATIENCE),
+                checkpoint,
+            ],
+            default_root_dir=ckpt_dir,
+            deterministic="warn",
+        )
+        trainer.fit(module, datamodule=data)
+        if checkpoint.best_model_path:
+            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state["state_dict"])
     with tempfile.TemporaryDirectory() as folder:
         artifacts = write_model_artifacts(module.net.cpu().eval(), data.preprocessor, data.arms, folder)
         return UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
