@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jinja2 import Environment, select_autoescape
 
@@ -142,7 +142,8 @@ run <code>couponops_allocate</code>.{% endif %}</p>{% else %}
 {%- if r.provisional %}<span class="tag provisional">provisional</span>{% endif %}
 <br><span class="muted">{{ r.objective }}</span></td>
 <td>{{ r.created_at }}<br><span class="muted">as of {{ r.as_of }}</span></td>
-<td>{% if r.links.airflow_run %}<a href="{{ r.links.airflow_run }}">{{ r.dag_id }}<br>{{ r.run_id }}</a>
+<td>{% if r.links.airflow_run %}<a href="{{ r.links.airflow_run }}"
+ target="_top">{{ r.dag_id }}<br>{{ r.run_id }}</a>
 {%- else %}<span class="muted">{{ r.run_key or "—" }}</span>{% endif %}</td>
 <td>{% if r.model_version %}{% if r.links.model_version %}<a href="{{ r.links.model_version }}"
  target="_blank" rel="noopener">{{ r.model_name }} v{{ r.model_version }}</a>{% else %}{{ r.model_name }}
@@ -163,14 +164,42 @@ run <code>couponops_allocate</code>.{% endif %}</p>{% else %}
 {% for d in r.links.data_docs %}<li><a href="{{ d.href }}">{{ d.table }}</a></li>{% endfor %}</ul></details>
 {%- elif r.batch %}batch {{ r.batch }}{% else %}<span class="muted">—</span>{% endif %}</td>
 </tr>{% endfor %}</tbody></table>{% endif %}
+<script src="{{ app_root }}/static/links.js"></script>
 </body></html>
+"""
+
+#: Airflow embeds the view in a frame sandboxed without ``allow-popups`` or ``allow-top-navigation``,
+#: so a plain ``target="_blank"`` (MLflow) or ``target="_top"`` (the Airflow run) link would do
+#: nothing there. The frame is same-origin with Airflow's page: the script follows such a link
+#: through an anchor of the top page, whose navigations the sandbox does not restrict. Opened
+#: outside Airflow (``/couponops/campaigns``), the page is the top window and links work as written.
+_LINKS_JS = """(function () {
+  if (window.top === window) { return; }
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest ? event.target.closest("a[target]") : null;
+    if (!link || (link.target !== "_blank" && link.target !== "_top")) { return; }
+    var top;
+    try { top = window.top.document; } catch (err) { return; }
+    event.preventDefault();
+    var proxy = top.createElement("a");
+    proxy.href = link.href;
+    proxy.target = link.target === "_blank" ? "_blank" : "_self";
+    proxy.rel = "noopener";
+    proxy.style.display = "none";
+    top.body.appendChild(proxy);
+    proxy.click();
+    proxy.remove();
+  });
+})();
 """
 
 _templates = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
 _page = _templates.from_string(_PAGE)
-# The page runs no script and loads nothing from elsewhere; MLflow opens in its own tab.
+# The page loads nothing from elsewhere and runs only its own link script; MLflow opens in its own tab.
 _PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; script-src 'self'"
+    ),
     "X-Content-Type-Options": "nosniff",
 }
 
@@ -223,6 +252,15 @@ def create_app(settings_factory: Callable[[], Any] | None = None) -> FastAPI:
         found = rows(request, campaign)
         html = _page.render(rows=found, selected=campaign, app_root=_roots(request)[0], fmt=_fmt)
         return HTMLResponse(html, headers=_PAGE_HEADERS)
+
+    @app.get("/static/links.js")
+    def links_script() -> Response:
+        """Serve the page's link script (see ``_LINKS_JS``)."""
+        return Response(
+            _LINKS_JS,
+            media_type="text/javascript",
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"},
+        )
 
     @app.get("/api/campaigns")
     def campaigns_json(request: Request, campaign: str | None = None) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -192,7 +193,14 @@ def test_page_lists_the_campaign_and_every_link_it_serves_answers(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
     assert "cmp-20250630" in html and "@champion" in html and "couponops-uplift v3" in html
-    assert "<script" not in html and "http://cdn" not in html and "https://" not in html
+    # Nothing from elsewhere: the one script is the app's own, served beside the page.
+    scripts = re.findall(r"<script[^>]*>", html)
+    assert scripts == ['<script src="/couponops/static/links.js">'], scripts
+    assert "http://cdn" not in html and "https://" not in html
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    js = client.get("/couponops/static/links.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert "window.top" in js.text
     row = client.get("/couponops/api/campaigns").json()["campaigns"][0]
     own = [row["links"]["report"], *(d["href"] for d in row["links"]["data_docs"])]
     for href in own:

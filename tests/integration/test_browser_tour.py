@@ -152,12 +152,29 @@ def test_campaigns_entry_lists_the_demo_campaign_and_its_links_answer(tour):
         assert answer.status == 200, f"{name} -> {url}: {answer.status}"
 
 
+def test_the_embedded_views_mlflow_link_opens_a_tab_of_its_own(tour):
+    """Airflow's frame sandbox forbids pop-ups; the view's links still open MLflow in a new tab."""
+    campaign_id, _ = _latest_campaign(tour["state"])
+    row = _campaigns_view(tour).locator(f"tr[id='{campaign_id}']")
+    url = _href(tour, row, "a:has-text('MLflow run')")
+    with tour["page"].context.expect_page(timeout=15_000) as opened:
+        row.get_by_text("MLflow run").click()
+    tab = opened.value
+    tab.wait_for_load_state()
+    run_id = re.search(r"/runs/([0-9a-f]+)", url).group(1)
+    # MLflow's UI may rewrite the route (to the run under its experiment); the run stays.
+    assert tab.url.split("#")[0] == url.split("#")[0] and run_id in tab.url, (tab.url, url)
+    tab.close()
+
+
 def test_the_campaigns_airflow_run_opens_on_its_dag_run_page(tour):
     campaign_id, _ = _latest_campaign(tour["state"])
     row = _campaigns_view(tour).locator(f"tr[id='{campaign_id}']")
     url = _href(tour, row, "a[href*='/dags/couponops_allocate/runs/']")
     page = tour["page"]
-    page.goto(url)
+    # A click in the embedded view opens the run in Airflow's own window, not inside the frame.
+    row.locator("a[href*='/dags/couponops_allocate/runs/']").first.click()
+    page.wait_for_url(url, timeout=15_000)
     page.get_by_text("allocate", exact=True).first.wait_for()
     page.get_by_text(re.compile("success", re.IGNORECASE)).first.wait_for()
     screenshot(page, "airflow-dag-run", tour["folders"])
