@@ -382,9 +382,10 @@ def evaluate(
     p_common = np.mean([v.p for v in versions], axis=0)
     # Each version allocates with its own predicted costs, as the product deploys it.
     mine = policy_matrix(challenger, econ, challenger.p)
-    theirs = (
-        policy_matrix(champion, econ, champion.p) if champion is not None else random_targeting(econ, p_common)
-    )
+    if champion is not None:
+        theirs = policy_matrix(champion, econ, champion.p)
+    else:
+        theirs = random_targeting(econ, p_common)
     control = np.zeros_like(mine)
     control[:, 0] = 1.0
     alpha = 2 * (1 - gate.confidence)
