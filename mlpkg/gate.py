@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -167,10 +168,9 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
         )
         budget = per_row * n
     else:
-        unit = float(send[known].mean()) if known.any() and send[known].mean() > 0 else 1.0
         if not (send > 0).any():
-            send = np.where(known, 1.0, 0.0)
-            unit = 1.0
+            send = np.where(known, 1.0, 0.0)  # the log declares no costs: every arm costs one unit
+        unit = float(send[known].mean()) if known.any() else 1.0
         budget = settings.gate.treat_fraction * n * unit
         basis = (
             f"the log's per-arm costs; budget lets {settings.gate.treat_fraction:.0%} of the rows be treated"
@@ -181,7 +181,7 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
 
 
 @dataclass
-class _Scores:
+class Scores:
     """One version's predictions over the gate's arm columns (control first)."""
 
     version: str
@@ -189,8 +189,8 @@ class _Scores:
     has_arm: np.ndarray  # [A]
 
 
-def _score(uri: str, frame: pd.DataFrame, columns: list[str], version: str, tracking_uri: str) -> _Scores:
-    model = registry.load_uplift_model(uri, tracking_uri=tracking_uri)
+def _score(model: Any, frame: pd.DataFrame, columns: list[str], version: str) -> Scores:
+    """Score ``frame`` with a loaded version over the gate's columns (its missing arms: control's)."""
     scores = model.score_arrays(frame)
     own = list(model.arms)
     p = np.repeat(scores["p_conv"][:, [own.index(CONTROL)]].astype(np.float64), len(columns), axis=1)
@@ -199,10 +199,10 @@ def _score(uri: str, frame: pd.DataFrame, columns: list[str], version: str, trac
         if arm in own:
             p[:, j] = scores["p_conv"][:, own.index(arm)]
             has[j] = True
-    return _Scores(version=version, p=p, has_arm=has)
+    return Scores(version=version, p=p, has_arm=has)
 
 
-def policy_matrix(scores: _Scores, econ: GateEconomics, p_cost: np.ndarray) -> np.ndarray:
+def policy_matrix(scores: Scores, econ: GateEconomics, p_cost: np.ndarray) -> np.ndarray:
     """Return the version's allocation of the held-out rows as a one-hot ``[n, A]`` matrix.
 
     The product's rule: maximise predicted incremental conversions within eligibility and the
@@ -365,8 +365,8 @@ def model_description(gate: GateSettings) -> str:
 def evaluate(
     frame: pd.DataFrame,
     econ: GateEconomics,
-    challenger: _Scores,
-    champion: _Scores | None,
+    challenger: Scores,
+    champion: Scores | None,
     gate: GateSettings,
 ) -> dict[str, Any]:
     """Estimate both versions' policy values and their paired difference on ``frame``'s rows."""
@@ -533,12 +533,15 @@ def gate_challenger(
     tracking_uri: str,
     challenger_version: str,
     test_frame: pd.DataFrame,
-    economics: GateEconomics,
+    economics_for: Callable[[pd.DataFrame, list[str]], GateEconomics],
     gate: GateSettings,
     now: datetime,
     run_id: str | None = None,
 ) -> GateDecision:
     """Set ``challenger``, compare it with the champion on the holdout, promote only on evidence.
+
+    ``economics_for(rows, arms)`` gives the allocation's costs, eligibility and budget for the
+    held-out rows over the challenger's arms (and any other logged arm), e.g. :func:`gate_economics`.
 
     The decision is written as version tags and description on the challenger, as the run's
     description and ``gate/`` artifacts (decision JSON, comparison CSV), and in the warehouse's
@@ -557,17 +560,17 @@ def gate_challenger(
     champion = registry.alias_version(client, name, registry.CHAMPION)
     if champion == str(challenger_version):
         champion = None
+    model = registry.load_uplift_model(f"models:/{name}/{challenger_version}", tracking_uri=tracking_uri)
+    logged = sorted(set(test_frame["arm"].astype(str)) - set(model.arms)) if len(test_frame) else []
+    economics = economics_for(test_frame, [*model.arms, *logged])
     columns = [CONTROL, *economics.arms]
     numbers = None
     if len(test_frame) >= max(gate.min_test_rows, 2):
-        mine = _score(
-            f"models:/{name}/{challenger_version}", test_frame, columns, str(challenger_version), tracking_uri
-        )
-        theirs = (
-            _score(f"models:/{name}/{champion}", test_frame, columns, champion, tracking_uri)
-            if champion
-            else None
-        )
+        mine = _score(model, test_frame, columns, str(challenger_version))
+        theirs = None
+        if champion:
+            loaded = registry.load_uplift_model(f"models:/{name}/{champion}", tracking_uri=tracking_uri)
+            theirs = _score(loaded, test_frame, columns, champion)
         numbers = evaluate(test_frame, economics, mine, theirs, gate)
     decision = decide(
         numbers,

@@ -27,7 +27,8 @@ from mlpkg import gate
 from mlpkg.config import Settings
 from mlpkg.evaluation.ope import paired_difference
 from mlpkg.evaluation.uplift_metrics import consent_eligibility, multi_arm_qini
-from mlpkg.train import fit_family, ordered_arm_list
+from mlpkg.models.lightning import ordered_arms
+from mlpkg.train import fit_family
 
 #: Key of the validation hash (independent of the gate's holdout hash).
 SELECTION_SALT = "couponops-family-selection-v1"
@@ -91,7 +92,7 @@ def choose_family(
             pd.DataFrame(columns=["family", "policy_value"]),
         )
     fit_rows, val_rows = frame[fit].reset_index(drop=True), frame[val].reset_index(drop=True)
-    columns = ordered_arm_list(arms)
+    columns = ordered_arms(arms)
     econ = economics_for(val_rows, columns)
     predictions, seconds = {}, {}
     for family in families:
@@ -108,7 +109,7 @@ def choose_family(
     eligible = consent_eligibility(val_rows, columns)
     rows, targets = [], {}
     for family, p in predictions.items():
-        scores = gate._Scores(version=family, p=p, has_arm=np.ones(len(columns), dtype=bool))
+        scores = gate.Scores(version=family, p=p, has_arm=np.ones(len(columns), dtype=bool))
         # Each family allocates with its own predicted costs, as the product would deploy it.
         target = targets[family] = gate.policy_matrix(scores, econ, p)
         value, stderr = gate.dr_value(target, logged, prop, y, p_common)

@@ -434,13 +434,10 @@ def gate(
     import pandas as pd
 
     from mlpkg.gate import gate_challenger, gate_economics
-    from mlpkg.registry import load_uplift_model, make_client, no_champion_message
+    from mlpkg.registry import make_client, no_champion_message
 
     name = model_name or settings.registered_model_name
     uri = settings.resolved_tracking_uri
-    frame = pd.read_parquet(test_frame)
-    arms = list(load_uplift_model(f"models:/{name}/{model_version}", tracking_uri=uri).arms)
-    arms += sorted(set(frame["arm"].astype(str)) - set(arms))
     engine = _engine(settings)
     decision = gate_challenger(
         make_client(uri),
@@ -448,8 +445,8 @@ def gate(
         name=name,
         tracking_uri=uri,
         challenger_version=str(model_version),
-        test_frame=frame,
-        economics=gate_economics(engine, settings, frame, arms),
+        test_frame=pd.read_parquet(test_frame),
+        economics_for=lambda rows, arms: gate_economics(engine, settings, rows, arms),
         gate=settings.gate,
         now=now or utcnow(),
         run_id=run_id,

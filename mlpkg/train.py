@@ -51,7 +51,7 @@ from mlpkg.evaluation.uplift_metrics import (
 )
 from mlpkg.features import feature_snapshot_id
 from mlpkg.models.baseline import GBM_FAMILY_PARAMS, fit_t_learner
-from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, uplift_losses
+from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, ordered_arms, uplift_losses
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts, write_tlearner_artifacts
 
@@ -622,7 +622,7 @@ def fit_family(
                 frame.reset_index(drop=True),
                 numeric,
                 categorical,
-                ordered_arm_list(arms),
+                ordered_arms(arms),
                 seed=cfg.seed,
                 params=GBM_FAMILY_PARAMS if family == "gbm" else None,
                 n_threads=cfg.num_threads or 1,
@@ -668,11 +668,6 @@ def fit_family(
     with tempfile.TemporaryDirectory() as folder:
         artifacts = write_model_artifacts(module.net.cpu().eval(), data.preprocessor, data.arms, folder)
         return UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
-
-
-def ordered_arm_list(arms: list[str]) -> list[str]:
-    """Return ``arms`` with control first (the T-learners' and the network's column order)."""
-    return ["control", *(a for a in arms if a != "control")]
 
 
 def train_tlearner_model(

@@ -86,7 +86,7 @@ def _gate(shop, engine, version: str, **gate):
         tracking_uri=uri,
         challenger_version=version,
         test_frame=held,
-        economics=_economics(held),
+        economics_for=lambda rows, arms: _economics(rows),
         # The first model learns from a tenth of the log and is calibrated to about 0.055 only:
         # calibration is not what these decisions are about.
         gate=GateSettings(**{"max_calibration_error": 0.1, **gate}),

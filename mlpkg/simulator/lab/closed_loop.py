@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from mlpkg import stages
 from mlpkg.config import Settings
+from mlpkg.db import queries as q
 from mlpkg.simulator.lab import harness
 
 CONTROL = "control"
@@ -186,7 +187,7 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
     from mlpkg.registry import score_with_model
     from mlpkg.simulator.lab.policy_quality import allocate_by_scores
 
-    as_of = q_as_utc(shop.now)
+    as_of = q.as_utc(shop.now).to_pydatetime()
     feats = customer_features(stages._engine(settings), as_of)
     feats = feats[~feats["customer_id"].isin(cooling)].sort_values("customer_id").reset_index(drop=True)
     ids = feats["customer_id"].tolist()
@@ -209,13 +210,6 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
         "gate_promoted_worse": bool(gate["promoted"] and not better),
         "gate_true_loss": round(values["champion"] - values["challenger"], 2) if gate["promoted"] else 0.0,
     }
-
-
-def q_as_utc(ts):  # noqa: ANN001, ANN201 - a timestamp
-    """Return ``ts`` as a timezone-aware UTC datetime."""
-    from mlpkg.db import queries as q
-
-    return q.as_utc(ts).to_pydatetime()
 
 
 def _oracle_value(
@@ -248,7 +242,6 @@ def _share(value: float, reference: float) -> float:
 
 def _on_cooldown(settings: Settings, now) -> set[str]:  # noqa: ANN001
     """Customers who got a coupon from an earlier campaign within the cooldown period."""
-    from mlpkg.db import queries as q
     from mlpkg.db.engine import session_scope
 
     as_of = q.as_utc(now).to_pydatetime()
