@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from mlpkg import progress, stages
-from mlpkg.config import get_settings
+from mlpkg.config import Settings, get_settings
 
 app = typer.Typer(
     help="CouponOps: uplift-driven coupon allocation with a measured feedback loop.",
@@ -72,6 +74,24 @@ def _fail(message: str) -> None:
     """Print one ``error:`` line (escaped, never wrapped) and exit with code 2."""
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _settings() -> Settings:
+    """Return the settings, or exit with one line naming each bad ``COUPONOPS_*`` value."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "COUPONOPS_" + "__".join(str(part) for part in err["loc"]).upper()
+            # A value that may hold a credential (a URL, a password, a token) is never echoed.
+            secret = any(w in name for w in ("PASSWORD", "TOKEN", "SECRET", "URL", "URI", "KEY", "USER"))
+            shown = name if secret or "input" not in err else f"{name}={err['input']!r}"
+            problems.append(f"{shown}: {err['msg']}")
+        _fail("invalid settings: " + "; ".join(problems))
+    except SettingsError as exc:
+        _fail(f"invalid settings: {exc} (a nested setting must be valid JSON, e.g. '[\"network\"]')")
+    raise AssertionError("unreachable")  # _fail always exits
 
 
 def _call(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -228,7 +248,7 @@ def _table(title: str, header: list[str], cells: list[list[str]]) -> None:
 def init() -> None:
     """Create the state folder, migrate the warehouse and create the MLflow experiment."""
     # Settings are read inside _run: a bad value is a one-line error (never echoing a secret).
-    settings = _run(get_settings)
+    settings = _settings()
     _show("stores", _run(stages.init_stores, settings))
 
 
@@ -242,7 +262,7 @@ def ingest(
     ] = False,
 ) -> None:
     """Validate batches against their data contracts and load them into the warehouse."""
-    settings = get_settings()
+    settings = _settings()
     if dry_run:
         if batch_dir is None:
             console.print("[red]error:[/red] --dry-run needs a BATCH_DIR (one batch folder to check)")
@@ -270,7 +290,7 @@ def import_log(
     spec: Annotated[Path, typer.Option(help="YAML spec: id, treatment, outcome and feature columns")],
 ) -> None:
     """Validate a campaign log (CSV or Parquet) against its YAML spec and import it for training."""
-    result = _run(stages.import_log, get_settings(), file, spec)
+    result = _run(stages.import_log, _settings(), file, spec)
     _show(
         f"campaign log {result['name']}",
         {
@@ -303,7 +323,7 @@ def import_log(
 @app.command()
 def train(log: Annotated[list[str] | None, typer.Option(help="Campaign log(s) to train on")] = None) -> None:
     """Train, track and register a model version, then run the promotion gate."""
-    settings = get_settings()
+    settings = _settings()
     ctx = stages.RunContext(dag_id="cli", run_id=f"train-{stages.utcnow():%Y%m%dT%H%M%S}")
     result = _run(stages.train, settings, ctx, log_names=log)
     _show("training", {k: v for k, v in result.items() if k != "metrics"})
@@ -330,7 +350,7 @@ def promote(
     """Make VERSION the champion (recorded in `couponops history`)."""
     actor = os.environ.get("USER", "cli")
     _show(
-        "promotion", _run(stages.promote, get_settings(), version, actor=actor, reason=reason, log_name=log)
+        "promotion", _run(stages.promote, _settings(), version, actor=actor, reason=reason, log_name=log)
     )
 
 
@@ -351,7 +371,7 @@ def allocate(
     ),
 ) -> None:
     """Allocate a shop campaign with the champion, or an imported log's arms to a customers file."""
-    settings = get_settings()
+    settings = _settings()
     if log:
         if customers is None or budget is None:
             console.print("[red]error:[/red] --log needs --customers FILE and --budget B")
@@ -400,7 +420,7 @@ def plan(
     ] = None,
 ) -> None:
     """Print and plot expected incremental value versus budget (the what-if curve)."""
-    settings = get_settings()
+    settings = _settings()
     when = _as_of(as_of) or _clock(settings)
     result = _run(
         stages.plan, settings, campaign_id=campaign, as_of=when, objective=objective, budgets=budget
@@ -412,7 +432,7 @@ def plan(
 @app.command()
 def deliver(campaign: Annotated[str, typer.Option(help="Campaign id")]) -> None:
     """Send a campaign's messages through the outbox."""
-    _show("delivery", _run(stages.deliver, get_settings(), campaign))
+    _show("delivery", _run(stages.deliver, _settings(), campaign))
 
 
 @app.command()
@@ -425,7 +445,7 @@ def feedback(
     ] = None,
 ) -> None:
     """Load feedback (landed exports or one folder), then measure incrementality vs control."""
-    settings = get_settings()
+    settings = _settings()
     loaded = _run(
         stages.ingest_feedback_source, settings, feedback_dir=str(feedback_dir) if feedback_dir else None
     )
@@ -489,7 +509,7 @@ def report(
     """Print the campaign, its measured outcome, the model in production and the data (reads only)."""
     from mlpkg.reports import loop_summary
 
-    settings = _call(get_settings)
+    settings = _settings()
     if campaign:
         _call(stages.require_campaign, settings, campaign)
     summary = _call(loop_summary, settings, campaign) if as_json else _run(loop_summary, settings, campaign)
@@ -559,7 +579,7 @@ def evaluate(
     ] = False,
 ) -> None:
     """Estimate a policy's value offline (IPS, SNIPS, DR with intervals) on logged rows."""
-    settings = get_settings()
+    settings = _settings()
     kwargs = dict(log=log, campaign=campaign, compare=compare, outcome=outcome)
     result = (_call if as_json else _run)(stages.evaluate_policy, settings, policy, **kwargs)
     if as_json:
@@ -669,7 +689,7 @@ def history(
     from mlpkg.reports import campaign_detail
     from mlpkg.reports import history as _history
 
-    settings = _call(get_settings)
+    settings = _settings()
     if campaign:
         _call(stages.require_campaign, settings, campaign)
         detail = _call(campaign_detail, settings, campaign)

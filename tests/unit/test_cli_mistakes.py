@@ -134,3 +134,20 @@ def test_a_bad_budget_for_the_what_if_curve_is_refused(ingested, budget):
 def test_history_json_of_an_unknown_campaign_is_one_error_line(ingested):
     line = _one_error_line(_cli("history", "--campaign", "nope", "--json"))
     assert "unknown campaign id 'nope'" in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("COUPONOPS_GATE__CONFIDENCE", "2", "COUPONOPS_GATE__CONFIDENCE='2': Input should be less than 1"),
+        ("COUPONOPS_TRAINER__FAMILIES", '["forest"]', "COUPONOPS_TRAINER__FAMILIES__0='forest'"),
+        ("COUPONOPS_TRAINER__FAMILIES", "forest", 'error parsing value for field "trainer"'),
+    ],
+)
+@pytest.mark.parametrize("command", [("promote", "1"), ("history",), ("train",)])
+def test_a_bad_setting_is_one_line_naming_the_variable(
+    ingested, monkeypatch, variable, value, words, command
+):
+    monkeypatch.setenv(variable, value)
+    line = _one_error_line(_cli(*command))
+    assert line.startswith("error: invalid settings: ") and words in line, line
