@@ -38,16 +38,14 @@ from sqlalchemy.orm import Session
 def _sqlite_timestamps(values: pd.Series) -> list:
     """Return UTC timestamps as SQLAlchemy's SQLite DateTime text (``YYYY-MM-DD HH:MM:SS.ffffff``).
 
-    NumPy formats the values in C; Arrow puts the space in. (Arrow's ``strftime`` and Python
-    ``datetime`` objects cost several times more per value.)
+    Arrow's cast of a microsecond timestamp to text writes exactly that format, in C (about ten
+    times faster than NumPy's ``datetime_as_string``; Python ``datetime`` objects cost more still).
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     utc = values.dt.tz_convert("UTC").dt.tz_localize(None) if values.dt.tz is not None else values
     micros = utc.to_numpy(dtype="datetime64[us]")
-    text = pa.array(np.datetime_as_string(micros, unit="us"), mask=np.isnat(micros))
-    return pc.replace_substring(text, "T", " ", max_replacements=1).to_pylist()
+    return pa.array(micros, mask=np.isnat(micros)).cast(pa.string()).to_pylist()
 
 
 def _object_column(values: pd.Series, dialect: str) -> list:

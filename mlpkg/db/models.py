@@ -123,6 +123,9 @@ class Event(Base):
     """A behaviour event (page view, search, cart add, message engagement)."""
 
     __tablename__ = "events"
+    # On SQLite the rows live in the key's B-tree alone (no rowid table beside the key's index):
+    # a bulk load writes each event once instead of twice. Other engines ignore the option.
+    __table_args__ = {"sqlite_with_rowid": False}
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     # No secondary index: features read the event store (EventPart), and a bulk load of millions
     # of rows would spend most of its time keeping ``customer_id`` and ``ts`` indexes. No foreign

@@ -113,3 +113,42 @@ def test_checksums_change_with_content_and_not_with_reloads(engine):
         after = q.table_checksums(s)
     assert before["channels"] != mid["channels"]
     assert mid == after
+
+
+def test_sqlite_events_live_in_their_key_b_tree_and_survive_the_round_trip(tmp_path):
+    """0006 clusters events on event_id (WITHOUT ROWID) keeping every row; downgrade undoes it."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from mlpkg.db.engine import alembic_config, make_engine, migrate
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    migrate(url, "0005_event_store")
+    eng = make_engine(url)
+
+    def events_ddl() -> str:
+        with eng.connect() as conn:
+            return conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'events'")).scalar_one()
+
+    def rows() -> list:
+        with eng.connect() as conn:
+            return conn.execute(text("SELECT event_id, customer_id, category FROM events ORDER BY 1")).all()
+
+    try:
+        with eng.begin() as conn:
+            conn.execute(text("INSERT INTO events VALUES"
+                              " ('e2', 'c1', '2025-01-01 00:00:00.000000', 'search', 'x'),"
+                              " ('e1', 'c2', '2025-01-02 00:00:00.000000', 'page_view', '')"))
+        assert "WITHOUT ROWID" not in events_ddl()
+        migrate(url)
+        assert "WITHOUT ROWID" in events_ddl()
+        assert rows() == [("e1", "c2", ""), ("e2", "c1", "x")]
+        with pytest.raises(IntegrityError):
+            with eng.begin() as conn:
+                conn.execute(text("INSERT INTO events VALUES ('e1', 'c9', '2025-01-03', 'search', '')"))
+        eng.dispose()
+        command.downgrade(alembic_config(url), "0005_event_store")
+        assert "WITHOUT ROWID" not in events_ddl()
+        assert rows() == [("e1", "c2", ""), ("e2", "c1", "x")]
+    finally:
+        eng.dispose()
