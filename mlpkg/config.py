@@ -36,6 +36,12 @@ class TrainerSettings(BaseModel):
     arm_heads: Literal["per_arm", "factorised"] = Field(
         "per_arm", description="per_arm: one head per arm; factorised: baseline + coupon/channel arm effects."
     )
+    ensemble_members: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="Networks trained side by side with their predictions averaged (1: a single network).",
+    )
     families: list[Literal["network", "gbm", "logistic"]] = Field(
         ["network", "gbm", "logistic"],
         min_length=1,

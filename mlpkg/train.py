@@ -52,7 +52,7 @@ from mlpkg.evaluation.uplift_metrics import (
 from mlpkg.features import feature_snapshot_id
 from mlpkg.models.baseline import GBM_FAMILY_PARAMS, fit_t_learner
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, ordered_arms, uplift_losses
-from mlpkg.models.network import MultiArmUpliftNet
+from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, build_network
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts, write_tlearner_artifacts
 
 #: Epochs without a val/loss improvement before training stops. The validation loss is mostly
@@ -274,7 +274,7 @@ def _trainer_params(
     categorical: list[str],
     arms: list[str],
     data_params: Mapping[str, Any],
-    net: MultiArmUpliftNet,
+    net: MultiArmUpliftNet | UpliftEnsemble,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {f"trainer.{k}": v for k, v in settings.trainer.model_dump().items()}
     params.update({f"data.{k}": v for k, v in data_params.items()})
@@ -568,16 +568,19 @@ def _lineage_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
 
 def _network(settings: Settings, data: UpliftDataModule, numeric: list[str]) -> UpliftLitModule:
     cfg = settings.trainer
-    net = MultiArmUpliftNet(
-        len(numeric),
-        data.preprocessor.cardinalities,
-        len(data.arms),
-        embedding_dim=cfg.embedding_dim,
-        hidden_dim=cfg.hidden_dim,
-        head_dim=cfg.head_dim,
-        dropout=cfg.dropout,
-        arms=data.arms,
-        arm_heads=cfg.arm_heads,
+    net = build_network(
+        dict(
+            n_numeric=len(numeric),
+            cat_cardinalities=data.preprocessor.cardinalities,
+            n_arms=len(data.arms),
+            embedding_dim=cfg.embedding_dim,
+            hidden_dim=cfg.hidden_dim,
+            head_dim=cfg.head_dim,
+            dropout=cfg.dropout,
+            arms=data.arms,
+            arm_heads=cfg.arm_heads,
+            members=cfg.ensemble_members,
+        )
     )
     net.init_output_bias(*data.training_stats())
     return UpliftLitModule(

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from mlpkg.models.network import MultiArmUpliftNet
+from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble
 from mlpkg.models.preprocessing import FeaturePreprocessor
 
 CONTROL_ARM = "control"
@@ -93,6 +93,9 @@ class UpliftLitModule(pl.LightningModule):
     the inverse propensity of the logged arm (normalised to mean 1 on the training split by
     the data module) and ``dev`` the gamma deviance of revenue on converted rows ``m``.
 
+    An :class:`~mlpkg.models.network.UpliftEnsemble` trains on the mean of its members' losses
+    (each member learns as if alone); validation and test score the ensemble's averaged output.
+
     Metrics: ``train/loss``, ``val/loss``, ``val/auc``, ``val/logloss`` and the same three under
     ``test/``. ``*/loss`` is the weighted objective, ``*/logloss`` the unweighted BCE and
     ``*/auc`` the AUC of the logged arm's conversion probability.
@@ -105,7 +108,10 @@ class UpliftLitModule(pl.LightningModule):
     """
 
     def __init__(
-        self, net: MultiArmUpliftNet, optimizer: OptimizerFactory, revenue_weight: float = 0.1
+        self,
+        net: MultiArmUpliftNet | UpliftEnsemble,
+        optimizer: OptimizerFactory,
+        revenue_weight: float = 0.1,
     ) -> None:
         """Store the network, optimizer factory and loss weights (see the class docstring)."""
         super().__init__()
@@ -124,19 +130,29 @@ class UpliftLitModule(pl.LightningModule):
         """Return ``(conv_logits, rev_log)`` for every arm; see :meth:`MultiArmUpliftNet.forward`."""
         return self.net(x_num, x_cat)
 
-    def _losses(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x_num, x_cat, arm, converted, revenue, weight = batch
-        conv_logits, rev_log = self.net(x_num, x_cat)
+    def _objective(self, conv_logits, rev_log, arm, converted, revenue, weight):  # noqa: ANN001, ANN202
         bce, deviance, mask = uplift_losses(conv_logits, rev_log, arm, converted, revenue)
         wm = weight * mask
         rev_term = (wm * deviance).sum() / wm.sum().clamp_min(1.0)
-        loss = (weight * bce).mean() + self.revenue_weight * rev_term
+        return (weight * bce).mean() + self.revenue_weight * rev_term, bce
+
+    def _losses(self, batch: Sequence[torch.Tensor], *, members: bool = False) -> dict[str, torch.Tensor]:
+        x_num, x_cat, arm, converted, revenue, weight = batch
+        if members and isinstance(self.net, UpliftEnsemble):
+            logits_k, rev_k = self.net.member_outputs(x_num, x_cat)
+            losses = [
+                self._objective(lk, rk, arm, converted, revenue, weight)
+                for lk, rk in zip(logits_k, rev_k, strict=True)
+            ]
+            return {"loss": torch.stack([loss for loss, _ in losses]).mean(), "bce": losses[0][1]}
+        conv_logits, rev_log = self.net(x_num, x_cat)
+        loss, bce = self._objective(conv_logits, rev_log, arm, converted, revenue, weight)
         prob = torch.sigmoid(conv_logits.gather(1, arm.unsqueeze(1)).squeeze(1))
         return {"loss": loss, "bce": bce, "prob": prob, "converted": converted}
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Return the weighted loss of one batch."""
-        out = self._losses(batch)
+        """Return the weighted loss of one batch (an ensemble's: the mean of its members')."""
+        out = self._losses(batch, members=True)
         n = out["bce"].new_tensor(out["bce"].shape[0])
         self._train_loss_sum = self._train_loss_sum.to(n.device) + out["loss"].detach() * n
         self._train_rows = self._train_rows.to(n.device) + n

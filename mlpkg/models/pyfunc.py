@@ -21,7 +21,7 @@ import torch
 
 from mlpkg import progress
 from mlpkg.models.baseline import TLearner
-from mlpkg.models.network import MultiArmUpliftNet
+from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, build_network
 from mlpkg.models.preprocessing import FeaturePreprocessor
 
 CONFIG_ARTIFACT = "config"
@@ -32,7 +32,7 @@ _CONTROL_ARM = "control"
 
 
 def write_model_artifacts(
-    net: MultiArmUpliftNet,
+    net: MultiArmUpliftNet | UpliftEnsemble,
     preprocessor: FeaturePreprocessor,
     arms: list[str],
     directory: str | Path,
@@ -124,7 +124,7 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = int(chunk_size)
         self.arms: list[str] = []
-        self.net: MultiArmUpliftNet | None = None
+        self.net: MultiArmUpliftNet | UpliftEnsemble | None = None
         self.preprocessor: FeaturePreprocessor | None = None
         self.tlearner: TLearner | None = None
         self.family = "network"
@@ -155,7 +155,7 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
             self.tlearner = learner
             return self
         self.preprocessor = FeaturePreprocessor.from_dict(config["preprocessor"])
-        net = MultiArmUpliftNet(**config["net"])
+        net = build_network(config["net"])
         net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         self.net = net.eval()
         return self

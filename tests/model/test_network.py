@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlpkg.models.network import MultiArmUpliftNet, arm_factors
+from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, arm_factors, build_network
 from mlpkg.models.preprocessing import UNKNOWN_CODE, FeaturePreprocessor
 from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts
 
@@ -206,3 +206,49 @@ def test_pyfunc_output_contract(tmp_path) -> None:
     np.testing.assert_allclose(scores["p_conv"], torch.sigmoid(conv_logits).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores["revenue"], torch.exp(rev_log).numpy(), rtol=1e-5)
     assert out.shape[0] == len(frame) and np.all((scores["p_conv"] > 0) & (scores["p_conv"] < 1))
+
+
+def test_an_ensemble_predicts_its_members_mean_and_reloads_from_its_artifacts(tmp_path) -> None:
+    """Ensemble = mean of the members' probabilities and revenues; config and pyfunc round trips."""
+    pre, frame = _fitted()
+    torch.manual_seed(0)
+    net = UpliftEnsemble(3, n_numeric=2, cat_cardinalities=pre.cardinalities, n_arms=len(ARMS),
+                         hidden_dim=16, head_dim=8, arms=ARMS).eval()  # fmt: skip
+    x_num, x_cat = (torch.from_numpy(a) for a in pre.transform(frame))
+    with torch.inference_mode():
+        logits_k, rev_k = net.member_outputs(x_num, x_cat)
+        conv_logits, rev_log = net(x_num, x_cat)
+    assert logits_k.shape == (3, len(frame), len(ARMS))
+    # Members start from different weights, so they disagree; the ensemble is their mean.
+    assert (logits_k[0] - logits_k[1]).abs().max() > 1e-3
+    np.testing.assert_allclose(torch.sigmoid(conv_logits), torch.sigmoid(logits_k).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(torch.exp(rev_log), torch.exp(rev_k).mean(0), rtol=1e-5)
+    rebuilt = build_network(json.loads(json.dumps(net.config())))
+    assert isinstance(rebuilt, UpliftEnsemble) and rebuilt.config() == net.config()
+    assert isinstance(build_network(net.members[0].config()), MultiArmUpliftNet)
+    artifacts = write_model_artifacts(net, pre, ARMS, tmp_path)
+    model = UpliftPyfunc(chunk_size=64).load_artifacts(artifacts["config"], artifacts["weights"])
+    np.testing.assert_allclose(model.score_arrays(frame)["p_conv"], torch.sigmoid(conv_logits).numpy(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="at least two members"):
+        UpliftEnsemble(1, n_numeric=2, cat_cardinalities=[], n_arms=2)
+
+
+def test_an_ensembles_members_each_learn_their_own_loss() -> None:
+    """The training loss is the members' mean: each member's gradient is its own loss's, scaled."""
+    from mlpkg.models.lightning import UpliftLitModule
+
+    torch.manual_seed(1)
+    net = UpliftEnsemble(
+        2, n_numeric=3, cat_cardinalities=[], n_arms=2, hidden_dim=8, head_dim=4, dropout=0.0
+    )
+    module = UpliftLitModule(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    n = 64
+    batch = (torch.randn(n, 3), torch.zeros(n, 0).long(), torch.randint(0, 2, (n,)),
+             torch.randint(0, 2, (n,)).float(), torch.rand(n) * 50, torch.ones(n))  # fmt: skip
+    module.training_step(batch, 0).backward()
+    ensemble_grad = net.members[1].representation[0].weight.grad.clone()
+    alone = UpliftLitModule(net.members[1], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    net.zero_grad()
+    alone.training_step(batch, 0).backward()
+    np.testing.assert_allclose(ensemble_grad * 2, net.members[1].representation[0].weight.grad, rtol=1e-5)
