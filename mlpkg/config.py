@@ -73,8 +73,22 @@ class CampaignSettings(BaseModel):
     budget: float = Field(300.0, gt=0, description="Expected spend cap (coupon cost + send cost).")
     objective: Literal["conversions", "revenue", "profit"] = "conversions"
     margin: float = Field(0.35, gt=0, le=1, description="Gross margin on incremental revenue.")
-    control_share: float = Field(0.10, ge=0, lt=1)
-    exploration_share: float = Field(0.05, ge=0, lt=1)
+    control_share: float = Field(
+        0.10, ge=0, lt=1, description="Random control share: the most a campaign holds out."
+    )
+    min_control_share: float = Field(0.02, ge=0, lt=1, description="The least control share sizing chooses.")
+    control_ci_target: float | None = Field(
+        0.5,
+        gt=0,
+        description="Size control so the targeted increment's 95% CI half-width is at most this share of the "
+        "increment the model expects (None: always control_share).",
+    )
+    exploration_share: float = Field(
+        0.05, ge=0, lt=1, description="Share given a random eligible arm: the most sizing chooses."
+    )
+    exploration_rows_per_arm: int | None = Field(
+        50, ge=1, description="Random rows per option on offer per campaign (None: always exploration_share)."
+    )
     cooldown_days: int = Field(14, ge=0)
     attribution_window_days: int = Field(7, ge=1)
     score_chunk_size: int = Field(65_536, ge=1024)
@@ -87,6 +101,8 @@ class CampaignSettings(BaseModel):
 
     @model_validator(mode="after")
     def _shares_leave_room(self) -> CampaignSettings:
+        if self.min_control_share > self.control_share:
+            raise ValueError("min_control_share must not exceed control_share")
         if self.control_share + self.exploration_share >= 0.5:
             raise ValueError(
                 "control_share + exploration_share must stay below 0.5 "

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mlpkg import registry
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
-from mlpkg.config import Settings
+from mlpkg.config import CampaignSettings, Settings
 from mlpkg.data import customer_features
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
@@ -332,6 +332,8 @@ class ScoredPopulation:
     cost: np.ndarray
     uplift: np.ndarray
     eligible: np.ndarray
+    #: Each customer's predicted conversion probability without a coupon (the control arm).
+    base_rate: np.ndarray
 
 
 def score_population(
@@ -380,9 +382,85 @@ def score_population(
     eligible &= basket >= catalog.min_basket[None, :]
     if cooldown:
         eligible &= ~np.isin(ids, list(cooldown))[:, None]
+    base_rate = scores["p_conv"][:, model_arms.index(CONTROL)].astype(np.float32)
     return ScoredPopulation(
-        ids=ids, catalog=catalog, value=value, cost=cost, uplift=uplift, eligible=eligible
-    )
+        ids=ids, catalog=catalog, value=value, cost=cost, uplift=uplift, eligible=eligible,
+        base_rate=base_rate,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GroupShares:
+    """The campaign's random control and exploration shares and how they were sized."""
+
+    control: float
+    exploration: float
+    sizing: dict
+
+
+#: Two-sided 95% normal quantile of the measured increment's interval.
+Z_95 = 1.959964
+
+
+def size_groups(
+    pop: ScoredPopulation, cfg: CampaignSettings, *, budget: float, has_model: bool
+) -> GroupShares:
+    """Size the control group and the exploration share by what measurement needs.
+
+    * **Exploration** (with a model): ``exploration_rows_per_arm`` random rows for every option on
+      offer, as a share of the reachable customers, at most ``exploration_share``. With a cold
+      start there is no model to explore around: exploration spends the whole budget (see
+      :func:`_plan`).
+    * **Control**: the smallest share, within ``[min_control_share, control_share]``, at which
+      the campaign's measured increment on the customers the model targets (treated model-group
+      customers against control customers the model would have treated) has a 95% interval no
+      wider than ``control_ci_target`` times the increment the model expects. The model's own
+      predictions for its choices give the expected increment and the outcome variances:
+      ``half = z * sqrt(n_t * var_t + n_t**2 * var_c / (c * N))`` with ``N`` targeted
+      customers, ``n_t = (1 - c - e) N`` of them treated. When the target cannot be met (the
+      expected effect is too small for this population) the share is ``control_share``.
+
+    ``control_ci_target=None`` or ``exploration_rows_per_arm=None`` keep the fixed shares.
+    The shares are fixed before anyone is drawn, so every logged propensity stays exact.
+    """
+    c_max, e_max = cfg.control_share, cfg.exploration_share
+    sizing: dict = {"control_rule": "fixed", "exploration_rule": "fixed"}
+    if not has_model:
+        return GroupShares(c_max, e_max, sizing)
+    reachable = pop.eligible.any(axis=1)
+    explore = e_max
+    if cfg.exploration_rows_per_arm is not None and reachable.any():
+        offered = int(pop.eligible.any(axis=0).sum())
+        explore = min(e_max, cfg.exploration_rows_per_arm * offered / int(reachable.sum()))
+        sizing.update(exploration_rule="rows per arm", exploration_rows_per_arm=cfg.exploration_rows_per_arm,
+                      options_offered=offered)  # fmt: skip
+    control = c_max
+    if cfg.control_ci_target is not None:
+        catalog = pop.catalog
+        problem = AllocationProblem(
+            value=pop.value, cost=pop.cost, eligible=pop.eligible,
+            option_coupon=catalog.option_coupon, option_channel=catalog.option_channel,
+            budget=float(budget), coupon_capacity=catalog.coupon_capacity.astype(float),
+            channel_capacity=catalog.channel_capacity.astype(float),
+        )  # fmt: skip
+        choice = solve_lagrangian(problem).choice
+        rows = np.flatnonzero(choice >= 0)
+        sizing["control_rule"] = "ci target"
+        sizing["control_ci_target"] = cfg.control_ci_target
+        if len(rows):
+            p0 = np.clip(pop.base_rate[rows].astype(float), 0.0, 1.0)
+            p1 = np.clip(p0 + pop.uplift[rows, choice[rows]].astype(float), 0.0, 1.0)
+            n_target, effect = len(rows), float(np.mean(p1 - p0))
+            var_t, var_c = float(np.mean(p1 * (1 - p1))), float(np.mean(p0 * (1 - p0)))
+            treated = (1 - c_max - explore) * n_target
+            room = (cfg.control_ci_target * effect / Z_95) ** 2 - var_t / max(treated, 1.0)
+            needed = var_c / (n_target * room) if effect > 0 and room > 0 else c_max
+            control = float(np.clip(needed, cfg.min_control_share, c_max))
+            sizing.update(
+                targeted=n_target, expected_effect=round(effect, 6),
+                needed_control_share=round(float(needed), 6) if np.isfinite(needed) else None,
+            )  # fmt: skip
+    return GroupShares(round(control, 6), round(float(explore), 6), sizing)
 
 
 def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now, population):  # noqa: ANN001, ANN202
@@ -401,7 +479,8 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     )
     n = len(ids)
     n_elig = eligible.sum(axis=1)
-    control_share, explore_share = cfg.control_share, cfg.exploration_share
+    shares = size_groups(pop, cfg, budget=budget, has_model=model_uri is not None)
+    control_share, explore_share = shares.control, shares.exploration
     if model_uri is None:
         mean_cost = (
             float(np.mean(np.where(eligible, cost, 0).sum(axis=1)[n_elig > 0] / n_elig[n_elig > 0]))
@@ -517,6 +596,9 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         "treated": int(treated.sum()),
         "control_group": int((group == "control").sum()),
         "explored": int(len(exp_rows)),
+        "control_share": control_share,
+        "exploration_share": round(float(explore_share), 6),
+        "group_sizing": shares.sizing,
         "budget": budget,
         "spend": round(spend, 4),
         "objective": objective,

@@ -32,7 +32,7 @@ from mlpkg.allocation.campaign import ScoredPopulation, build_catalog, read_offe
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 
-FORMAT = "couponops-scores/1"
+FORMAT = "couponops-scores/2"
 
 
 class ShardMismatchError(ValueError):
@@ -147,6 +147,7 @@ def score_shard(engine: Engine, settings: Settings, job: ScoringJob) -> dict:
             cost=pop.cost,
             uplift=pop.uplift,
             eligible=pop.eligible,
+            base_rate=pop.base_rate,
         )
     tmp.replace(path)
     return {
@@ -219,4 +220,5 @@ def merge_shards(engine: Engine, paths: list[str | Path], expected: ScoringJob) 
         cost=stack("cost"),
         uplift=stack("uplift"),
         eligible=stack("eligible"),
+        base_rate=np.concatenate([p["base_rate"] for p in parts])[order],
     )
