@@ -12,7 +12,9 @@ from mlpkg.evaluation.incrementality import incremental_lift
 pytestmark = pytest.mark.unit
 
 
-def _population(n: int, effect: float, *, base: float = 0.08, seed: int = 0, options: int = 2) -> ScoredPopulation:
+def _population(
+    n: int, effect: float, *, base: float = 0.08, seed: int = 0, options: int = 2
+) -> ScoredPopulation:
     rng = np.random.default_rng(seed)
     arms = [f"C{j}@email" for j in range(options)]
     catalog = ArmCatalog(
@@ -51,7 +53,8 @@ def test_a_strong_expected_effect_needs_a_smaller_control_group_than_a_weak_one(
 
 def test_no_measurable_effect_holds_out_the_most_and_sizing_off_keeps_the_fixed_share():
     cfg = CampaignSettings()
-    assert size_groups(_population(5_000, 0.001), cfg, budget=500.0, has_model=True).control == cfg.control_share
+    none = size_groups(_population(5_000, 0.001), cfg, budget=500.0, has_model=True)
+    assert none.control == cfg.control_share
     fixed = CampaignSettings(control_ci_target=None, exploration_rows_per_arm=None)
     shares = size_groups(_population(200_000, 0.12), fixed, budget=20_000.0, has_model=True)
     assert (shares.control, shares.exploration) == (fixed.control_share, fixed.exploration_share)
