@@ -630,6 +630,7 @@ def fit_family(
                 params=GBM_FAMILY_PARAMS if family == "gbm" else None,
                 n_threads=cfg.num_threads or 1,
                 family=family,
+                weighting="none" if cfg.weighting == "none" else "inverse_propensity",
             )
     if family != "network":
         raise ValueError(f"unknown model family {family!r}; known: network, gbm, logistic")

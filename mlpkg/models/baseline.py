@@ -219,13 +219,16 @@ def fit_t_learner(
     params: dict[str, object] | None = None,
     n_threads: int | None = None,
     family: str = "gbm",
+    weighting: str = "inverse_propensity",
 ) -> TLearner:
     """Fit one conversion model per arm on that arm's logged customers.
 
-    Rows are weighted by ``1 / propensity`` (normalised to mean 1 within each arm and capped at
-    :data:`MAX_WEIGHT`) when the propensity column is present. An arm with too few rows or a
-    single outcome class gets a constant rate shrunk towards the overall rate instead of a model
-    (with a warning).
+    With ``weighting="inverse_propensity"`` rows are weighted by ``1 / propensity`` (normalised
+    to mean 1 within each arm and capped at :data:`MAX_WEIGHT`) when the propensity column is
+    present; with ``"none"`` every row weighs 1 (each arm's model is a regression on the features,
+    which the logged assignment depends on, so it needs no reweighting to be unbiased). An arm
+    with too few rows or a single outcome class gets a constant rate shrunk towards the overall
+    rate instead of a model (with a warning).
 
     Args:
         train_df: Model input frame (features, ``arm``, outcome, ``propensity``).
@@ -240,12 +243,15 @@ def fit_t_learner(
             defaults are :data:`DEFAULT_PARAMS`) or ``{"Cs": [...]}`` (``logistic``).
         n_threads: OpenMP threads for fitting and later scoring; ``None`` = all cores.
         family: ``gbm`` or ``logistic`` (see the module docstring).
+        weighting: ``inverse_propensity`` or ``none`` (see above).
 
     Returns:
         The fitted :class:`TLearner`.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if weighting not in ("inverse_propensity", "none"):
+        raise ValueError(f"weighting must be inverse_propensity or none, got {weighting!r}")
     if not arms or arms[0] != CONTROL_ARM:
         raise ValueError(f"arms[0] must be {CONTROL_ARM!r}, got {arms[:1]}")
     if len(set(arms)) != len(arms):
@@ -266,7 +272,7 @@ def fit_t_learner(
     y_all = train_df[outcome].to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(y_all).any() or not np.isin(y_all, (0.0, 1.0)).all():
         raise ValueError(f"outcome column {outcome!r} must be 0/1 without missing values")
-    if propensity_column in train_df.columns:
+    if propensity_column in train_df.columns and weighting == "inverse_propensity":
         prop = train_df[propensity_column].to_numpy(dtype=np.float64, na_value=np.nan)
         if np.any(~np.isfinite(prop)) or np.any(prop <= 0) or np.any(prop > 1):
             raise ValueError(f"{propensity_column!r} must lie in (0, 1]")
