@@ -157,7 +157,8 @@ def _ingest_drops(settings: Settings, kind: str, *, now: datetime) -> dict:
             raise
         with session_scope(engine) as session:
             record_drop(session, drop, status="loaded", detail={"loaded": report["loaded"]}, now=now)
-        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"]})
+        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"],
+                       "forgotten_rows_dropped": report["forgotten_rows_dropped"]})
     return {"skipped": False, "loaded": loaded, "zone": zone}
 
 
@@ -845,3 +846,31 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+# --- privacy ---------------------------------------------------------------------------------------
+
+
+def forget(
+    settings: Settings, customer_id: str, *, reason: str, actor: str, now: datetime | None = None
+) -> dict:
+    """Erase one customer's personal data, keep the ledger's totals (see :func:`mlpkg.privacy.forget`)."""
+    from mlpkg.privacy import forget as _forget
+
+    return _forget(_engine(settings), settings, customer_id, reason=reason, actor=actor, now=now or utcnow())
+
+
+def purge(settings: Settings, ctx: RunContext | None = None, *, now: datetime | None = None) -> dict:
+    """Delete behaviour older than the retention setting, on the product's clock (see mlpkg.privacy.purge).
+
+    Returns:
+        What :func:`mlpkg.privacy.purge` returns; ``skipped`` when no retention is set or no batch
+        was loaded yet (the data clock has no time).
+    """
+    from mlpkg.privacy import purge as _purge
+
+    ctx = ctx or RunContext()
+    now = now or product_now(settings, ctx)
+    if now is None:
+        return skipped("no batch has been loaded yet: nothing to purge")
+    return _purge(_engine(settings), settings, now=now, actor=ctx.run_key)

@@ -127,6 +127,25 @@ class Shop:
         """Ids of every customer who has signed up by ``now``."""
         return self._pop.customer_id.tolist()
 
+    def customers_of_recipients(self, channels: Sequence[str], digests: Sequence[str]) -> list[str | None]:
+        """Return the customer id behind each message's address digest (None: not one of ours).
+
+        The product hands the channel an address, never the shop's customer id (its messages carry
+        pseudonyms), so the simulated provider finds the customer as a real one would: by address.
+        The file channel writes the SHA-256 of the address, compared here with the shop's book.
+        """
+        import hashlib
+
+        book = self._contacts_upto(len(self._parts) - 1)
+        ids = self._population_upto(len(self._parts) - 1).customer_id
+        columns = {"email": book.email, "sms": book.phone, "push": book.push_token}
+        lookup: dict[tuple[str, str], str] = {}
+        for channel in set(channels):
+            for address, cid in zip(columns.get(channel, ()), ids, strict=False):
+                if address:
+                    lookup[(channel, hashlib.sha256(str(address).strip().encode()).hexdigest())] = str(cid)
+        return [lookup.get((str(c), str(d))) for c, d in zip(channels, digests, strict=True)]
+
     def signed_up_before(self, ts: pd.Timestamp) -> list[str]:
         """Return the ids of the customers who had signed up before ``ts``."""
         return self._pop.customer_id[self._pop.signup < to_seconds(ts)].tolist()
