@@ -229,7 +229,7 @@ def purge(engine: Engine, settings: Settings, *, now: datetime, actor: str) -> d
         deleted = q.delete_events_before(session, cutoff)
         if not deleted:
             # A run with nothing to do writes nothing (the event store mirrors the table).
-            return {"skipped": True, "reason": f"no behaviour event before {cutoff.isoformat()} ({days} days)"}
+            return {"skipped": True, "reason": f"no behaviour event before {cutoff.isoformat()}"}
         q.record_privacy_audit(
             session, action="purge", pseudonym=None, actor=actor,
             reason=f"retention: behaviour older than {days} days",

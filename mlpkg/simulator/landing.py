@@ -85,6 +85,17 @@ def read_outbox(outbox_dir: str | Path) -> pd.DataFrame:
     return frame
 
 
+def addressed_customers(shop: Shop, messages: pd.DataFrame) -> pd.DataFrame:
+    """Return the messages with ``customer_id`` = the shop's customer at each address (others dropped).
+
+    The product's messages name pseudonyms; the provider knows its customers by address, as a real
+    one does (the file channel gives the address's SHA-256).
+    """
+    digests = messages["recipient_sha256"].tolist()
+    shop_ids = shop.customers_of_recipients(messages["channel"].tolist(), digests)
+    return messages.assign(customer_id=shop_ids).dropna(subset=["customer_id"])
+
+
 def campaign_responses(shop: Shop, messages: pd.DataFrame, sent_at: pd.Timestamp) -> pd.DataFrame:
     """Draw every response to one campaign's messages over its whole window (seeded by the campaign).
 
@@ -189,10 +200,7 @@ class ChannelProvider:
         messages = read_outbox(outbox_dir)
         if messages.empty:
             return None
-        # The messages name pseudonyms; the provider knows its customers by address.
-        shop_ids = shop.customers_of_recipients(messages["channel"].tolist(),
-                                                messages["recipient_sha256"].tolist())
-        messages = messages.assign(customer_id=shop_ids).dropna(subset=["customer_id"])
+        messages = addressed_customers(shop, messages)
         if messages.empty:
             return None
         now = shop.now
