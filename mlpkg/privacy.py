@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import uuid
 from collections.abc import Iterable
@@ -97,22 +98,32 @@ def pseudonym(key: bytes, customer_id: str) -> str:
     return PSEUDONYM_PREFIX + digest[:_HEX_DIGITS]
 
 
+_PSEUDONYM_SHAPE = re.compile(rf"^(?:{PSEUDONYM_PREFIX}|{ERASED_PREFIX})[0-9a-f]{{{_HEX_DIGITS}}}$")
+
+
 def pseudonymise_ids(key: bytes, ids: pd.Series) -> pd.Series:
     """Return ``ids`` with every non-null value replaced by its pseudonym (nulls stay null).
 
-    Each distinct id is hashed once: an events file repeats a few thousand ids millions of times.
+    A value that is a pseudonym already is kept: feedback from a channel provider names the
+    customers by the ids the product put in its messages, which are pseudonyms. Each distinct id
+    is hashed once: an events file repeats a few thousand ids millions of times.
     """
     codes, uniques = pd.factorize(ids, use_na_sentinel=True)
     if not len(uniques):
         return ids
-    mapped = pd.Index([pseudonym(key, str(u)) for u in uniques], dtype=object)
+    mapped = pd.Index([stored_id(key, str(u)) for u in uniques], dtype=object)
     out = pd.Series(mapped.take(codes, allow_fill=True, fill_value=None), index=ids.index, dtype=object)
     return out.where(codes >= 0, ids)
 
 
+def stored_id(key: bytes, customer_id: str) -> str:
+    """Return the id the warehouse stores for ``customer_id``: its pseudonym, or itself if it is one."""
+    return str(customer_id) if is_pseudonym(customer_id) else pseudonym(key, customer_id)
+
+
 def is_pseudonym(value: str) -> bool:
-    """Tell whether ``value`` has the shape of a pseudonym (kept or erased)."""
-    return str(value).startswith((PSEUDONYM_PREFIX, ERASED_PREFIX))
+    """Tell whether ``value`` has the shape of a pseudonym (``psn-``, or ``fgt-`` once erased)."""
+    return bool(_PSEUDONYM_SHAPE.match(str(value)))
 
 
 @dataclass

@@ -743,6 +743,13 @@ def evaluate_policy(
         require_campaign(settings, str(campaign))
         window = settings.campaign.attribution_window_days
         rows = offline_eval.campaign_rows(engine, str(campaign), window, outcome)
+    # A policy names the shop's customers; the warehouse knows them by pseudonym (kept as they are).
+    from dataclasses import replace
+
+    from mlpkg.privacy import pseudonym_key, stored_id
+
+    key = pseudonym_key(settings)
+    rows = replace(rows, id_of=lambda cid: stored_id(key, cid))
     return offline_eval.evaluate(rows, Path(policy), compare=Path(compare) if compare else None)
 
 

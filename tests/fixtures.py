@@ -148,3 +148,14 @@ def shop_ids(engine) -> dict[str, str]:  # noqa: ANN001 - a SQLAlchemy Engine
     with engine.connect() as conn:
         rows = conn.execute(select(m.Contact.customer_id, m.Contact.external_id)).all()
     return {psn: shop for psn, shop in rows if shop is not None}
+
+
+def stored_id(settings, customer_id):  # noqa: ANN001, ANN201 - Settings; a str or a list of them
+    """Return the id(s) the warehouse stores for shop customer id(s): their keyed pseudonyms."""
+    from mlpkg.privacy import pseudonym_key
+    from mlpkg.privacy import stored_id as _stored_id
+
+    key = pseudonym_key(settings)
+    if isinstance(customer_id, str):
+        return _stored_id(key, customer_id)
+    return [_stored_id(key, str(c)) for c in customer_id]
