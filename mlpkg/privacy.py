@@ -218,6 +218,8 @@ def forget(
             status = "forgotten"
         parts = q.event_part_paths(session)
     deleted["event_store_rows"] = _rewrite_parts(engine, parts, customers=[psn])
+    with session_scope(engine) as session:
+        q.checkpoint_wal(session)  # the log's earlier page images still held the erased rows
     _log.info("forget %s: %s", psn, status)
     return {"status": status, "pseudonym": psn, "deleted": deleted, "pseudonymised": renamed}
 

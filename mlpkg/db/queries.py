@@ -877,3 +877,9 @@ def update_event_part_rows(session: Session, path: str, rows: int) -> None:
 def contact_of(session: Session, customer_id: str) -> m.Contact | None:
     """Return one customer's contact row (delivery reads addresses only at send time)."""
     return session.get(m.Contact, customer_id)
+
+
+def checkpoint_wal(session: Session) -> None:
+    """On SQLite, copy the write-ahead log into the database and truncate it (old page images go)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
