@@ -876,6 +876,8 @@ def purge(settings: Settings, ctx: RunContext | None = None, *, now: datetime | 
     """
     from mlpkg.privacy import purge as _purge
 
+    if settings.privacy.retention_days is None:
+        return skipped("no retention set (COUPONOPS_PRIVACY__RETENTION_DAYS): behaviour events are kept")
     ctx = ctx or RunContext()
     now = now or product_now(settings, ctx)
     if now is None:

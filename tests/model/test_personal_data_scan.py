@@ -32,12 +32,14 @@ N_PLANTED = 6
 
 
 def _planting(real):  # noqa: ANN001, ANN202 - wraps mlpkg.simulator.export.draw_contacts
-    def draw(pop, rng):  # noqa: ANN001, ANN202
+    def draw(pop, rng):  # noqa: ANN001, ANN202 - called per signup cohort: plant on the first ids only
         book = real(pop, rng)
-        for i in range(min(N_PLANTED, len(pop))):
-            book.email[i] = f"zq.planted.{i}@privacy-scan.example"
-            book.phone[i] = f"+1555000{i:04d}"
-            book.push_token[i] = f"feedc0de{i:024d}"
+        for i, cid in enumerate(pop.customer_id):
+            n = int(str(cid)[1:])
+            if n <= N_PLANTED:
+                book.email[i] = f"zq.planted.{n}@privacy-scan.example"
+                book.phone[i] = f"+1555000{n:04d}"
+                book.push_token[i] = f"feedc0de{n:024d}"
         return book
 
     return draw
@@ -136,9 +138,10 @@ def test_personal_data_lives_only_in_contacts_and_forget_leaves_none_of_a_custom
     sent = {r for (r,) in con.execute("SELECT customer_id FROM deliveries WHERE status = 'sent'")}
     external = dict(con.execute("SELECT customer_id, external_id FROM contacts"))
     con.close()
-    candidates = [external[p] for p in sent if external.get(p) in ids[:N_PLANTED]] or [
+    planted_ids = {c for c in ids if int(c[1:]) <= N_PLANTED}
+    candidates = sorted(external[p] for p in sent if external.get(p) in planted_ids) or sorted(
         external[p] for p in sent
-    ]
+    )
     target = candidates[0]
     result = stages.forget(settings, target, reason="acceptance scan", actor="test")
     assert result["status"] == "forgotten"
