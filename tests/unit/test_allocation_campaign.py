@@ -93,13 +93,15 @@ def test_with_a_perfect_model_the_policy_beats_random_targeting(world):
 
 def test_logged_propensities_are_the_mixture_probabilities(world):
     settings, engine, shop = world
-    _allocate(settings, engine, shop)
+    summary = _allocate(settings, engine, shop)
     ledger = _ledger(engine)
-    c, e = settings.campaign.control_share, settings.campaign.exploration_share
+    # The shares the campaign sized (at most the settings' shares), not the settings' upper bounds.
+    c, e = summary["control_share"], summary["exploration_share"]
+    assert c <= settings.campaign.control_share and e <= settings.campaign.exploration_share
     model_treated = ledger[(ledger.policy == "model") & (ledger.arm != "control")]
-    assert (model_treated["propensity"] >= 1 - c - e).all()
+    assert (model_treated["propensity"] >= 1 - c - e - 1e-9).all()
     control = ledger[(ledger.policy == "control") & (ledger.model_arm == "control")]
-    assert np.allclose(control["propensity"], c + (1 - c - e), atol=1e-9) or len(control) == 0
+    assert np.allclose(control["propensity"], c + (1 - c - e), atol=1e-6) or len(control) == 0
 
 
 def test_budget_curve_is_monotone_and_never_overspends(world, tmp_path):
