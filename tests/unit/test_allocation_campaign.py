@@ -47,7 +47,7 @@ def test_ledger_respects_budget_consent_and_one_row_per_customer(world):
     ledger = _ledger(engine)
     assert len(ledger) == 600 and ledger["customer_id"].is_unique
     assert ledger["expected_cost"].sum() <= 40.0 + 1e-6
-    assert summary["spend"] == pytest.approx(ledger["expected_cost"].sum(), rel=1e-6)
+    assert summary["spend"] == pytest.approx(ledger["expected_cost"].sum(), abs=1e-4)  # rounded to 4 places
     with engine.connect() as conn:
         consent = pd.read_sql(select(m.Consent), conn)
     ok = set(
