@@ -9,6 +9,10 @@ quarantined, recorded, and the task fails with the file, rule, column and failin
 nothing is loaded. With nothing new the task is skipped and says why: it never invents data.
 A run with conf `{"batch_dir": "DIR"}` loads that one folder instead. Emits the
 `couponops://warehouse/raw` asset when rows were loaded.
+
+Then `purge_old_behaviour` deletes behaviour events older than `COUPONOPS_PRIVACY__RETENTION_DAYS`
+(warehouse and event store, recorded in the privacy audit); it is skipped, and says why, when no
+retention is set or nothing is that old.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from plugins.couponops_airflow import DEFAULT_ARGS, RAW_DATA, annotate, conf, schedule, settings, skip_if_idle
+from plugins.couponops_airflow import (
+    DEFAULT_ARGS,
+    RAW_DATA,
+    annotate,
+    conf,
+    run_context,
+    schedule,
+    settings,
+    skip_if_idle,
+)
 
 
 @dag(
@@ -44,7 +57,14 @@ def couponops_ingest():
         annotate(RAW_DATA, {"batches": [b["drop_id"] for b in result["loaded"]]})
         return result
 
-    validate_and_load()
+    @task(trigger_rule="none_failed")
+    def purge_old_behaviour() -> dict:
+        """Delete behaviour events older than the retention setting (skipped when none is set)."""
+        from mlpkg import stages
+
+        return skip_if_idle(stages.purge(settings(), run_context()))
+
+    validate_and_load() >> purge_old_behaviour()
 
 
 couponops_ingest()

@@ -27,11 +27,15 @@ fail() {
 
 # The .env.example placeholders must never reach a running stack.
 for name in AIRFLOW__DATABASE__SQL_ALCHEMY_CONN AIRFLOW__CELERY__BROKER_URL AIRFLOW__CORE__FERNET_KEY \
-  AIRFLOW__API_AUTH__JWT_SECRET AIRFLOW__API__SECRET_KEY COUPONOPS_WAREHOUSE_URL AIRFLOW_ADMIN_PASSWORD; do
+  AIRFLOW__API_AUTH__JWT_SECRET AIRFLOW__API__SECRET_KEY COUPONOPS_WAREHOUSE_URL AIRFLOW_ADMIN_PASSWORD \
+  COUPONOPS_PRIVACY__PSEUDONYM_KEY; do
   value="${!name:-}"
   [[ -n "${value}" ]] || fail "${name} is empty; set its variable in .env (README, Production)"
   [[ "${value}" != *change-me* ]] || fail "${name} still holds the .env.example placeholder 'change-me'"
 done
+# Every process must pseudonymise customer ids with the same key, kept with the warehouse's backups.
+(( ${#COUPONOPS_PRIVACY__PSEUDONYM_KEY} >= 16 )) \
+  || fail "COUPONOPS_PRIVACY__PSEUDONYM_KEY must have at least 16 characters (secrets.token_urlsafe(32))"
 python - <<'PY' || fail "AIRFLOW_FERNET_KEY is not a Fernet key (32 url-safe base64-encoded bytes)"
 import os
 from cryptography.fernet import Fernet

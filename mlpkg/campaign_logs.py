@@ -633,7 +633,7 @@ def import_campaign_log(
         "features_inferred": spec.features is None,
         "source_sha256": q.file_sha256(file),
     }
-    rows = _log_rows(df, spec, arm, propensity, numeric, categorical)
+    rows = _pseudonymous(engine, settings, _log_rows(df, spec, arm, propensity, numeric, categorical))
     with session_scope(engine) as session:
         owner = q.campaign_log_owners(session).get(spec.name, IMPORT_LOG_KIND)
     if owner != IMPORT_LOG_KIND:
@@ -671,7 +671,7 @@ def import_campaign_log(
                         arm_costs=dict(spec.treatment.costs),
                         spec=record,
                         assumed_randomized=not spec.propensity_column,
-                        n_rows=len(df),
+                        n_rows=len(rows),
                         sent_at=None,
                         imported_at=now,
                     )
@@ -699,6 +699,15 @@ def import_campaign_log(
         "features": {"numeric": numeric, "categorical": categorical, "inferred": spec.features is None},
         "warnings": [w.describe() for w in report.warnings],
     }
+
+
+def _pseudonymous(engine: Engine, settings: Settings, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the rows with the customers' pseudonyms, without forgotten customers (mlpkg.privacy)."""
+    from mlpkg.privacy import pseudonymiser
+
+    frame = pd.DataFrame({"customer_id": [r["customer_id"] for r in rows]})
+    ids = pseudonymiser(engine, settings)("campaign_log", frame)["customer_id"]
+    return [{**rows[i], "customer_id": str(cid)} for i, cid in zip(ids.index, ids, strict=True)]
 
 
 def _log_rows(

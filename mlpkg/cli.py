@@ -279,7 +279,9 @@ def ingest(
         if result["skipped"]:
             console.print(result["reason"], markup=False)
             return
-        _show("ingested", [{"batch": b["drop_id"], "rows": b["rows"]} for b in result["loaded"]])
+        _show("ingested", [{"batch": b["drop_id"], "rows": b["rows"],
+                            "forgotten rows dropped": sum(b["forgotten_rows_dropped"].values())}
+                           for b in result["loaded"]])
         return
     _show("ingest", _run(stages.ingest, settings, batch_dir))
 
@@ -722,6 +724,36 @@ def history(
         _print_json(rows)
         return
     _history_tables(rows)
+
+
+@app.command()
+def forget(
+    customer_id: Annotated[str, typer.Argument(help="The shop's customer id (as in its customers export)")],
+    reason: Annotated[str, typer.Option(help="Why (the request's reference); kept in the privacy audit")],
+) -> None:
+    """Erase a customer's personal data in one transaction; the ledger's totals stay as they were."""
+    import getpass
+
+    settings = _settings()
+    result = _run(stages.forget, settings, customer_id, reason=reason, actor=f"cli:{getpass.getuser()}")
+    if result["status"] == "already forgotten":
+        console.print(f"already forgotten (pseudonym {result['pseudonym']}): nothing to do", markup=False)
+        return
+    deleted = ", ".join(f"{t} {n}" for t, n in result["deleted"].items())
+    kept = ", ".join(f"{t} {n}" for t, n in result["pseudonymised"].items())
+    console.print(f"forgotten (pseudonym {result['pseudonym']}); deleted: {deleted}; "
+                  f"unlinked ledger rows: {kept}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def purge() -> None:
+    """Delete behaviour events older than COUPONOPS_PRIVACY__RETENTION_DAYS (warehouse and event store)."""
+    result = _run(stages.purge, _settings())
+    if result["skipped"]:
+        console.print(f"nothing purged: {result['reason']}", markup=False)
+        return
+    console.print(f"purged {result['events']} events before {result['cutoff']} "
+                  f"({result['event_store_rows']} from the event store)", markup=False)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,32 @@ class ScheduleSettings(BaseModel):
     retrain: str = Field("0 3 * * 0", description="Weekly fallback beside the feedback asset.")
 
 
+class PrivacySettings(BaseModel):
+    """Pseudonyms of customer ids and retention of behaviour data (see :mod:`mlpkg.privacy`)."""
+
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="HMAC key of customer pseudonyms (from the secret backend); None: the state folder's "
+        "generated key (secrets/pseudonym.key).",
+    )
+    generate_key: bool = Field(
+        True,
+        description="Generate the key file when no key is set; false (production): a missing key fails.",
+    )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        description="Behaviour events older than this many days are purged; None keeps them forever.",
+    )
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _long_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < 16:
+            raise ValueError("privacy.pseudonym_key must have at least 16 characters")
+        return v
+
+
 class Settings(BaseSettings):
     """All CouponOps settings; read once with :func:`get_settings`."""
 
@@ -233,6 +259,7 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     retrain: RetrainSettings = RetrainSettings()
     schedules: ScheduleSettings = ScheduleSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @field_validator("state_dir")
     @classmethod

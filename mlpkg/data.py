@@ -66,6 +66,8 @@ class IngestReport:
     validation_summary: str | None = None
     dry_run: bool = False
     changes: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Rows of forgotten customers left out, per table (a shop export that still holds them).
+    forgotten_rows_dropped: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """Return a JSON-friendly dict (for XCom and logs)."""
@@ -78,6 +80,7 @@ class IngestReport:
             "validation_summary": self.validation_summary,
             "dry_run": self.dry_run,
             "changes": self.changes,
+            "forgotten_rows_dropped": self.forgotten_rows_dropped,
         }
 
 
@@ -160,7 +163,7 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
     if table == "contacts":
         # An empty value in the file means "no contact on that channel": stored as NULL.
         df = df.assign(**{c: df[c].replace("", None) for c in CONTACT_COLUMNS})
-        cols = ["customer_id", *CONTACT_COLUMNS, "updated_at"]
+        cols = ["customer_id", "external_id", *CONTACT_COLUMNS, "updated_at"]
         return q.upsert_rows(session, m.Contact, _records(df, cols))
     if table == "consent":
         # A history of events, never overwritten: an older opt-in arriving late cannot undo an opt-out.
@@ -479,6 +482,7 @@ def ingest_batch(
             contradicts a stored fact or another file of the batch); it was moved to the quarantine
             folder and the warehouse is unchanged (in a dry run nothing is moved).
     """
+    from mlpkg.privacy import pseudonymiser
     from mlpkg.validation import ValidationContext, gate_batch
     from mlpkg.validation.contract import DEFAULT_CHANNELS
 
@@ -486,6 +490,8 @@ def ingest_batch(
     files = discover_batch(batch_dir, protected=(settings.state_dir,))
     report = IngestReport(batch=batch_dir.name, dry_run=dry_run)
     view = WarehouseView(engine)
+    # The shop's customer ids become keyed pseudonyms before any rule sees them (mlpkg.privacy).
+    pseudonymise = pseudonymiser(engine, settings)
     with session_scope(engine) as session:
         sums = {t: q.file_sha256(p) for t, p in files.items()}
         new = {t: p for t, p in files.items() if not q.is_file_ingested(session, sums[t], t)}
@@ -499,6 +505,7 @@ def ingest_batch(
             strict=settings.strict_columns,
             chunk_rows=settings.ingest_chunk_rows,
             warehouse=view,
+            pseudonymise=pseudonymise,
         )
     if not new and not _refused_files(batch_dir):
         return report
@@ -509,6 +516,7 @@ def ingest_batch(
         # The gate read a copy of the batch; the plan reads the same files in the batch itself.
         streamed = {t: dataclasses.replace(f, path=new[t]) for t, f in result.streamed.items() if t in new}
         report.changes = plan_changes(view, frames, streamed)
+        report.forgotten_rows_dropped = dict(pseudonymise.dropped)
         return report
     writer = event_store.PartWriter(settings.event_store_dir, sums["events"]) if "events" in new else None
     try:
@@ -529,7 +537,9 @@ def ingest_batch(
                     if streamed is None:  # a small file: the gate read it whole
                         events("events", 0, result.frames["events"])
                     event_rows = streamed.rows if streamed else len(result.frames["events"])
-                    report.loaded["events"] = events.finish(event_rows)
+                    # A streamed file's rows of forgotten customers never reached the load.
+                    dropped = pseudonymise.dropped.get("events", 0) if streamed else 0
+                    report.loaded["events"] = events.finish(event_rows - dropped)
             finally:
                 if events is not None:
                     events.close()
@@ -569,6 +579,10 @@ def ingest_batch(
         if writer is not None:
             writer.discard()
         raise
+    report.forgotten_rows_dropped = dict(pseudonymise.dropped)
+    if pseudonymise.dropped:
+        _log.info("batch %s: left out the rows of forgotten customers: %s", batch_dir.name,
+                  pseudonymise.dropped)
     return report
 
 

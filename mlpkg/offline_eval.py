@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ class LoggedRows:
     control: str
     outcome: str
     control_label: str = "control"  # the shop's own name of the control arm (also accepted in policies)
+    #: Maps a policy file's customer id to the stored one (the shop's id -> its pseudonym).
+    id_of: Callable[[str], str] | None = None
 
     def describe(self) -> str:
         """Say which rows these are, for messages."""
@@ -247,6 +250,8 @@ def read_policy(path: Path, rows: LoggedRows) -> pd.DataFrame:
                 "probability",
                 f"the probabilities of customer {cid!r} (lines {lines}) sum to {off.iloc[0]:.6g}, not 1",
             )
+    if rows.id_of is not None:  # checked with the file's ids, matched with the stored ones
+        policy["customer_id"] = policy["customer_id"].map(rows.id_of)
     return policy
 
 

@@ -157,7 +157,8 @@ def _ingest_drops(settings: Settings, kind: str, *, now: datetime) -> dict:
             raise
         with session_scope(engine) as session:
             record_drop(session, drop, status="loaded", detail={"loaded": report["loaded"]}, now=now)
-        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"]})
+        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"],
+                       "forgotten_rows_dropped": report["forgotten_rows_dropped"]})
     return {"skipped": False, "loaded": loaded, "zone": zone}
 
 
@@ -742,6 +743,13 @@ def evaluate_policy(
         require_campaign(settings, str(campaign))
         window = settings.campaign.attribution_window_days
         rows = offline_eval.campaign_rows(engine, str(campaign), window, outcome)
+    # A policy names the shop's customers; the warehouse knows them by pseudonym (kept as they are).
+    from dataclasses import replace
+
+    from mlpkg.privacy import pseudonym_key, stored_id
+
+    key = pseudonym_key(settings)
+    rows = replace(rows, id_of=lambda cid: stored_id(key, cid))
     return offline_eval.evaluate(rows, Path(policy), compare=Path(compare) if compare else None)
 
 
@@ -845,3 +853,33 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+# --- privacy ---------------------------------------------------------------------------------------
+
+
+def forget(
+    settings: Settings, customer_id: str, *, reason: str, actor: str, now: datetime | None = None
+) -> dict:
+    """Erase one customer's personal data, keep the ledger's totals (see :func:`mlpkg.privacy.forget`)."""
+    from mlpkg.privacy import forget as _forget
+
+    return _forget(_engine(settings), settings, customer_id, reason=reason, actor=actor, now=now or utcnow())
+
+
+def purge(settings: Settings, ctx: RunContext | None = None, *, now: datetime | None = None) -> dict:
+    """Delete behaviour older than the retention setting, on the product's clock (see mlpkg.privacy.purge).
+
+    Returns:
+        What :func:`mlpkg.privacy.purge` returns; ``skipped`` when no retention is set or no batch
+        was loaded yet (the data clock has no time).
+    """
+    from mlpkg.privacy import purge as _purge
+
+    if settings.privacy.retention_days is None:
+        return skipped("no retention set (COUPONOPS_PRIVACY__RETENTION_DAYS): behaviour events are kept")
+    ctx = ctx or RunContext()
+    now = now or product_now(settings, ctx)
+    if now is None:
+        return skipped("no batch has been loaded yet: nothing to purge")
+    return _purge(_engine(settings), settings, now=now, actor=ctx.run_key)

@@ -133,3 +133,29 @@ def gate_numbers(value=0.040, other=0.040, gain_se=0.001, calibration=0.01, limi
         "other_spend": 150.0,
         "budget": 150.0,
     }
+
+
+def shop_ids(engine) -> dict[str, str]:  # noqa: ANN001 - a SQLAlchemy Engine
+    """Return each stored customer's pseudonym -> the shop's own id (kept only in ``contacts.external_id``).
+
+    Tests that write a shop export from what the warehouse holds need the shop's ids back: the
+    warehouse stores pseudonyms everywhere else (see mlpkg.privacy).
+    """
+    from sqlalchemy import select
+
+    from mlpkg.db import models as m
+
+    with engine.connect() as conn:
+        rows = conn.execute(select(m.Contact.customer_id, m.Contact.external_id)).all()
+    return {psn: shop for psn, shop in rows if shop is not None}
+
+
+def stored_id(settings, customer_id):  # noqa: ANN001, ANN201 - Settings; a str or a list of them
+    """Return the id(s) the warehouse stores for shop customer id(s): their keyed pseudonyms."""
+    from mlpkg.privacy import pseudonym_key
+    from mlpkg.privacy import stored_id as _stored_id
+
+    key = pseudonym_key(settings)
+    if isinstance(customer_id, str):
+        return _stored_id(key, customer_id)
+    return [_stored_id(key, str(c)) for c in customer_id]

@@ -107,12 +107,15 @@ class Consent(Base):
 class Contact(Base):
     """Where one customer can be reached: email address, phone number, push token (each optional).
 
-    Contact details are personal data, kept apart from features: only delivery reads the addresses
-    (allocation asks only which customers are reachable on a channel).
+    Contact details are personal data, kept apart from features: only delivery reads the addresses,
+    at send time (allocation asks only which customers are reachable on a channel). ``customer_id``
+    is the customer's pseudonym, like everywhere else; ``external_id`` is the shop's own customer
+    id, the direct identifier, which no other table holds (see :mod:`mlpkg.privacy`).
     """
 
     __tablename__ = "contacts"
     customer_id: Mapped[str] = mapped_column(ForeignKey("customers.customer_id"), primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     email: Mapped[str | None] = mapped_column(String(320), nullable=True)
     phone: Mapped[str | None] = mapped_column(String(32), nullable=True)
     push_token: Mapped[str | None] = mapped_column(String(512), nullable=True)
@@ -265,8 +268,8 @@ class Delivery(Base):
     """Outbox row: one message to send; ``dedup_key`` makes sends exactly-once in effect.
 
     A treated customer without a contact for the channel, or not opted in to it at the send time,
-    gets a ``skipped`` row (no recipient, the reason in ``last_error``) so the ledger shows why no
-    message went out.
+    gets a ``skipped`` row (the reason in ``last_error``) so the ledger shows why no message went
+    out. The row holds no address: the sender reads it from ``contacts`` at send time.
     """
 
     __tablename__ = "deliveries"
@@ -276,8 +279,6 @@ class Delivery(Base):
     customer_id: Mapped[str] = mapped_column(String(64))
     channel: Mapped[str] = mapped_column(String(16))
     coupon_id: Mapped[str] = mapped_column(String(64))
-    # None only for a skipped row (no contact or no consent for the channel; the reason is in last_error).
-    recipient: Mapped[str | None] = mapped_column(String(256), nullable=True)
     payload: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -380,3 +381,21 @@ class LandedBatch(Base):
         CheckConstraint("kind IN ('batches', 'feedback')", name="kind_known"),
         CheckConstraint("status IN ('loaded', 'quarantined')", name="status_known"),
     )
+
+
+class PrivacyAudit(Base):
+    """A privacy operation: a customer forgotten or behaviour purged, by whom, when and why.
+
+    ``pseudonym`` is the forgotten customer's keyed pseudonym (never the shop's id): it is the
+    tombstone that keeps a later export of that customer out of the warehouse.
+    """
+
+    __tablename__ = "privacy_audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    action: Mapped[str] = mapped_column(String(16))
+    pseudonym: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    __table_args__ = (CheckConstraint("action IN ('forget', 'purge')", name="action_known"),)

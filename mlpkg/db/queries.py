@@ -785,3 +785,101 @@ def measured_at(session: Session, campaign_id: str) -> datetime | None:
     stmt = select(func.max(m.CampaignMetric.computed_at)).where(m.CampaignMetric.campaign_id == campaign_id)
     return session.execute(stmt).scalar_one_or_none()
 
+
+
+# --- privacy: forget a customer, purge old behaviour ---------------------------------------------------
+
+
+def forgotten_pseudonyms(session: Session, among: Iterable[str] | None = None) -> set[str]:
+    """Return the pseudonyms of forgotten customers (their tombstones in ``privacy_audit``)."""
+    stmt = select(m.PrivacyAudit.pseudonym).where(
+        m.PrivacyAudit.action == "forget", m.PrivacyAudit.pseudonym.is_not(None)
+    )
+    if among is not None:
+        stmt = stmt.where(m.PrivacyAudit.pseudonym.in_(list(among)))
+    return set(session.execute(stmt).scalars())
+
+
+def customer_exists(session: Session, customer_id: str) -> bool:
+    """Tell whether the warehouse holds a customer row with this (pseudonymous) id."""
+    return session.get(m.Customer, customer_id) is not None
+
+
+def delete_customer_personal_rows(session: Session, customer_id: str) -> dict[str, int]:
+    """Delete one customer's contacts, consent history, events, orders and customer row; return the counts."""
+    out = {}
+    for name, model in (
+        ("contacts", m.Contact),
+        ("consent", m.Consent),
+        ("events", m.Event),
+        ("orders", m.Order),
+        ("customers", m.Customer),
+    ):
+        stmt = model.__table__.delete().where(model.customer_id == customer_id)
+        out[name] = session.execute(stmt).rowcount or 0
+    return out
+
+
+def rename_customer_in_ledger(session: Session, customer_id: str, new_id: str) -> dict[str, int]:
+    """Replace a customer id by ``new_id`` in the rows the ledger keeps; return the rows changed per table.
+
+    Allocations, feedback events and campaign-log rows change their ``customer_id``; deliveries
+    also their ``dedup_key`` and the id in their payload.
+    """
+    out = {}
+    for name, model in (
+        ("allocations", m.Allocation),
+        ("feedback_events", m.FeedbackEvent),
+        ("campaign_log_rows", m.CampaignLogRow),
+    ):
+        stmt = update(model).where(model.customer_id == customer_id).values(customer_id=new_id)
+        out[name] = session.execute(stmt.execution_options(synchronize_session=False)).rowcount or 0
+    deliveries = session.scalars(select(m.Delivery).where(m.Delivery.customer_id == customer_id)).all()
+    for d in deliveries:
+        d.customer_id = new_id
+        d.dedup_key = d.dedup_key.replace(f":{customer_id}:", f":{new_id}:")
+        d.payload = {**(d.payload or {}), "customer_id": new_id}
+    session.flush()
+    out["deliveries"] = len(deliveries)
+    return out
+
+
+def record_privacy_audit(
+    session: Session, *, action: str, pseudonym: str | None, actor: str, reason: str, details: dict,
+    now: datetime,
+) -> None:
+    """Add one ``privacy_audit`` row."""
+    session.add(m.PrivacyAudit(action=action, pseudonym=pseudonym, actor=actor, reason=reason,
+                               details=details, created_at=now))
+    session.flush()
+
+
+def privacy_audit_rows(session: Session, limit: int = 50) -> list[m.PrivacyAudit]:
+    """Return the latest privacy operations, newest first."""
+    stmt = select(m.PrivacyAudit).order_by(m.PrivacyAudit.created_at.desc(), m.PrivacyAudit.id.desc())
+    return list(session.scalars(stmt.limit(limit)))
+
+
+def delete_events_before(session: Session, cutoff: datetime) -> int:
+    """Delete the behaviour events stamped before ``cutoff``; return how many."""
+    return session.execute(m.Event.__table__.delete().where(m.Event.ts < cutoff)).rowcount or 0
+
+
+def update_event_part_rows(session: Session, path: str, rows: int) -> None:
+    """Set the row count of a rewritten event-store part (unlist it when it holds none)."""
+    table = m.EventPart.__table__
+    if rows:
+        session.execute(update(table).where(table.c.path == path).values(rows=rows))
+    else:
+        session.execute(table.delete().where(table.c.path == path))
+
+
+def contact_of(session: Session, customer_id: str) -> m.Contact | None:
+    """Return one customer's contact row (delivery reads addresses only at send time)."""
+    return session.get(m.Contact, customer_id)
+
+
+def checkpoint_wal(session: Session) -> None:
+    """On SQLite, copy the write-ahead log into the database and truncate it (old page images go)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))

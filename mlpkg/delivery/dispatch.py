@@ -51,6 +51,7 @@ from sqlalchemy import Engine, exists, select, update
 from mlpkg.config import Settings
 from mlpkg.db.engine import session_scope
 from mlpkg.db.models import Campaign, Delivery
+from mlpkg.db.queries import contact_of
 from mlpkg.delivery.outbox import (
     as_utc,
     claim_batch,
@@ -59,7 +60,9 @@ from mlpkg.delivery.outbox import (
     mark_failed,
     mark_sent,
     next_due_at,
+    recipient_for,
     release_claims,
+    skip_reason,
     skipped_reasons,
     status_counts,
 )
@@ -121,23 +124,28 @@ class DispatchStats:
         return asdict(self)
 
 
-def redact_recipient(text: str, delivery: Delivery) -> str:
-    """Return ``text`` with the delivery's recipient replaced, so log lines carry no address.
+def redact_recipient(text: str, recipient: str | None) -> str:
+    """Return ``text`` with the recipient's address replaced, so neither logs nor rows carry it.
 
-    Receivers often quote the address in their errors (``SMTP 550 for a@b.example``); the
-    outbox row keeps the full error, the log gets the redacted one.
+    Receivers often quote the address in their errors (``SMTP 550 for a@b.example``): the error
+    is redacted before it is logged or stored on the outbox row.
     """
-    recipient = delivery.recipient
     return text.replace(recipient, "<recipient>") if recipient else text
 
 
-def message_for(delivery: Delivery) -> OutboundMessage:
-    """Build the message a sender gets for an outbox row."""
+def recipient_now(engine: Engine, delivery: Delivery) -> str | None:
+    """Return the delivery's address from ``contacts`` as it is now (None: no contact any more)."""
+    with session_scope(engine) as session:
+        return recipient_for(contact_of(session, delivery.customer_id), delivery.channel)
+
+
+def message_for(delivery: Delivery, recipient: str) -> OutboundMessage:
+    """Build the message a sender gets for an outbox row and the address read at send time."""
     payload = dict(delivery.payload or {})
     return OutboundMessage(
         dedup_key=delivery.dedup_key,
         channel=delivery.channel,
-        recipient=delivery.recipient,
+        recipient=recipient,
         subject=str(payload.get("subject", "")),
         body=str(payload.get("body", "")),
         payload=payload,
@@ -226,19 +234,26 @@ def _deliver_one(
             f"claimed {delivery.attempts} times without a recorded result (its workers stopped "
             "mid-send); giving up"
         )
-        _record_failure(engine, delivery, error, False, settings, now_fn, stats)
+        _record_failure(engine, delivery, error, False, settings, now_fn, stats, None)
+        return
+    recipient = recipient_now(engine, delivery)
+    if recipient is None:
+        # The contact was removed (or the customer forgotten) after the row was queued.
+        _record_failure(engine, delivery, skip_reason(delivery.channel) + " at send time", False, settings,
+                        now_fn, stats, None)
         return
     try:
-        receipt = sender.send(message_for(delivery))
+        receipt = sender.send(message_for(delivery, recipient))
     except PermanentSendError as exc:
+        error = redact_recipient(str(exc), recipient)
         with session_scope(engine) as session:
-            recorded = mark_bounced(session, delivery, str(exc))
+            recorded = mark_bounced(session, delivery, error)
         if recorded:
             stats.bounced += 1
-        logger.info("delivery %s bounced: %s", delivery.dedup_key, redact_recipient(str(exc), delivery))
+        logger.info("delivery %s bounced: %s", delivery.dedup_key, error)
         return
     except RetryableSendError as exc:
-        _record_failure(engine, delivery, str(exc), True, settings, now_fn, stats)
+        _record_failure(engine, delivery, str(exc), True, settings, now_fn, stats, recipient)
         return
     except Exception as exc:
         # A sender bug must not leave the row 'sending' until its lease expires; it is retried
@@ -248,10 +263,11 @@ def _deliver_one(
             "sender raised unexpectedly for %s: %s: %s\n%s",
             delivery.dedup_key,
             type(exc).__name__,
-            redact_recipient(str(exc), delivery),
+            redact_recipient(str(exc), recipient),
             "".join(traceback.format_tb(exc.__traceback__)),
         )
-        _record_failure(engine, delivery, f"{type(exc).__name__}: {exc}", True, settings, now_fn, stats)
+        error = f"{type(exc).__name__}: {exc}"
+        _record_failure(engine, delivery, error, True, settings, now_fn, stats, recipient)
         return
     with session_scope(engine) as session:
         mark_sent(session, delivery, now=now_fn(), provider_message_id=receipt.provider_message_id)
@@ -266,7 +282,9 @@ def _record_failure(
     settings: Settings,
     now_fn: Callable[[], datetime],
     stats: DispatchStats,
+    recipient: str | None,
 ) -> None:
+    error = redact_recipient(error, recipient)
     with session_scope(engine) as session:
         status = mark_failed(
             session,
@@ -286,7 +304,7 @@ def _record_failure(
         delivery.dedup_key,
         delivery.attempts,
         status,
-        redact_recipient(error, delivery),
+        error,
     )
 
 

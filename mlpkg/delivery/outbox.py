@@ -10,9 +10,10 @@ moves through these states::
 
     skipped  (terminal from the start: no contact for the channel, or no consent to it)
 
-Recipients come from the ``contacts`` table (email address, phone number, push token). A treated
+Recipients come from the ``contacts`` table (email address, phone number, push token), read by
+the sender at send time: no outbox row stores an address (see :mod:`mlpkg.privacy`). A treated
 customer without a contact for the arm's channel is never sent anything: the row is written as
-``skipped`` with no recipient and the reason (``"no sms contact"``) in ``last_error``. Nor is a
+``skipped`` with the reason (``"no sms contact"``) in ``last_error``. Nor is a
 customer not opted in to the channel as of the send time (``"no sms consent"``): consent is read
 again at enqueue time, so an opt-out dated after the allocation but before the send still holds.
 
@@ -145,9 +146,10 @@ def enqueue_campaign(
     for the channel it is ``skipped`` with the reason (``"no email contact"``) in ``last_error``
     and is never sent. A customer with a contact who is not opted in to the channel as of the
     send time (latest consent event at or before ``sent_at``) is ``skipped`` the same way, with
-    ``"no email consent"`` and no recipient. Re-running is harmless: rows whose ``dedup_key``
-    already exists are left untouched (a skipped row stays skipped even if contacts or consent
-    arrive later: the campaign's measurement window has started).
+    ``"no email consent"``. No row stores the address: the sender reads it at send time.
+    Re-running is harmless: rows whose ``dedup_key`` already exists are left untouched (a
+    skipped row stays skipped even if contacts or consent arrive later: the campaign's
+    measurement window has started).
 
     Args:
         session: Open session; the caller commits.
@@ -185,8 +187,7 @@ def enqueue_campaign(
         recipient = recipient_for(a.Contact, a.channel)
         reason = None if recipient else skip_reason(a.channel)
         if reason is None and a.customer_id not in consented.get(a.channel, set()):
-            # The address is not even recorded: the message must never go out.
-            recipient, reason = None, consent_skip_reason(a.channel)
+            reason = consent_skip_reason(a.channel)
         rows.append(
             {
                 "dedup_key": dedup_key_for(campaign_id, a.customer_id, a.channel),
@@ -194,7 +195,6 @@ def enqueue_campaign(
                 "customer_id": a.customer_id,
                 "channel": a.channel,
                 "coupon_id": a.coupon_id,
-                "recipient": recipient,
                 "payload": render_payload(
                     campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id], send_time
                 ),

@@ -457,8 +457,18 @@ def _provider_id(response: httpx.Response, fallback: str) -> str:
     return fallback
 
 
+def recipient_digest(recipient: str) -> str:
+    """Return the SHA-256 hex digest of an address (what the file channel writes instead of it)."""
+    return hashlib.sha256(recipient.strip().encode("utf-8")).hexdigest()
+
+
 class FileSender:
-    """Write each message as one JSON file (dry runs); a key already written is not rewritten."""
+    """Write each message as one JSON file (dry runs); a key already written is not rewritten.
+
+    The file holds no address: ``recipient_sha256`` (the SHA-256 of the address) stands for it, so
+    the state folder carries no contact details; a test channel (the simulated provider) that
+    knows its customers' addresses matches the digests.
+    """
 
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
         """Write into ``out_dir`` (created on the first send)."""
@@ -488,7 +498,9 @@ class FileSender:
             fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".tmp-", suffix=".json")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(asdict(message), fh, sort_keys=True, indent=1)
+                    record = asdict(message)
+                    record["recipient_sha256"] = recipient_digest(record.pop("recipient"))
+                    json.dump(record, fh, sort_keys=True, indent=1)
                 # A rename is atomic: readers see no file or a whole one, and two writers of the
                 # same key leave one identical file.
                 os.replace(tmp, target)

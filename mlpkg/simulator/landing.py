@@ -62,8 +62,9 @@ def export_to_landing(shop: Shop, zone: str | Path, batch_id: str | None = None)
 def read_outbox(outbox_dir: str | Path) -> pd.DataFrame:
     """Return the messages the file channel received (one row per message file).
 
-    Columns: ``campaign_id``, ``customer_id``, ``channel``, ``coupon_id``, ``sent_at`` (the
-    message's own send time when it carries one, else NaT) and ``recipient``.
+    Columns: ``campaign_id``, ``customer_id`` (the product's pseudonym), ``channel``,
+    ``coupon_id``, ``sent_at`` (the message's own send time when it carries one, else NaT) and
+    ``recipient_sha256`` (the file channel's stand-in for the address).
     """
     rows = []
     for path in sorted(Path(outbox_dir).glob("*.json")):
@@ -76,12 +77,23 @@ def read_outbox(outbox_dir: str | Path) -> pd.DataFrame:
                 "channel": message.get("channel") or payload.get("channel"),
                 "coupon_id": payload.get("coupon_id"),
                 "sent_at": payload.get("sent_at"),
-                "recipient": message.get("recipient"),
+                "recipient_sha256": message.get("recipient_sha256"),
             }
         )
-    frame = pd.DataFrame(rows, columns=[*MESSAGE_COLUMNS, "recipient"])
+    frame = pd.DataFrame(rows, columns=[*MESSAGE_COLUMNS, "recipient_sha256"])
     frame["sent_at"] = pd.to_datetime(frame["sent_at"], utc=True, errors="coerce")
     return frame
+
+
+def addressed_customers(shop: Shop, messages: pd.DataFrame) -> pd.DataFrame:
+    """Return the messages with ``customer_id`` = the shop's customer at each address (others dropped).
+
+    The product's messages name pseudonyms; the provider knows its customers by address, as a real
+    one does (the file channel gives the address's SHA-256).
+    """
+    digests = messages["recipient_sha256"].tolist()
+    shop_ids = shop.customers_of_recipients(messages["channel"].tolist(), digests)
+    return messages.assign(customer_id=shop_ids).dropna(subset=["customer_id"])
 
 
 def campaign_responses(shop: Shop, messages: pd.DataFrame, sent_at: pd.Timestamp) -> pd.DataFrame:
@@ -186,6 +198,9 @@ class ChannelProvider:
             The feedback folder published, or None when nothing new happened.
         """
         messages = read_outbox(outbox_dir)
+        if messages.empty:
+            return None
+        messages = addressed_customers(shop, messages)
         if messages.empty:
             return None
         now = shop.now

@@ -10,7 +10,7 @@ The product must never read the truth; only ``mlpkg.evaluation`` may.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,12 +127,47 @@ class Shop:
         """Ids of every customer who has signed up by ``now``."""
         return self._pop.customer_id.tolist()
 
+    def addresses(self, channel: str) -> dict[str, str]:
+        """Return each signed-up customer's address on ``channel`` (customers without one left out)."""
+        book = self._contacts_upto(len(self._parts) - 1)
+        column = {"email": book.email, "sms": book.phone, "push": book.push_token}[channel]
+        ids = self._population_upto(len(self._parts) - 1).customer_id
+        return {str(c): str(a) for c, a in zip(ids, column, strict=True) if a}
+
+    def customers_of_recipients(self, channels: Sequence[str], digests: Sequence[str]) -> list[str | None]:
+        """Return the customer id behind each message's address digest (None: not one of ours).
+
+        The product hands the channel an address, never the shop's customer id (its messages carry
+        pseudonyms), so the simulated provider finds the customer as a real one would: by address.
+        The file channel writes the SHA-256 of the address, compared here with the shop's book.
+        """
+        import hashlib
+
+        lookup: dict[tuple[str, str], str] = {}
+        for channel in set(channels) & {"email", "sms", "push"}:
+            for cid, address in self.addresses(channel).items():
+                lookup[(channel, hashlib.sha256(address.strip().encode()).hexdigest())] = cid
+        return [lookup.get((str(c), str(d))) for c, d in zip(channels, digests, strict=True)]
+
     def signed_up_before(self, ts: pd.Timestamp) -> list[str]:
         """Return the ids of the customers who had signed up before ``ts``."""
         return self._pop.customer_id[self._pop.signup < to_seconds(ts)].tolist()
 
+    def know_ids(self, alias_of: Callable[[str], str]) -> None:
+        """Also accept ``alias_of(customer id)`` wherever a customer id is asked for.
+
+        The product stores keyed pseudonyms, not the shop's ids; the lab, which compares the
+        product's ledger with the truth, hands the shop the product's pseudonym function.
+        """
+        self._alias_of, self._aliases = alias_of, {}
+
     def _indices(self, customer_ids: Sequence[str]) -> np.ndarray:
         ids = pd.Index(np.asarray(customer_ids, dtype=object))
+        alias_of = getattr(self, "_alias_of", None)
+        if alias_of is not None:
+            if len(self._aliases) != len(self._pop):
+                self._aliases = {alias_of(str(c)): str(c) for c in self._pop.customer_id}
+            ids = pd.Index([self._aliases.get(c, c) for c in ids], dtype=object)
         idx = self._index.get_indexer(ids)
         if (idx < 0).any():
             missing = ids[idx < 0][:5].tolist()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -101,6 +101,9 @@ class ValidationContext:
         chunk_rows: A large Parquet file of a streamed table (see
             :mod:`mlpkg.validation.streaming`) with more rows than this is read and checked in
             chunks of this many rows.
+        pseudonymise: ``pseudonymise(table, typed_frame)`` returns the frame as the rules and the
+            load see it (the warehouse's pseudonyms instead of the shop's customer ids, see
+            :class:`mlpkg.privacy.Pseudonymiser`); ``None`` keeps the file's values.
     """
 
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
@@ -119,6 +122,7 @@ class ValidationContext:
     max_sample_rows: int = MAX_SAMPLE_ROWS
     warehouse: WarehouseView | None = None
     chunk_rows: int = 500_000
+    pseudonymise: Callable[[str, pd.DataFrame], pd.DataFrame] | None = None
     # One Great Expectations context per ValidationContext, created on first use.
     _runner: Any = field(default=None, init=False, repr=False, compare=False)
 

@@ -371,6 +371,8 @@ def validate_streamed(
             except DataContractError as err:
                 merged.add(err.failures)  # rows are file rows already (the chunk keeps its index)
                 continue
+            if context.pseudonymise is not None:
+                frame = context.pseudonymise(table, frame)
             warned.add(read_warnings)
             part = validate_table(frame, table, context=context, source=path, runner=runner, chunk=True)
             merged.add([shift_rows(f, start) for f in part.failures])
@@ -522,7 +524,8 @@ def gate_batch(
         if table not in tables and streams(path, table, ctx.chunk_rows):
             sink = functools.partial(stream_sink, table) if stream_sink is not None else None
             reports[table] = validate_streamed(path, table, context=ctx, runner=runner, sink=sink)
-            streamed[table] = StreamedFile(path, table, reports[table].row_count, ctx.chunk_rows)
+            streamed[table] = StreamedFile(path, table, reports[table].row_count, ctx.chunk_rows,
+                                           ctx.pseudonymise)
             continue
         if table in tables:
             frame, line_offset = tables[table], None
@@ -534,6 +537,9 @@ def gate_batch(
                 continue
             # line_offset is 2 for a CSV, or a LineMap when quoted fields span lines.
             frame, line_offset, read_warnings = read.frame, read.line_offset, read.warnings
+            if ctx.pseudonymise is not None:
+                # Rules, their failure samples and the load see pseudonyms, never the shop's ids.
+                frame = ctx.pseudonymise(table, frame)
         frames[table] = frame
         offsets[table] = line_offset
         reports[table] = validate_table(frame, table, context=ctx, source=source, line_offset=line_offset,

@@ -49,11 +49,14 @@ class StreamedFile:
     table: str
     rows: int
     chunk_rows: int
+    #: The gate's ``pseudonymise(table, frame)`` (see ``ValidationContext.pseudonymise``), or None.
+    pseudonymise: Callable[[str, pd.DataFrame], pd.DataFrame] | None = None
 
     def chunks(self) -> Iterator[tuple[int, pd.DataFrame]]:
         """Yield ``(first row, typed frame)`` per chunk (the gate has already accepted every value)."""
         for start, raw in iter_raw_chunks(self.path, self.table, chunk_rows=self.chunk_rows):
-            yield start, coerce_frame(self.path, RAW_SCHEMAS[self.table], raw, None, check=False)[0]
+            frame = coerce_frame(self.path, RAW_SCHEMAS[self.table], raw, None, check=False)[0]
+            yield start, (self.pseudonymise(self.table, frame) if self.pseudonymise is not None else frame)
 
 
 def parquet_rows(path: Path) -> int | None:

@@ -80,6 +80,7 @@ def test_the_scheduler_ran_every_dag_and_each_run_succeeded_with_its_work_skippe
     state = {f"{d}.{t}": ti["state"] for d, tis in tasks.items() for t, ti in tis.items()}
     for skipped in (
         "couponops_ingest.validate_and_load",
+        "couponops_ingest.purge_old_behaviour",
         "couponops_allocate.plan_scoring",
         "couponops_allocate.allocate",
         "couponops_allocate.deliver",
@@ -116,6 +117,7 @@ def test_each_skip_says_why_in_its_task_log(empty_run):
     *_, logs = empty_run
     expected = {
         "couponops_ingest.validate_and_load": "no new complete drop in",
+        "couponops_ingest.purge_old_behaviour": "no retention set",
         "couponops_train.needs_model": "no labelled campaign rows in the warehouse yet",
         "couponops_allocate.plan_scoring": "the warehouse holds no customers yet: nothing to score",
         "couponops_feedback.load": "no new complete drop in",

@@ -173,7 +173,8 @@ def test_webhook_5xx_then_ok_is_retried_and_repeat_409_counts_as_sent(engine, ht
 
     # A receipt that got lost on the way back: the gateway already has the key and answers 409.
     sender = WebhookSender(f"{http_peer.url}/sms")
-    receipt = sender.send(message_for(rows[flaky[0]]))
+    row = rows[flaky[0]]
+    receipt = sender.send(message_for(row, planted_contact(row.customer_id, "sms")))
     sender.close()
     assert receipt.duplicate and len(http_peer.accepted) == 6
 

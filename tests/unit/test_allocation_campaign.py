@@ -47,7 +47,7 @@ def test_ledger_respects_budget_consent_and_one_row_per_customer(world):
     ledger = _ledger(engine)
     assert len(ledger) == 600 and ledger["customer_id"].is_unique
     assert ledger["expected_cost"].sum() <= 40.0 + 1e-6
-    assert summary["spend"] == pytest.approx(ledger["expected_cost"].sum(), rel=1e-6)
+    assert summary["spend"] == pytest.approx(ledger["expected_cost"].sum(), abs=1e-4)  # rounded to 4 places
     with engine.connect() as conn:
         consent = pd.read_sql(select(m.Consent), conn)
     ok = set(
@@ -93,13 +93,18 @@ def test_with_a_perfect_model_the_policy_beats_random_targeting(world):
 
 def test_logged_propensities_are_the_mixture_probabilities(world):
     settings, engine, shop = world
-    _allocate(settings, engine, shop)
+    summary = _allocate(settings, engine, shop)
     ledger = _ledger(engine)
-    c, e = settings.campaign.control_share, settings.campaign.exploration_share
+    # The shares the campaign sized (at most the settings' shares), not the settings' upper bounds.
+    c, e = summary["control_share"], summary["exploration_share"]
+    assert c <= settings.campaign.control_share and e <= settings.campaign.exploration_share
     model_treated = ledger[(ledger.policy == "model") & (ledger.arm != "control")]
-    assert (model_treated["propensity"] >= 1 - c - e).all()
+    assert (model_treated["propensity"] >= 1 - c - e - 1e-9).all()
     control = ledger[(ledger.policy == "control") & (ledger.model_arm == "control")]
-    assert np.allclose(control["propensity"], c + (1 - c - e), atol=1e-9) or len(control) == 0
+    # Control under control and model branches: c + (1 - c - e); a customer no arm is eligible for
+    # gets control from the exploration branch too, so with certainty (1.0).
+    p = control["propensity"].to_numpy()
+    assert (np.isclose(p, c + (1 - c - e), atol=1e-6) | np.isclose(p, 1.0)).all()
 
 
 def test_budget_curve_is_monotone_and_never_overspends(world, tmp_path):

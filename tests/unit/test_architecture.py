@@ -50,6 +50,7 @@ FLOORS: dict[str, int] = {
     "mlpkg.db": 0,
     "mlpkg.validation": 1,
     "mlpkg.event_store": 1,  # the Parquet parts of behaviour events beside the warehouse
+    "mlpkg.privacy": 1,  # keyed pseudonyms, forget and retention purge (ingest pseudonymises with it)
     "mlpkg.evaluation": 1,
     "mlpkg.sources": 2,
     "mlpkg.ingest": 2,

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from tests.fixtures import stored_id
 
 pytestmark = pytest.mark.unit
 
@@ -384,5 +385,5 @@ def test_extra_log_column_warns_but_fails_in_strict_mode(log_store):
     with session_scope(engine) as s:
         from mlpkg.db import models as m
 
-        row = s.get(m.CampaignLogRow, (LOG_NAME, "u004"))
+        row = s.get(m.CampaignLogRow, (LOG_NAME, stored_id(settings, "u004")))
         assert row.features["region"] == "east" and "coupon_batch" not in row.features

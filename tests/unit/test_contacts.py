@@ -31,11 +31,13 @@ from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import make_engine, session_scope
 from mlpkg.delivery import deliver_campaign
+from mlpkg.delivery.senders import recipient_digest
+from mlpkg.privacy import pseudonym, pseudonym_key
 from mlpkg.simulator import Shop, ShopConfig
 from mlpkg.simulator import world as sim_world
 from mlpkg.validation import DataContractError, ValidationContext, gate_batch
 from mlpkg.validation.contract import EMAIL_PATTERN, PHONE_PATTERN, PUSH_TOKEN_PATTERN
-from tests.fixtures import run_cli
+from tests.fixtures import run_cli, shop_ids
 
 pytestmark = pytest.mark.unit
 
@@ -227,7 +229,9 @@ def shop_template(tmp_path_factory):
     contacts.to_csv(batch / "contacts.csv", index=False)
     report = stages.ingest(settings, batch)
     assert report["loaded"]["contacts"] == len(contacts)
-    return root / "state", owners
+    # The warehouse knows the owners by their pseudonyms (the shop's ids stay in contacts.external_id).
+    key = pseudonym_key(settings)
+    return root / "state", [pseudonym(key, o) for o in owners]
 
 
 def canaries(owners) -> list[str]:
@@ -263,10 +267,11 @@ def test_ingest_loads_contacts_with_blanks_as_null_and_reloads_change_nothing(sh
     assert rows[owners[0]].email == "zq.canary.4202@example.com" and rows[owners[0]].phone == "+15559994202"
     assert any(c.phone is None for c in rows.values()) and all(c.email != "" for c in rows.values())
     # The same file again is skipped by checksum; a changed contact is an upsert, not a second row.
+    assert all(c.external_id and c.customer_id.startswith("psn-") for c in rows.values())
     batch = tmp_path / "again"
     Shop(SHOP).export_batch(batch)
     contacts = read_csv(batch / "contacts.csv")
-    contacts.loc[contacts["customer_id"] == owners[1], "email"] = ""
+    contacts.loc[contacts["customer_id"] == shop_ids(engine)[owners[1]], "email"] = ""
     contacts.to_csv(batch / "contacts.csv", index=False)
     report = stages.ingest(settings, batch)
     assert report["loaded"] == {"contacts": len(contacts)}
@@ -366,19 +371,21 @@ def test_delivery_sends_to_real_contacts_and_skips_customers_without_one(shop_st
         row = rows[customer_id]
         address = contacts.loc[customer_id, CHANNEL_COLUMN[channel]]
         if customer_id in no_phone or customer_id in no_push:
-            assert (row.status, row.recipient, row.attempts) == ("skipped", None, 0)
+            assert (row.status, row.attempts) == ("skipped", 0)
             assert row.last_error == f"no {channel} contact"
         else:
-            assert row.status == "sent" and row.recipient == address
-    assert rows[owners[0]].recipient == "zq.canary.4202@example.com"
+            # The address was read from contacts at send time; the row does not keep it.
+            assert row.status == "sent" and address not in repr(row.payload)
+    assert rows[owners[0]].status == "sent"
     assert result["skipped"] == len(no_phone) + len(no_push) and result["sent"] == len(with_all) + 1
     assert result["skipped_reasons"] == {"no push contact": len(no_push), "no sms contact": len(no_phone)}
     assert result["campaign_status"] == "delivered"
 
-    # The file channel's messages are the messages: each holds its address, skipped ones have none.
+    # The file channel's messages are the messages: each names its address by digest, never in clear.
     written = {p.name for p in settings.outbox_dir.glob("*.json")}
     assert len(written) == result["sent"]
-    assert "zq.canary.4202@example.com" in "".join(p.read_text() for p in settings.outbox_dir.glob("*.json"))
+    files = "".join(p.read_text() for p in settings.outbox_dir.glob("*.json"))
+    assert recipient_digest("zq.canary.4202@example.com") in files and "zq.canary" not in files
     # The summary and the log lines carry counts, never an address.
     addresses = [a for c in arms for a in contacts.loc[c, CONTACT_COLUMNS].dropna()]
     text = repr(result) + "\n".join(r.getMessage() for r in caplog.records)
@@ -404,7 +411,7 @@ def test_a_shop_without_contacts_gets_every_treated_customer_skipped(settings, e
     assert result["campaign_status"] == "delivered"
     assert not list(settings.outbox_dir.glob("*.json"))  # nothing sent, no invented addresses
     with session_scope(engine) as s:
-        assert {(d.status, d.recipient) for d in s.scalars(select(m.Delivery))} == {("skipped", None)}
+        assert {d.status for d in s.scalars(select(m.Delivery))} == {"skipped"}
 
 
 # --- privacy: contacts never reach features, training, snapshots or MLflow ---------------------------
@@ -534,6 +541,7 @@ def test_log_lines_of_failed_sends_name_the_delivery_not_the_address(engine, set
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "cmp-errors:r0:email" in logged and "<recipient>" in logged
     assert [c for c in ids if planted_contact(c, "email") in logged] == []
-    with session_scope(engine) as s:  # the outbox row keeps the receiver's full answer
+    with session_scope(engine) as s:  # the outbox row keeps the receiver's answer, without the address
         bounced = s.scalar(select(m.Delivery).where(m.Delivery.customer_id == "r0"))
-        assert planted_contact("r0", "email") in bounced.last_error
+        assert planted_contact("r0", "email") not in bounced.last_error
+        assert bounced.last_error == "550 <<recipient>>: no such user"

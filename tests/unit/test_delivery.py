@@ -32,6 +32,7 @@ from mlpkg.delivery import (
     release_claims,
     status_counts,
 )
+from mlpkg.delivery.dispatch import recipient_now
 from mlpkg.delivery.outbox import as_utc
 from tests.fixtures import plant_contacts, planted_contact
 
@@ -143,13 +144,17 @@ def test_enqueue_inserts_one_row_per_coupon_allocation_and_is_idempotent(engine)
     by_key = rows(engine)
     assert set(by_key) == {f"{CAMPAIGN}:c1:email", f"{CAMPAIGN}:c2:sms", f"{CAMPAIGN}:c3:push"}
     email = by_key[f"{CAMPAIGN}:c1:email"]
-    # Recipients come from the customers' contact rows, one column per channel.
-    assert email.recipient == planted_contact("c1", "email") == "c1@planted.example"
+    # Recipients come from the customers' contact rows at send time, one column per channel;
+    # no outbox row stores one.
+    assert recipient_now(engine, email) == planted_contact("c1", "email") == "c1@planted.example"
     assert email.status == "pending" and email.attempts == 0
     assert email.payload["coupon_id"] == "PCT10" and "10% off" in email.payload["body"]
     assert as_utc(email.created_at) == T0  # the rerun did not touch existing rows
-    assert by_key[f"{CAMPAIGN}:c2:sms"].recipient == planted_contact("c2", "sms")
-    assert by_key[f"{CAMPAIGN}:c3:push"].recipient == planted_contact("c3", "push")
+    assert recipient_now(engine, by_key[f"{CAMPAIGN}:c2:sms"]) == planted_contact("c2", "sms")
+    assert recipient_now(engine, by_key[f"{CAMPAIGN}:c3:push"]) == planted_contact("c3", "push")
+    stored = repr([(c.name, getattr(d, c.name)) for d in by_key.values() for c in Delivery.__table__.columns])
+    assert not [c for c in ("c1", "c2", "c3") for ch in ("email", "sms", "push")
+                if planted_contact(c, ch) in stored]
 
 
 def test_enqueue_adds_only_new_allocations(engine):

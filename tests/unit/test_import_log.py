@@ -23,6 +23,7 @@ from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 from mlpkg.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, build_features
 from mlpkg.validation import DataContractError
+from tests.fixtures import stored_id
 
 pytestmark = pytest.mark.unit
 
@@ -131,7 +132,7 @@ def test_simulated_campaign_without_propensities_imports_as_assumed_randomized(s
     assert set(rows["arm"]) == {"control", *COSTS}
     shares = frame["variant"].replace({"holdout": "control"}).value_counts(normalize=True)
     np.testing.assert_allclose(rows["propensity"], rows["arm"].map(shares), rtol=1e-12)
-    one = rows.set_index("customer_id").loc[frame["user_ref"].iloc[0]]
+    one = rows.set_index("customer_id").loc[stored_id(settings, frame["user_ref"].iloc[0])]
     assert one["converted"] == frame["purchased"].iloc[0]
     assert one["revenue"] == pytest.approx(frame["order_value"].iloc[0])
     assert one["outcomes"] == {"clicked": int(frame["clicked"].iloc[0])}
@@ -174,9 +175,9 @@ def test_a_new_file_under_the_same_name_replaces_the_log(store, shop_export, tmp
 
     assert result["status"] == "replaced" and result["rows"] == len(part)
     rows = _rows(engine, "spring_test")
-    assert sorted(rows["customer_id"]) == sorted(part["user_ref"])
+    assert sorted(rows["customer_id"]) == sorted(stored_id(settings, part["user_ref"]))
     by_id = rows.set_index("customer_id")["converted"]
-    assert (by_id.loc[part["user_ref"]].to_numpy() == part["purchased"].to_numpy()).all()
+    assert (by_id.loc[stored_id(settings, part["user_ref"])].to_numpy() == part["purchased"].to_numpy()).all()
     with session_scope(engine) as s:
         log = s.get(m.CampaignLog, "spring_test")
         assert log.n_rows == len(part) and log.source == str(smaller)
@@ -218,10 +219,11 @@ def test_parquet_with_declared_features_and_logged_propensities(store, tmp_path)
     assert result["propensity"] == "logged (p)" and result["assumed_randomized"] is False
     assert any("note" in w and "unexpected_column" in w for w in result["warnings"])
     rows = _rows(engine, "ab-test").set_index("customer_id")
-    assert set(rows.index) == {str(i) for i in range(n)}
+    assert set(rows.index) == set(stored_id(settings, [str(i) for i in range(n)]))
     assert rows["propensity"].tolist() == pytest.approx([1 / 3] * n)
-    assert rows.loc["3", "features"] == {"age": None, "city": df.loc[3, "city"]}
-    assert rows.loc["0", "arm"] == ("control" if df.loc[0, "grp"] == "A" else df.loc[0, "grp"])
+    assert rows.loc[stored_id(settings, "3"), "features"] == {"age": None, "city": df.loc[3, "city"]}
+    first_arm = "control" if df.loc[0, "grp"] == "A" else df.loc[0, "grp"]
+    assert rows.loc[stored_id(settings, "0"), "arm"] == first_arm
 
 
 def test_a_log_inside_the_state_folder_is_moved_to_quarantine(store, tmp_path):

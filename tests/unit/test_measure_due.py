@@ -11,7 +11,7 @@ from mlpkg.db import models as m
 from mlpkg.db.engine import session_scope
 from mlpkg.feedback import attribute_campaign, campaign_metrics, measure_due, window_starts
 from mlpkg.simulator.lab import harness
-from tests.fixtures import use_oracle
+from tests.fixtures import stored_id, use_oracle
 
 pytestmark = pytest.mark.unit
 
@@ -110,7 +110,7 @@ def test_late_events_re_measure_a_measured_campaign(sent):
     second = measure_due(engine, settings, clock=clock, now=clock)
     assert [(r["campaign_id"], r["late_events"]) for r in second["measured"]] == [("c1", True)]
     rows = attribute_campaign(engine, "c1", settings.campaign.attribution_window_days)
-    assert rows.set_index("customer_id").loc[late_customer, "converted"] == 1
+    assert rows.set_index("customer_id").loc[stored_id(settings, late_customer), "converted"] == 1
 
 
 def test_orders_reported_for_another_campaign_do_not_count(sent):

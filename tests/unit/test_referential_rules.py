@@ -67,7 +67,6 @@ def sent(ingested):
                 customer_id=a,
                 channel="email",
                 coupon_id=k1,
-                recipient="a@example.com",
                 payload={},
                 status="sent",
                 created_at=t,

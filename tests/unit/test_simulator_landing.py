@@ -7,8 +7,15 @@ import json
 import pandas as pd
 import pytest
 
+from mlpkg.delivery.senders import FileSender, OutboundMessage
 from mlpkg.simulator import Shop, ShopConfig
-from mlpkg.simulator.landing import ChannelProvider, answer_messages, export_to_landing, read_outbox
+from mlpkg.simulator.landing import (
+    ChannelProvider,
+    addressed_customers,
+    answer_messages,
+    export_to_landing,
+    read_outbox,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -19,20 +26,20 @@ def shop():
 
 
 def _outbox(tmp_path, shop, n=40, sent_at=None):
-    """Write file-channel messages the way the product's FileSender does (one JSON per message)."""
+    """Write file-channel messages with the product's FileSender (one JSON per message, no address).
+
+    The payload names a pseudonym, as the product's does; the provider finds the customer by address.
+    """
     out = tmp_path / "outbox"
-    out.mkdir()
-    for i, cid in enumerate(shop.customer_ids[:n]):
-        payload = {"campaign_id": "cmp-1", "customer_id": cid, "channel": "email", "coupon_id": "PCT10"}
+    sender = FileSender(out)
+    addresses = shop.addresses("email")
+    for i, cid in enumerate([c for c in shop.customer_ids if c in addresses][:n]):
+        payload = {"campaign_id": "cmp-1", "customer_id": f"psn-{i:024x}", "channel": "email",
+                   "coupon_id": "PCT10"}
         if sent_at is not None:
             payload["sent_at"] = sent_at.isoformat()
-        message = {
-            "dedup_key": f"k{i}",
-            "channel": "email",
-            "recipient": f"{cid}@x.example",
-            "payload": payload,
-        }
-        (out / f"m{i}.json").write_text(json.dumps(message))
+        sender.send(OutboundMessage(f"k{i}", "email", addresses[cid], "subject", "body", payload))
+    assert not any(a in p.read_text() for p in out.glob("*.json") for a in addresses.values())
     return out
 
 
@@ -70,6 +77,8 @@ def test_the_provider_reports_each_response_exactly_once_as_the_clock_moves(shop
     both = pd.concat(parts)
     assert both["event_id"].is_unique, "no response is reported twice"
     # Together the slices are exactly the responses over the whole window.
-    whole = answer_messages(shop, tmp_path / "whole", messages.assign(sent_at=sent_at), until=shop.now)
+    received = addressed_customers(shop, messages)
+    assert len(received) == 40, "the provider finds every addressee by the address's digest"
+    whole = answer_messages(shop, tmp_path / "whole", received.assign(sent_at=sent_at), until=shop.now)
     assert sorted(both["event_id"]) == sorted(pd.read_csv(whole / "feedback.csv")["event_id"])
-    assert set(both.loc[both["event_type"] == "delivered", "customer_id"]) <= set(messages["customer_id"])
+    assert set(both.loc[both["event_type"] == "delivered", "customer_id"]) <= set(received["customer_id"])

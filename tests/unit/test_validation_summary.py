@@ -12,6 +12,7 @@ import pytest
 from mlpkg import stages
 from mlpkg.simulator.lab import harness
 from mlpkg.validation import DataContractError
+from tests.fixtures import stored_id
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +52,7 @@ def test_a_refused_batch_names_file_column_rule_and_value_offline_and_in_its_qua
     customers.loc[3, "customer_id"] = customers.loc[0, "customer_id"]  # a repeated id
     customers.to_csv(bad / "customers.csv", index=False)
     shutil.copy(landed / "coupons.csv", bad / "coupons.csv")
-    repeated = customers.loc[0, "customer_id"]
+    repeated = stored_id(settings, customers.loc[0, "customer_id"])  # the rules see pseudonyms
 
     with pytest.raises(DataContractError) as err:
         stages.ingest(settings, bad)

@@ -7,6 +7,7 @@ loop and the tests use them where going through the landing zone would only add 
 
 from __future__ import annotations
 
+import functools
 import zlib
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db.engine import make_engine, session_scope
 from mlpkg.db.queries import as_utc, get_campaign
+from mlpkg.privacy import pseudonym, pseudonym_key
 from mlpkg.simulator.spec import ShopConfig
 from mlpkg.simulator.world import Shop
 from mlpkg.stages import campaign_id_for
@@ -31,10 +33,14 @@ def load_world(settings: Settings) -> Shop:
     """Load the simulated shop of this state folder, creating it from settings the first time."""
     path = world_path(settings)
     if path.exists():
-        return Shop.load(path)
-    shop = Shop(ShopConfig.from_settings(settings))
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    shop.save(path)
+        shop = Shop.load(path)
+    else:
+        shop = Shop(ShopConfig.from_settings(settings))
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        shop.save(path)
+    # The product's ledger names pseudonyms: the lab lets the shop's truth answer for them.
+    key = pseudonym_key(settings)
+    shop.know_ids(functools.partial(pseudonym, key))
     return shop
 
 
