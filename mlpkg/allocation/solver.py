@@ -161,7 +161,8 @@ class AllocationProblem:
                 raise ValueError(f"group_constraints must hold GroupConstraint, got {type(g).__name__}")
             member = g.member
             if not isinstance(member, np.ndarray) or member.shape != (n,) or member.dtype != np.bool_:
-                raise ValueError(f"{g.label}: member must be a bool array of shape ({n},), got {_describe(member)}")
+                got = _describe(member)
+                raise ValueError(f"{g.label}: member must be a bool array of shape ({n},), got {got}")
             if not 0.0 <= float(g.share) <= 1.0:
                 raise ValueError(f"{g.label}: share must be in [0, 1], got {g.share!r}")
             if g.bound not in ("min", "max"):
@@ -254,9 +255,9 @@ def check_feasible(problem: AllocationProblem, choice: np.ndarray) -> list[str]:
         # Compared as counts (or sums) so that a constraint met exactly passes exactly.
         slack = _BUDGET_RTOL * max(1.0, whole)
         if g.bound == "max" and part > g.share * whole + slack:
-            problems.append(f"{g.label}: group has {part:.6g} of {whole:.6g} {g.measure}, above share {g.share:g}")
+            problems.append(f"{g.label}: group has {part:.6g} of {whole:.6g} {g.measure}, over {g.share:g}")
         if g.bound == "min" and part < g.share * whole - slack:
-            problems.append(f"{g.label}: group has {part:.6g} of {whole:.6g} {g.measure}, below share {g.share:g}")
+            problems.append(f"{g.label}: group has {part:.6g} of {whole:.6g} {g.measure}, under {g.share:g}")
     return problems
 
 
@@ -553,7 +554,8 @@ class _Dual:
                 col_pcc += pc.sum(axis=1)
             w.extend(r[cols].sum(axis=0)[None, :] for cols in self.groups)
             if self.n_groups:
-                w.append(groups.add(r, self.cost[:, a:b], self.group_coef[:, a:b], self.group_on_cost, self.groups))
+                coef = self.group_coef[:, a:b]
+                w.append(groups.add(r, self.cost[:, a:b], coef, self.group_on_cost, self.groups))
             wtw += _gram(np.concatenate(w).astype(np.float64))
         usage, second = self._moments(col_p, col_pc, col_pcc)
         if self.n_groups:
@@ -740,7 +742,7 @@ class _Dual:
         tau = self.typical_value * _TAU
         iterations = 0
         work = self
-        samples = self._samples()
+        samples = [] if self.n_groups else self._samples()
         for sample in samples:
             # Each sample is solved to the full problem's accuracy (its caps are a fraction of the
             # full ones, and its smoothed usage is not whole customers).
@@ -1187,7 +1189,7 @@ class _GroupMoments:
     def add(
         self, p: np.ndarray, cost: np.ndarray, coef: np.ndarray, on_cost: np.ndarray, count_groups: list
     ) -> np.ndarray:
-        """Add one chunk (``p``: choice probabilities ``[m, b]``); return its per-customer usage ``[K, b]``."""
+        """Add one chunk (``p``: choice probabilities ``[m, b]``); return its usage per customer."""
         a = coef.astype(np.float64)
         pc = p * cost
         p1 = p.sum(axis=0, dtype=np.float64)
@@ -1198,7 +1200,8 @@ class _GroupMoments:
         self.use += w.sum(axis=1)
         both_count = ~spend & ~spend.T
         both_spend = spend & spend.T
-        self.gg += np.where(both_count, (a * p1) @ a.T, np.where(both_spend, (a * p_cc) @ a.T, (a * p_c) @ a.T))
+        mixed = np.where(both_spend, (a * p_cc) @ a.T, (a * p_c) @ a.T)
+        self.gg += np.where(both_count, (a * p1) @ a.T, mixed)
         self.gb += (a * np.where(spend, p_cc[None, :], p_c[None, :])).sum(axis=1)
         if count_groups:
             per = np.stack([p[cols].sum(axis=0) for cols in count_groups]).astype(np.float64)
@@ -1209,7 +1212,9 @@ class _GroupMoments:
             self.gc += cross
         return w
 
-    def extend(self, usage: np.ndarray, second: np.ndarray, has_budget: bool) -> tuple[np.ndarray, np.ndarray]:
+    def extend(
+        self, usage: np.ndarray, second: np.ndarray, has_budget: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Append the group coordinates to the other coordinates' usage and second moment."""
         d0, k = len(usage), len(self.use)
         out = np.zeros((d0 + k, d0 + k))
@@ -1249,7 +1254,9 @@ def _greedy_fill(
         Positions (into the move arrays) of the accepted moves.
     """
     lefts = [left_coupon.copy(), left_channel.copy()]
-    lin_delta, left_linear = (None, None) if linear is None else (linear[0], linear[1].astype(np.float64).copy())
+    lin_delta = left_linear = None
+    if linear is not None:
+        lin_delta, left_linear = linear[0], linear[1].astype(np.float64).copy()
     alive = np.ones(len(cust), dtype=bool)
     done = np.zeros(int(cust.max()) + 1 if len(cust) else 0, dtype=bool)
     accepted: list[np.ndarray] = []
