@@ -705,7 +705,7 @@ def fairness_mlflow_metrics(fairness: dict) -> dict[str, float]:
 
     def put(name: str, value) -> None:  # noqa: ANN001
         if isinstance(value, int | float) and np.isfinite(value):
-            out[name] = float(value)
+            out[name] = _sig(value)
 
     for block in fairness.get("by_attribute", []):
         attr = _metric_key(block["attribute"])
