@@ -15,6 +15,12 @@ at the final prices is made feasible by a repair (drop the assignments with the 
 profit from each violated cap) and completed by a greedy refill of whatever budget and capacity
 is left. Every pass over the ``[n, m]`` matrices runs in chunks of customers, in float32, so
 memory stays at about two float32 copies of the inputs.
+
+Optional group constraints (:class:`GroupConstraint`: a customer group's share of the treated
+customers or of the spend, at least or at most) are priced the same way, one more price each;
+their price shifts each customer's reduced values by a per-customer amount (a penalty for the
+group's members and a subsidy for the others, or the reverse), a repair drops the customers that
+push a violated bound over, and the refill keeps every bound.
 """
 
 from __future__ import annotations
@@ -742,6 +748,8 @@ class _Dual:
         tau = self.typical_value * _TAU
         iterations = 0
         work = self
+        # With group bounds the samples' prices led the full solve astray (a group's sum on a
+        # sample is a poor proxy for the whole one's): every pass then covers everyone.
         samples = [] if self.n_groups else self._samples()
         for sample in samples:
             # Each sample is solved to the full problem's accuracy (its caps are a fraction of the
