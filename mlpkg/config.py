@@ -48,8 +48,10 @@ class TrainerSettings(BaseModel):
         description="Model families each training compares on the log's validation part; the best is logged.",
     )
     weighting: Literal["stabilised", "none"] = Field(
-        "stabilised",
-        description="Loss weights: stabilised = min(share(arm) / propensity, max_weight); none = 1.",
+        "none",
+        description="Loss weights: none = 1 (each arm's outcome model conditions on the features the "
+        "logging policy used, so it needs no reweighting); stabilised = min(share(arm) / propensity, "
+        "max_weight).",
     )
     max_weight: float = Field(10.0, ge=1, description="Cap on a row's stabilised inverse-propensity weight.")
     num_workers: int = Field(0, ge=0)
@@ -78,16 +80,17 @@ class CampaignSettings(BaseModel):
     )
     min_control_share: float = Field(0.02, ge=0, lt=1, description="The least control share sizing chooses.")
     control_ci_target: float | None = Field(
-        0.5,
+        0.7,
         gt=0,
         description="Size control so the targeted increment's 95% CI half-width is at most this share of the "
-        "increment the model expects (None: always control_share).",
+        "increment the model expects (0.7: the expected effect is detected with 80% power; None: always "
+        "control_share).",
     )
     exploration_share: float = Field(
         0.05, ge=0, lt=1, description="Share given a random eligible arm: the most sizing chooses."
     )
     exploration_rows_per_arm: int | None = Field(
-        50, ge=1, description="Random rows per option on offer per campaign (None: always exploration_share)."
+        30, ge=1, description="Random rows per option on offer per campaign (None: always exploration_share)."
     )
     cooldown_days: int = Field(14, ge=0)
     attribution_window_days: int = Field(7, ge=1)

@@ -758,9 +758,10 @@ class _Dual:
             share[self.dim - self.n_groups :] = len(sample.rows) / len(self.rows)  # groups' caps are 0
             theta, _, _, steps = sample.smoothed(theta, tau, slack * share, max_iter - iterations, np.inf)
             iterations += steps
+        sampled, sampled_value = theta, np.inf
         if samples:
-            work, seen, fixed = self._working_set(theta)
-            bound = min(bound, seen)
+            work, sampled_value, fixed = self._working_set(theta)
+            bound = min(bound, sampled_value)
         theta, hess, steps, usage = work.settle(theta, tau, slack, max_iter - iterations)
         iterations += steps
         if work is not self:
@@ -769,6 +770,13 @@ class _Dual:
             seen, full_usage = self.hard_pass(theta)
             bound = min(bound, seen)
             if np.any(np.abs(full_usage - usage - fixed) > slack):
+                if sampled_value < seen:
+                    # The undecided few priced against a sliver of the caps can run far from the
+                    # optimum (a budget price three times too high, seen); the samples' prices were
+                    # better for everyone: polish from there, with everyone's curvature.
+                    theta = sampled
+                    hess = self.evaluate(theta, tau)[3]
+                    iterations += 1
                 theta, steps, seen, _ = self.finish(theta, hess, slack, max(max_iter - iterations, 1))
                 bound, iterations = min(bound, seen), iterations + steps
         local, seen, lead = self.choose(theta, lead=True)

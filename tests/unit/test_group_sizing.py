@@ -40,7 +40,7 @@ def test_a_cold_start_keeps_the_configured_shares():
 
 
 def test_a_strong_expected_effect_needs_a_smaller_control_group_than_a_weak_one():
-    cfg = CampaignSettings()
+    cfg = CampaignSettings(control_ci_target=0.5)
     # A budget for everyone: every customer is targeted, at their expected effect.
     strong = size_groups(_population(20_000, 0.04), cfg, budget=20_000.0, has_model=True)
     weak = size_groups(_population(20_000, 0.025), cfg, budget=20_000.0, has_model=True)
