@@ -492,6 +492,21 @@ def _measured_table(measured: dict[str, dict]) -> None:
     )
 
 
+def _fairness_tables(summary: dict, currency: str) -> None:
+    """Print exposure and effect by sensitive group, the disparity ratios and any allocation bounds."""
+    from mlpkg.reports import FAIRNESS_DISPARITY_COLUMNS, FAIRNESS_GROUP_COLUMNS, fairness_rows
+
+    fairness = summary.get("fairness")
+    if fairness and fairness.get("by_attribute"):
+        groups, disparity = fairness_rows(fairness, currency)
+        _table("fairness by group (treated: share of non-control customers)", FAIRNESS_GROUP_COLUMNS, groups)
+        _table("disparity: lowest group / highest group (1 = parity)", FAIRNESS_DISPARITY_COLUMNS, disparity)
+    bounds = summary.get("fairness_constraints")
+    if bounds:
+        _table("fairness bounds of the allocation (model policy)", ["constraint", "reached", "price"],
+               [[b["constraint"], _fmt(b.get("achieved")), _fmt(b.get("price"))] for b in bounds])
+
+
 def _print_report_path(path: str | None) -> None:
     """Print where the campaign's HTML report is, or that none was written yet (writes nothing)."""
     text = path or "none yet (`couponops feedback` writes it when it measures the campaign)"
@@ -535,6 +550,7 @@ def report(
             },
         )
         _measured_table(summary.get("observed", {}))
+        _fairness_tables(summary, settings.currency)
         _show("deliveries", summary.get("deliveries", {}))
         _print_report_path(summary.get("report"))
     else:

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -111,6 +111,104 @@ class CampaignSettings(BaseModel):
                 "control_share + exploration_share must stay below 0.5 "
                 "(otherwise most customers are not targeted by the model)"
             )
+        return self
+
+
+#: Customer columns a shop may declare as sensitive attributes (the warehouse's ``customers``
+#: table; it holds no age or birth date, so there is no age band).
+FAIRNESS_ATTRIBUTES = ("region", "device", "segment")
+
+
+class GroupConstraintSettings(BaseModel):
+    """Bound one group's share of a campaign's treated customers or of its spend.
+
+    Shares are of the model policy's allocation (the optimiser's customers, budget and spend):
+    ``min_treated_share: 0.2`` asks that at least 20% of the customers it treats belong to the
+    group; ``max_budget_share: 0.3`` that at most 30% of what it spends goes to the group.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    attribute: str = Field(description="A declared attribute (FAIRNESS__ATTRIBUTES), e.g. region.")
+    group: str = Field(min_length=1, description="A value of that attribute, e.g. north.")
+    min_treated_share: float | None = Field(None, ge=0, le=1)
+    max_treated_share: float | None = Field(None, ge=0, le=1)
+    min_budget_share: float | None = Field(None, ge=0, le=1)
+    max_budget_share: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds_make_sense(self) -> GroupConstraintSettings:
+        name = f"{self.attribute}={self.group}"
+        bounds = [getattr(self, f"{b}_{w}_share") for b in ("min", "max") for w in ("treated", "budget")]
+        if all(b is None for b in bounds):
+            raise ValueError(
+                f"constraint {name} sets no bound: give min_treated_share, max_treated_share, "
+                "min_budget_share or max_budget_share"
+            )
+        for what in ("treated", "budget"):
+            low, high = getattr(self, f"min_{what}_share"), getattr(self, f"max_{what}_share")
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"constraint {name}: min_{what}_share {low} exceeds max_{what}_share {high}")
+        return self
+
+    def bounds(self) -> list[tuple[str, str, float]]:
+        """Return ``(bound, measure, share)`` for every bound set: ``("min", "treated", 0.2)``."""
+        out = []
+        for bound in ("min", "max"):
+            for what, measure in (("treated", "treated"), ("budget", "spend")):
+                share = getattr(self, f"{bound}_{what}_share")
+                if share is not None:
+                    out.append((bound, measure, float(share)))
+        return out
+
+
+class FairnessSettings(BaseModel):
+    """Sensitive attributes the reports break down by, and optional allocation bounds per group."""
+
+    attributes: list[str] = Field(
+        default_factory=lambda: list(FAIRNESS_ATTRIBUTES),
+        description=f"Customer columns shown by group in reports and MLflow, of {list(FAIRNESS_ATTRIBUTES)}.",
+    )
+    constraints: list[GroupConstraintSettings] = Field(
+        default_factory=list, description="Bounds on groups' shares of treated customers or spend."
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, v: list[str]) -> list[str]:
+        unknown = [a for a in v if a not in FAIRNESS_ATTRIBUTES]
+        if unknown:
+            raise ValueError(
+                f"unknown attribute {unknown[0]!r}: attributes must be customer columns of "
+                f"{list(FAIRNESS_ATTRIBUTES)}"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"attributes must not repeat, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _constraints_on_declared(self) -> FairnessSettings:
+        seen: dict[tuple[str, str], int] = {}
+        min_total: dict[tuple[str, str], float] = {}
+        for c in self.constraints:
+            if c.attribute not in self.attributes:
+                raise ValueError(
+                    f"constraint {c.attribute}={c.group}: unknown attribute {c.attribute!r}; "
+                    f"constraints must use a declared attribute of {self.attributes}"
+                )
+            key = (c.attribute, c.group)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > 1:
+                raise ValueError(f"constraint {c.attribute}={c.group} is given twice; merge its bounds")
+            for bound, measure, share in c.bounds():
+                if bound == "min":
+                    total = min_total.get((c.attribute, measure), 0.0) + share
+                    min_total[(c.attribute, measure)] = total
+                    if total > 1 + 1e-12:
+                        raise ValueError(
+                            f"minimum {measure} shares of {c.attribute} groups add up to {total:g} > 1: "
+                            "only treating nobody would meet them"
+                        )
         return self
 
 
@@ -260,6 +358,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     schedules: ScheduleSettings = ScheduleSettings()
     privacy: PrivacySettings = PrivacySettings()
+    fairness: FairnessSettings = FairnessSettings()
 
     @field_validator("state_dir")
     @classmethod

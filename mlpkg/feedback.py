@@ -30,6 +30,7 @@ from mlpkg.config import Settings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.evaluation.fairness import group_fairness
 from mlpkg.evaluation.incrementality import incremental_lift, incremental_mean, psi
 
 CONTROL = "control"
@@ -225,6 +226,7 @@ def measure_campaign(
         )
     for pol, part in df[df["policy"] != "control"].groupby("policy"):
         results.append(("policy", str(pol), _group_metrics(part, control, cfg.margin)))
+    fairness = measure_fairness(engine, settings, df)
     rows = [
         dict(
             campaign_id=campaign_id,
@@ -242,6 +244,7 @@ def measure_campaign(
         campaign = q.get_campaign(session, campaign_id)
         campaign.summary = {
             **(campaign.summary or {}),
+            "fairness": {**fairness, "constraints": (campaign.summary or {}).get("fairness_constraints", [])},
             "measurement": {
                 "final": final,
                 "feedback_events": q.feedback_event_count(session, campaign_id),
@@ -385,6 +388,39 @@ def measure_due(engine: Engine, settings: Settings, *, clock: datetime, now: dat
         "waiting": waiting,
         "clock": clock_ts.isoformat(),
     }
+
+
+def measure_fairness(engine: Engine, settings: Settings, df: pd.DataFrame) -> dict:
+    """Measure exposure and effect by each declared sensitive attribute (``FAIRNESS__ATTRIBUTES``).
+
+    Args:
+        engine: the warehouse (for the customers' attributes).
+        settings: the settings (attributes).
+        df: the attributed campaign (:func:`attribute_campaign`).
+
+    Returns:
+        ``{"attributes": [...], "by_attribute": [group_fairness result per attribute]}``, JSON-ready.
+    """
+    attributes = list(settings.fairness.attributes)
+    if not attributes or df.empty:
+        return {"attributes": attributes, "by_attribute": []}
+    with session_scope(engine) as session:
+        attrs = q.customer_attributes(session, attributes)
+    frame = df[["customer_id", "policy", "arm", "model_arm", "converted", "coupon_cost"]].merge(
+        attrs, on="customer_id", how="left"
+    )
+    frame = frame.assign(
+        treated=frame["arm"] != CONTROL,
+        targeted=frame["model_arm"] != CONTROL,
+        coupon_value=frame["coupon_cost"].astype(float),
+    )
+    out = []
+    for attribute in attributes:
+        result = group_fairness(frame.assign(**{attribute: frame[attribute].fillna("unknown")}), attribute)
+        result["groups"] = [_jsonable(g) for g in result["groups"]]
+        result["disparity"] = {k: _jsonable(v) for k, v in result["disparity"].items()}
+        out.append(result)
+    return {"attributes": attributes, "by_attribute": out}
 
 
 def _jsonable(d: dict) -> dict:

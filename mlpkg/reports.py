@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
@@ -109,6 +111,11 @@ def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
                 }
                 for idx, row in overall.iterrows()
             }
+        fairness = (campaign.summary or {}).get("fairness")
+        if fairness:
+            out["fairness"] = fairness
+        if (campaign.summary or {}).get("fairness_constraints"):
+            out["fairness_constraints"] = campaign.summary["fairness_constraints"]
     docs = settings.data_docs_dir / "index.html"
     out["data_docs"] = str(docs) if docs.exists() else None
     if campaign is not None:
@@ -458,6 +465,21 @@ def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary
             continue
         rows = [(str(r["breakdown_value"]), {k: r[k] for k in part.columns}) for _, r in part.iterrows()]
         breakdowns.append({"title": title, **report_page.comparison_table(rows, margin, cur)})
+    fairness = summary.get("fairness") or {}
+    if fairness.get("by_attribute"):
+        groups, disparity = fairness_rows(fairness, cur)
+        breakdowns.append({"title": "Fairness: exposure and measured effect by group",
+                           "columns": FAIRNESS_GROUP_COLUMNS, "rows": groups})
+        breakdowns.append({"title": "Fairness: disparity ratios (lowest group / highest group; 1 = parity)",
+                           "columns": FAIRNESS_DISPARITY_COLUMNS, "rows": disparity})
+    bounds = summary.get("fairness_constraints") or []
+    if bounds:
+        breakdowns.append({
+            "title": "Fairness: allocation bounds (model policy)",
+            "columns": ["constraint", "reached", "price"],
+            "rows": [[b["constraint"], report_page.pct(b.get("achieved")), f"{b.get('price', 0):.4g}"]
+                     for b in bounds],
+        })  # fmt: skip
     return {
         "c": {
             "campaign_id": campaign.campaign_id,
@@ -558,6 +580,7 @@ def _log_report(
     with session_scope(engine) as session:
         campaign = q.get_campaign(session, campaign_id)
         version, run_key = campaign.model_version, campaign.run_key
+        fairness = (campaign.summary or {}).get("fairness") or {}
         as_of, budget, spend, objective = (
             campaign.as_of,
             campaign.budget,
@@ -592,6 +615,7 @@ def _log_report(
         tags.update({"airflow.run_key": run_key, "airflow.dag_id": dag_id, "airflow.run_id": airflow_run})
     overall = metrics[metrics["breakdown"] == "overall"].set_index("breakdown_value")
     numbers = {"budget": _sig(budget), "spend": _sig(spend), **_campaign_numbers(overall)}
+    numbers.update(fairness_mlflow_metrics(fairness))
     tags[NOTE_TAG] = _campaign_sentence(campaign_id, day, tags["model.version"], numbers)
     exp_id = campaign_experiment(settings, client)
     existing = client.search_runs(
@@ -627,3 +651,76 @@ def _campaign_sentence(campaign_id: str, day: str, version: str, numbers: dict[s
         if low is not None and high is not None:
             text += f" (95% CI {low:g} to {high:g})"
     return text + "."
+
+
+#: Column heads of the fairness tables (CLI and HTML page).
+FAIRNESS_GROUP_COLUMNS = ["attribute", "group", "customers", "treated", "coupon value", "incr. rate (95% CI)"]
+FAIRNESS_DISPARITY_COLUMNS = ["attribute", "metric", "min / max (95% CI)", "lowest", "highest"]
+_FAIRNESS_METRICS = {"share_treated": "share treated", "coupon_value": "coupon value",
+                     "incremental_rate": "incr. rate"}  # fmt: skip
+
+
+def _ratio_text(value, ci) -> str:  # noqa: ANN001
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    if ci and None not in ci and all(np.isfinite(c) for c in ci):
+        return f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
+    return f"{value:.2f}"
+
+
+def fairness_rows(fairness: dict, currency: str) -> tuple[list[list[str]], list[list[str]]]:
+    """Return the rows of the by-group table and of the disparity table of a measured campaign.
+
+    ``fairness`` is the campaign summary's ``fairness`` block (:func:`mlpkg.feedback.measure_fairness`).
+    """
+    def pct(x) -> str:  # noqa: ANN001
+        return "—" if x is None else f"{x:.1%}"
+
+    def pp(x, ci) -> str:  # noqa: ANN001
+        if x is None:
+            return "—"
+        text = f"{100 * x:+.1f} pp"
+        if ci and None not in ci:
+            text += f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})"
+        return text
+
+    groups, disparity = [], []
+    for block in fairness.get("by_attribute", []):
+        attr = block["attribute"]
+        for g in block["groups"]:
+            value = g.get("coupon_value")
+            groups.append([attr, g["group"], f"{g['customers']:,}", pct(g.get("share_treated")),
+                           "—" if value is None else f"{value:.2f} {currency}",
+                           pp(g.get("incremental_rate"), g.get("incremental_rate_ci"))])  # fmt: skip
+        for key, label in _FAIRNESS_METRICS.items():
+            d = block["disparity"].get(key, {})
+            disparity.append([attr, label, _ratio_text(d.get("ratio"), d.get("ci")),
+                              str(d.get("min_group") or "—"), str(d.get("max_group") or "—")])  # fmt: skip
+    return groups, disparity
+
+
+def fairness_mlflow_metrics(fairness: dict) -> dict[str, float]:
+    """Flatten the fairness block into MLflow metrics ``fairness/<attribute>/...`` (finite values only)."""
+    out: dict[str, float] = {}
+
+    def put(name: str, value) -> None:  # noqa: ANN001
+        if isinstance(value, int | float) and np.isfinite(value):
+            out[name] = _sig(value)
+
+    for block in fairness.get("by_attribute", []):
+        attr = _metric_key(block["attribute"])
+        for key, d in block["disparity"].items():
+            put(f"fairness/{attr}/{key}_disparity", d.get("ratio"))
+            ci = d.get("ci") or [None, None]
+            put(f"fairness/{attr}/{key}_disparity_ci_low", ci[0])
+            put(f"fairness/{attr}/{key}_disparity_ci_high", ci[1])
+        for g in block["groups"]:
+            group = _metric_key(g["group"])
+            for key in ("share_treated", "coupon_value", "incremental_rate"):
+                put(f"fairness/{attr}/{group}/{key}", g.get(key))
+    return out
+
+
+def _metric_key(text: str) -> str:
+    """Return ``text`` with only the characters MLflow allows in a metric name."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(text))

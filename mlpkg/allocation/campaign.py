@@ -23,7 +23,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
 from mlpkg import registry
-from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
+from mlpkg.allocation.fairness import group_constraints, group_prices, subset
+from mlpkg.allocation.solver import AllocationProblem, check_feasible, solve_lagrangian
 from mlpkg.config import CampaignSettings, Settings
 from mlpkg.data import customer_features
 from mlpkg.db import models as m
@@ -175,12 +176,17 @@ def option_economics(
     return value.astype(np.float32), cost.astype(np.float32), uplift, r_t
 
 
-def _model_choice_for_all(value, cost, eligible, catalog: ArmCatalog, multipliers: dict) -> np.ndarray:  # noqa: ANN001
+def _model_choice_for_all(  # noqa: ANN001
+    value, cost, eligible, catalog: ArmCatalog, multipliers: dict, groups=()
+) -> np.ndarray:
     """Apply the solver's Lagrangian prices to every customer: the model policy's choice."""
     lam = float(multipliers.get("budget", 0.0))
     mu = np.asarray(multipliers.get("coupon", np.zeros(len(catalog.coupon_ids))), dtype=np.float64)
     nu = np.asarray(multipliers.get("channel", np.zeros(len(catalog.channels))), dtype=np.float64)
     reduced = value - lam * cost - mu[catalog.option_coupon][None, :] - nu[catalog.option_channel][None, :]
+    if groups:
+        alpha, beta = group_prices(groups, multipliers.get("group", np.zeros(len(groups))))
+        reduced = reduced - alpha[:, None] - beta[:, None] * cost
     reduced = np.where(eligible, reduced, -np.inf)
     best = np.argmax(reduced, axis=1) if reduced.shape[1] else np.zeros(len(value), dtype=int)
     best_val = reduced[np.arange(len(value)), best] if reduced.shape[1] else np.full(len(value), -np.inf)
@@ -536,6 +542,12 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     channel_cap = np.maximum(channel_cap, 0)
 
     model_rows = np.flatnonzero(group == "model")
+    fair = settings.fairness
+    constraints: tuple = ()
+    if fair.constraints and model_uri is not None:
+        with session_scope(engine) as session:
+            attributes = q.customer_attributes(session, fair.attributes)
+        constraints = group_constraints(fair, ids, attributes)
     problem = AllocationProblem(
         value=value[model_rows],
         cost=cost[model_rows],
@@ -545,15 +557,21 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         budget=max(budget - exp_spend, 0.0),
         coupon_capacity=coupon_cap.astype(float),
         channel_capacity=channel_cap.astype(float),
+        group_constraints=subset(constraints, model_rows),
     )
     result = solve_lagrangian(problem)
+    broken = check_feasible(problem, result.choice)
+    if broken:
+        # A solver bug, not bad input: refuse to write such a ledger.
+        raise RuntimeError(f"campaign {campaign_id!r}: the allocation breaks {broken}")
+    fairness_bounds = _bound_report(problem, result)
     final = np.full(n, -1)
     final[model_rows] = result.choice
     final[exp_rows] = exp_opts
     if model_uri is None:
         model_choice = np.full(n, -1)
     else:
-        model_choice = _model_choice_for_all(value, cost, eligible, catalog, result.multipliers)
+        model_choice = _model_choice_for_all(value, cost, eligible, catalog, result.multipliers, constraints)
         model_choice[model_rows] = result.choice
 
     c, e = control_share, explore_share
@@ -606,7 +624,27 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         "expected_incremental_conversions": round(float(sum(r["expected_uplift"] for r in rows)), 4),
         "allocated": {f"{a}|{p}": int(v) for (a, p), v in per_arm.items() if a != CONTROL},
         "solver_gap": float(result.gap),
+        "fairness_constraints": fairness_bounds,
         "solver_seconds": float(result.seconds),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return summary, rows, spend, issued
+
+
+def _bound_report(problem: AllocationProblem, result) -> list[dict]:  # noqa: ANN001 - AllocationResult
+    """Describe each group bound of the model policy's allocation: the share reached and its price."""
+    rows = np.flatnonzero(result.choice >= 0)
+    costs = problem.cost[rows, result.choice[rows]].astype(np.float64)
+    prices = np.asarray(result.multipliers.get("group", np.zeros(len(problem.group_constraints))))
+    out = []
+    for g, price in zip(problem.group_constraints, prices, strict=True):
+        member = g.member[rows]
+        if g.measure == "treated":
+            part, whole = member.sum(), len(rows)
+        else:
+            part, whole = costs[member].sum(), costs.sum()
+        out.append({
+            "constraint": g.label, "bound": g.bound, "measure": g.measure, "share": g.share,
+            "achieved": round(float(part / whole), 6) if whole else None, "price": round(float(price), 6),
+        })  # fmt: skip
+    return out

@@ -1,7 +1,9 @@
 """Exact reference solvers (HiGHS through scipy) to measure the Lagrangian allocator against.
 
 Both build one variable per eligible, positive-value (customer, option) pair: an option with
-value <= 0 only consumes budget and capacity, so leaving it out changes neither optimum. They are
+value <= 0 only consumes budget and capacity, so leaving it out changes neither optimum (with a
+minimum group share it could buy share; the allocator never gives an option worth <= 0, so the
+reference leaves them out too and both solve the same problem). They are
 slow (an LP with 10,000 customers × 30 options takes seconds, a MILP much longer) and meant for
 tests and benchmarks on small instances.
 """
@@ -48,6 +50,12 @@ def _build(
         sel = r >= 0
         blocks.append(sp.csr_matrix((np.ones(int(sel.sum())), (r[sel], var[sel])), shape=(finite.size, k)))
         rhs.append(capacity[finite])
+    # Group constraints: sum over assignments of a_i (treated) or a_i * cost (spend) <= 0.
+    coef, on_cost = problem.group_coefficients()
+    if len(on_cost):
+        dense = coef[:, rows] * np.where(on_cost[:, None], costs[None, :], 1.0)
+        blocks.append(sp.csr_matrix(dense))
+        rhs.append(np.zeros(len(on_cost)))
     return rows, cols, values, sp.vstack(blocks, format="csr"), np.concatenate(rhs)
 
 

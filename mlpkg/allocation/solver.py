@@ -15,6 +15,12 @@ at the final prices is made feasible by a repair (drop the assignments with the 
 profit from each violated cap) and completed by a greedy refill of whatever budget and capacity
 is left. Every pass over the ``[n, m]`` matrices runs in chunks of customers, in float32, so
 memory stays at about two float32 copies of the inputs.
+
+Optional group constraints (:class:`GroupConstraint`: a customer group's share of the treated
+customers or of the spend, at least or at most) are priced the same way, one more price each;
+their price shifts each customer's reduced values by a per-customer amount (a penalty for the
+group's members and a subsidy for the others, or the reverse), a repair drops the customers that
+push a violated bound over, and the refill keeps every bound.
 """
 
 from __future__ import annotations
@@ -48,10 +54,42 @@ _TRIM_STEPS = 4
 # (its choice taken as fixed) once the sample has found prices near the optimum.
 _MARGIN = 1.0
 _REFILL_ROUNDS = 3
+# Relative price cuts tried beside the final prices when group constraints are present.
+_NEARBY = (0.005, 0.01, 0.02, 0.04, 0.08)
 _REFILL_LIMIT = 65_536
 # Relative slack when comparing a float64 sum of float32 costs against the budget: the same
 # spend summed in another order differs by far less than this.
 _BUDGET_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class GroupConstraint:
+    """Bound one group's share of the treated customers or of the spend.
+
+    ``bound="max"``: the group's treated count (or spend) is at most ``share`` times the whole
+    allocation's; ``bound="min"``: at least. In linear form, with ``a_i = member_i - share`` (max)
+    or ``share - member_i`` (min), ``sum_i a_i · t_i <= 0`` where ``t_i`` is 1 (``measure="treated"``)
+    or the assignment's cost (``measure="spend"``) for each assigned customer. Treating nobody
+    always meets it; see :func:`check_group_constraints` for constraints only that can meet.
+
+    Attributes:
+        member: ``bool [n]`` whether each customer belongs to the group.
+        share: the bound, in ``[0, 1]``.
+        bound: ``"min"`` or ``"max"``.
+        measure: ``"treated"`` (count of customers given an option) or ``"spend"``.
+        label: how messages name the constraint, e.g. ``region=north min_treated_share 0.2``.
+    """
+
+    member: np.ndarray
+    share: float
+    bound: str = "max"
+    measure: str = "treated"
+    label: str = "group constraint"
+
+    def coefficients(self) -> np.ndarray:
+        """Return ``a_i`` (float64 ``[n]``) of the linear form ``sum_i a_i · t_i <= 0``."""
+        member = np.asarray(self.member, dtype=np.float64)
+        return member - self.share if self.bound == "max" else self.share - member
 
 
 @dataclass
@@ -67,6 +105,7 @@ class AllocationProblem:
         budget: cap on the summed expected cost (``np.inf`` for no cap).
         coupon_capacity: ``float [n_coupons]`` remaining inventory, in customers (``inf`` allowed).
         channel_capacity: ``float [n_channels]`` remaining capacity, in customers (``inf`` allowed).
+        group_constraints: bounds on customer groups' shares of the treated or of the spend.
     """
 
     value: np.ndarray
@@ -77,6 +116,7 @@ class AllocationProblem:
     budget: float
     coupon_capacity: np.ndarray
     channel_capacity: np.ndarray
+    group_constraints: tuple[GroupConstraint, ...] = ()
 
     @property
     def n_customers(self) -> int:
@@ -122,6 +162,27 @@ class AllocationProblem:
         n_channels = _check_capacity(self.channel_capacity, "channel_capacity")
         _check_index(self.option_coupon, "option_coupon", m, n_coupons, "coupon_capacity")
         _check_index(self.option_channel, "option_channel", m, n_channels, "channel_capacity")
+        for g in self.group_constraints:
+            if not isinstance(g, GroupConstraint):
+                raise ValueError(f"group_constraints must hold GroupConstraint, got {type(g).__name__}")
+            member = g.member
+            if not isinstance(member, np.ndarray) or member.shape != (n,) or member.dtype != np.bool_:
+                got = _describe(member)
+                raise ValueError(f"{g.label}: member must be a bool array of shape ({n},), got {got}")
+            if not 0.0 <= float(g.share) <= 1.0:
+                raise ValueError(f"{g.label}: share must be in [0, 1], got {g.share!r}")
+            if g.bound not in ("min", "max"):
+                raise ValueError(f"{g.label}: bound must be 'min' or 'max', got {g.bound!r}")
+            if g.measure not in ("treated", "spend"):
+                raise ValueError(f"{g.label}: measure must be 'treated' or 'spend', got {g.measure!r}")
+
+    def group_coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(a [K, n] float64, on_cost bool [K])`` of the group constraints' linear forms."""
+        n = self.n_customers
+        if not self.group_constraints:
+            return np.zeros((0, n)), np.zeros(0, dtype=bool)
+        coef = np.stack([g.coefficients() for g in self.group_constraints])
+        return coef, np.array([g.measure == "spend" for g in self.group_constraints])
 
 
 @dataclass
@@ -190,7 +251,42 @@ def check_feasible(problem: AllocationProblem, choice: np.ndarray) -> list[str]:
         counts = np.bincount(used[used >= 0], minlength=len(capacity))
         for k in np.flatnonzero(counts > np.asarray(capacity, dtype=np.float64)):
             problems.append(f"{label} {k} used {int(counts[k])} times, capacity {capacity[k]:.6g}")
+    costs = problem.cost[rows, cols].astype(np.float64)
+    for g in problem.group_constraints:
+        member = np.asarray(g.member)[rows]
+        if g.measure == "treated":
+            part, whole = float(member.sum()), float(len(rows))
+        else:
+            part, whole = float(costs[member].sum()), float(costs.sum())
+        # Compared as counts (or sums) so that a constraint met exactly passes exactly.
+        slack = _BUDGET_RTOL * max(1.0, whole)
+        if g.bound == "max" and part > g.share * whole + slack:
+            problems.append(f"{g.label}: group has {part:.6g} of {whole:.6g} {g.measure}, over {g.share:g}")
+        if g.bound == "min" and part < g.share * whole - slack:
+            problems.append(f"{g.label}: group has {part:.6g} of {whole:.6g} {g.measure}, under {g.share:g}")
     return problems
+
+
+def check_group_constraints(problem: AllocationProblem) -> None:
+    """Refuse group constraints that only an empty allocation can meet.
+
+    A minimum share for a group none of whose customers has a usable option (eligible, positive
+    value) forces everyone else out too; so do minimum shares of one attribute's groups that
+    add up to more than 1 (checked where groups are known, in the settings).
+
+    Raises:
+        ValueError: naming the constraint and why it cannot be met.
+    """
+    usable = (problem.eligible & (problem.value > 0)).any(axis=1)
+    if not usable.any():
+        return
+    for g in problem.group_constraints:
+        if g.bound == "min" and g.share > 0 and not usable[np.asarray(g.member)].any():
+            raise ValueError(
+                f"{g.label} cannot be met: no customer of the group has an eligible option worth "
+                f"giving ({int(np.asarray(g.member).sum())} customers in the group), so only treating "
+                "nobody would meet it; lower the share or drop the constraint"
+            )
 
 
 def solve_lagrangian(
@@ -214,6 +310,7 @@ def solve_lagrangian(
     """
     start = time.perf_counter()
     problem.validate()
+    check_group_constraints(problem)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if max_iter < 0:
@@ -224,11 +321,18 @@ def solve_lagrangian(
     with np.errstate(over="ignore"):
         dual = _Dual(problem, chunk_size)
         theta, bound, iterations, raw, lead = dual.minimise(tol=tol, max_iter=max_iter)
-        local = dual.repair(raw, theta)
-        # Moves of customers far ahead of their runner-up rank below everyone else's; those
-        # the repair dropped are looked at whatever their lead.
-        consider = (lead < _MARGIN * dual.typical_value) | (local != raw)
-        local = dual.refill(local, theta, consider)
+        local = dual.recover(theta, raw, lead)
+        if dual.n_groups:
+            # With group constraints the dual is flat over a wider range of prices whose exact
+            # choices differ by many customers: recover a choice at a few nearby prices too and
+            # keep the best (each is one pass over the data plus repair and refill).
+            best = dual.score(local)[0]
+            for trial in dual.nearby(theta):
+                raw_t, _, lead_t = dual.choose(trial, lead=True)
+                cand = dual.recover(trial, raw_t, lead_t)
+                value = dual.score(cand)[0]
+                if value > best:
+                    local, best = cand, value
     choice = dual.expand(local)
     objective, spend = dual.score(local)
     bound = max(bound, objective)  # rounding in float32 passes must not report a negative gap
@@ -335,12 +439,27 @@ class _Dual:
         self.indicator = np.zeros((self.n_counts, mc), dtype=np.float32)
         for q, cols in enumerate(groups):
             self.indicator[q, cols] = 1.0
+        # Group constraints ``sum_i a_i t_i <= 0`` are priced like the caps, with a per-customer
+        # coefficient: their price moves each customer's reduced value by ``-ρ a_i`` (treated) or
+        # ``-ρ a_i cost`` (spend), so they are always dual coordinates, placed after the counts.
+        coef, on_cost = problem.group_coefficients()
+        self.group_coef = np.ascontiguousarray(coef[:, self.rows].astype(np.float32))
+        self.group_on_cost = on_cost
+        self.n_groups = len(on_cost)
         caps = [self.coupon_cap[self.active_coupons], self.channel_cap[self.active_channels]]
+        caps.append(np.zeros(self.n_groups))
         self.capacity = np.concatenate([[self.budget] if self.has_budget else [], *caps]).astype(np.float64)
         self.dim = len(self.capacity)
         # Prices above these are never optimal: a coupon priced above every value it could earn,
-        # or a budget price above every value per unit of cost, only switches options off.
+        # or a budget price above every value per unit of cost, only switches options off. A
+        # group price at which every member's (or non-member's) best option is priced out, with
+        # room for the other prices' subsidies, is as far as a group price need go.
         uppers = [float(col_max[cols].max(initial=0.0)) for cols in groups]
+        top_value = float(col_max.max(initial=0.0))
+        for q in range(self.n_groups):
+            a = np.abs(coef[q][coef[q] != 0])
+            smallest = max(float(a.min(initial=1.0)), 1e-3)
+            uppers.append(4.0 * (max_ratio if on_cost[q] else top_value) / smallest)
         self.upper = np.array(([max_ratio] if self.has_budget else []) + uppers, dtype=np.float64)
         self.upper = self.upper * (1 + 1e-6) + 1e-12
         self.null_directions = _null_directions(self.indicator)
@@ -354,27 +473,44 @@ class _Dual:
 
     # ----------------------------------------------------------------------------------------------
     # prices
-    def _split(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """Return ``(λ, per-option count price)`` for the dual vector ``theta``."""
+    def _split(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Return ``(λ, per-option count price, per-customer price, per-customer cost price)``.
+
+        The last two (``None`` without group constraints) are what the group prices add to each
+        kept customer's reduced value: ``-alpha_i`` per assignment and ``-beta_i`` per unit of cost.
+        """
         lam = float(theta[0]) if self.has_budget else 0.0
-        counts = theta[1:] if self.has_budget else theta
+        first = 1 if self.has_budget else 0
+        counts = theta[first : first + self.n_counts]
         offset = counts.astype(np.float64) @ self.indicator if self.n_counts else np.zeros(len(self.cols))
-        return lam, offset.astype(np.float32)
+        if not self.n_groups:
+            return lam, offset.astype(np.float32), None, None
+        rho = np.asarray(theta[first + self.n_counts :], dtype=np.float32)
+        alpha = np.where(~self.group_on_cost, rho, 0).astype(np.float32) @ self.group_coef
+        beta = np.where(self.group_on_cost, rho, 0).astype(np.float32) @ self.group_coef
+        return lam, offset.astype(np.float32), alpha, beta
 
     def multipliers(self, theta: np.ndarray) -> dict[str, np.ndarray | float]:
         """Map the dual vector back to named prices on the original constraints."""
         lam = float(theta[0]) if self.has_budget else 0.0
-        counts = theta[1:] if self.has_budget else theta
+        first = 1 if self.has_budget else 0
+        counts = theta[first : first + self.n_counts]
         coupon = np.zeros(self.n_coupons, dtype=np.float64)
         channel = np.zeros(self.n_channels, dtype=np.float64)
         nc = len(self.active_coupons)
         coupon[self.active_coupons] = counts[:nc]
         channel[self.active_channels] = counts[nc:]
-        return {"budget": lam, "coupon": coupon, "channel": channel}
+        group = np.asarray(theta[first + self.n_counts :], dtype=np.float64).copy()
+        return {"budget": lam, "coupon": coupon, "channel": channel, "group": group}
 
-    def _reduced(self, a: int, b: int, lam: float, offset: np.ndarray) -> np.ndarray:
-        """Return ``value - λ·cost - μ - ν`` for customers ``a:b`` as a fresh ``[m, b - a]`` array."""
-        if lam:
+    def _reduced(self, a: int, b: int, prices: tuple) -> np.ndarray:
+        """Return ``value - λ·cost - μ - ν`` (less group prices) for customers ``a:b``, ``[m, b - a]``."""
+        lam, offset, alpha, beta = prices
+        if beta is not None:
+            r = self.cost[:, a:b] * (np.float32(-lam) - beta[a:b])
+            r += self.value[:, a:b]
+            r -= alpha[a:b]
+        elif lam:
             r = self.cost[:, a:b] * np.float32(-lam)
             r += self.value[:, a:b]
         else:
@@ -392,7 +528,7 @@ class _Dual:
             ``(smoothed value, exact dual value, gradient, Hessian)``; the exact (unsmoothed) dual
             value is a valid upper bound on the optimum, the rest refer to the smoothed dual.
         """
-        lam, offset = self._split(theta)
+        prices = self._split(theta)
         mc = len(self.cols)
         top_sum = 0.0
         log_sum = 0.0
@@ -400,9 +536,10 @@ class _Dual:
         col_pc = np.zeros(mc)
         col_pcc = np.zeros(mc)
         wtw = np.zeros((self.dim, self.dim))
+        groups = _GroupMoments(self.n_groups, self.n_counts)
         inv_tau = np.float32(1.0 / tau)
         for a, b in _chunks(len(self.rows), self.chunk):
-            r = self._reduced(a, b, lam, offset)
+            r = self._reduced(a, b, prices)
             top = r.max(axis=0)
             np.maximum(top, 0.0, out=top)  # the "nothing" option has reduced value 0
             top_sum += float(top.sum(dtype=np.float64))
@@ -422,8 +559,13 @@ class _Dual:
                 pc *= self.cost[:, a:b]
                 col_pcc += pc.sum(axis=1)
             w.extend(r[cols].sum(axis=0)[None, :] for cols in self.groups)
+            if self.n_groups:
+                coef = self.group_coef[:, a:b]
+                w.append(groups.add(r, self.cost[:, a:b], coef, self.group_on_cost, self.groups))
             wtw += _gram(np.concatenate(w).astype(np.float64))
         usage, second = self._moments(col_p, col_pc, col_pcc)
+        if self.n_groups:
+            usage, second = groups.extend(usage, second, self.has_budget)
         linear = float(theta @ self.capacity)
         soft = top_sum + tau * log_sum + linear
         return soft, top_sum + linear, self.capacity - usage, (second - wtw) / tau
@@ -439,7 +581,8 @@ class _Dual:
             return count_usage, count_second
         cross = ind @ col_pc
         usage = np.concatenate(([col_pc.sum()], count_usage))
-        second = np.zeros((self.dim, self.dim))
+        d0 = 1 + self.n_counts  # the group coordinates, if any, are appended by _GroupMoments
+        second = np.zeros((d0, d0))
         second[0, 0] = col_pcc.sum()
         second[0, 1:] = cross
         second[1:, 0] = cross
@@ -453,12 +596,13 @@ class _Dual:
             ``(exact dual value, usage of each dual coordinate)``. A customer with two equally
             good options counts on both; ties are rare and this only steers the prices.
         """
-        lam, offset = self._split(theta)
+        prices = self._split(theta)
         total = 0.0
         col_n = np.zeros(len(self.cols))
         col_c = np.zeros(len(self.cols))
+        group_use = np.zeros(self.n_groups)
         for a, b in _chunks(len(self.rows), self.chunk):
-            r = self._reduced(a, b, lam, offset)
+            r = self._reduced(a, b, prices)
             best = r.max(axis=0)
             np.maximum(best, 0.0, out=best)
             total += float(best.sum(dtype=np.float64))
@@ -467,9 +611,15 @@ class _Dual:
             col_n += np.count_nonzero(taken, axis=1)
             if self.has_budget:
                 col_c += (self.cost[:, a:b] * taken).sum(axis=1, dtype=np.float64)
+            if self.n_groups:
+                per = np.count_nonzero(taken, axis=0).astype(np.float64)
+                per_cost = (self.cost[:, a:b] * taken).sum(axis=0, dtype=np.float64)
+                coef = self.group_coef[:, a:b].astype(np.float64)
+                group_use += np.where(self.group_on_cost, coef @ per_cost, coef @ per)
         usage = self.indicator.astype(np.float64) @ col_n
         if self.has_budget:
             usage = np.concatenate(([col_c.sum()], usage))
+        usage = np.concatenate((usage, group_use))
         return total + float(theta @ self.capacity), usage
 
     def _subset(self, index: slice | np.ndarray, capacity: np.ndarray) -> _Dual:
@@ -478,6 +628,7 @@ class _Dual:
         part.value = np.ascontiguousarray(self.value[:, index])
         part.cost = np.ascontiguousarray(self.cost[:, index])
         part.rows = self.rows[index]
+        part.group_coef = np.ascontiguousarray(self.group_coef[:, index])
         part.capacity = np.asarray(capacity, dtype=np.float64)
         return part
 
@@ -515,15 +666,20 @@ class _Dual:
         rows = np.flatnonzero(decided & (local >= 0))
         usage = self._usage(rows, local[rows].astype(np.int64))
         left = self.capacity - usage
-        if np.any(left < 0):
+        # A group's sum may run negative here: the undecided customers can make up for it.
+        if np.any(left[: self.dim - self.n_groups] < 0):
             return self, exact, np.zeros(self.dim)  # the prices are far off: set nobody aside
         return self._subset(np.flatnonzero(~decided), left), exact, usage
 
     def _usage(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Return what the assignments ``(rows, cols)`` use of each dual coordinate."""
         usage = self.indicator.astype(np.float64) @ np.bincount(cols, minlength=len(self.cols))
+        costs = self.cost[cols, rows].astype(np.float64)
         if self.has_budget:
-            usage = np.concatenate(([float(self.cost[cols, rows].astype(np.float64).sum())], usage))
+            usage = np.concatenate(([float(costs.sum())], usage))
+        if self.n_groups:
+            coef = self.group_coef[:, rows].astype(np.float64)
+            usage = np.concatenate((usage, np.where(self.group_on_cost, coef @ costs, coef.sum(axis=1))))
         return usage
 
     def smoothed(
@@ -592,11 +748,14 @@ class _Dual:
         tau = self.typical_value * _TAU
         iterations = 0
         work = self
-        samples = self._samples()
+        # With group bounds the samples' prices led the full solve astray (a group's sum on a
+        # sample is a poor proxy for the whole one's): every pass then covers everyone.
+        samples = [] if self.n_groups else self._samples()
         for sample in samples:
             # Each sample is solved to the full problem's accuracy (its caps are a fraction of the
             # full ones, and its smoothed usage is not whole customers).
             share = sample.capacity / np.maximum(self.capacity, _EPS)
+            share[self.dim - self.n_groups :] = len(sample.rows) / len(self.rows)  # groups' caps are 0
             theta, _, _, steps = sample.smoothed(theta, tau, slack * share, max_iter - iterations, np.inf)
             iterations += steps
         sampled, sampled_value = theta, np.inf
@@ -695,7 +854,7 @@ class _Dual:
         first = 1 if self.has_budget else 0
         for direction in self.null_directions:
             full = np.zeros(self.dim)
-            full[first:] = direction
+            full[first : first + self.n_counts] = direction
             slope = float(full @ self.capacity)
             if slope > 0:
                 full, slope = -full, -slope
@@ -768,6 +927,7 @@ class _Dual:
         unit = np.ones(self.dim)  # one customer for a count cap ...
         if self.has_budget:
             unit[0] = self.typical_cost  # ... and one typical customer's cost for the budget
+        unit[self.dim - self.n_groups :] = np.where(self.group_on_cost, self.typical_cost, 1.0)
         return np.maximum(unit, 10.0 * tol * self.capacity)
 
     # ----------------------------------------------------------------------------------------------
@@ -780,13 +940,13 @@ class _Dual:
             each customer's best beats its runner-up (nothing counts as an option worth 0; ties
             give 0), computed only when asked for (else empty).
         """
-        lam, offset = self._split(theta)
+        prices = self._split(theta)
         k = len(self.rows)
         local = np.full(k, -1, dtype=np.int32)
         margin = np.empty(k if lead else 0, dtype=np.float32)
         total = 0.0
         for a, b in _chunks(k, self.chunk):
-            r = self._reduced(a, b, lam, offset)
+            r = self._reduced(a, b, prices)
             best = np.zeros(b - a, dtype=np.float32)  # "nothing" wins ties: never pick a zero gain
             second = np.full(b - a, -np.inf, dtype=np.float32)
             pick = local[a:b]
@@ -805,12 +965,12 @@ class _Dual:
         return rows, local[rows].astype(np.int64)
 
     def _reduced_at(self, rows: np.ndarray, cols: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        lam, offset = self._split(theta)
-        return (
-            self.value[cols, rows].astype(np.float64)
-            - lam * self.cost[cols, rows].astype(np.float64)
-            - offset[cols].astype(np.float64)
-        )
+        lam, offset, alpha, beta = self._split(theta)
+        cost = self.cost[cols, rows].astype(np.float64)
+        reduced = self.value[cols, rows].astype(np.float64) - lam * cost - offset[cols].astype(np.float64)
+        if alpha is not None:
+            reduced -= alpha[rows].astype(np.float64) + beta[rows].astype(np.float64) * cost
+        return reduced
 
     def repair(self, local: np.ndarray, theta: np.ndarray) -> np.ndarray:
         """Drop the assignments with the worst reduced profit until every cap holds."""
@@ -843,6 +1003,61 @@ class _Dual:
                     rest = rest[1:]
         return local
 
+    def recover(self, theta: np.ndarray, raw: np.ndarray, lead: np.ndarray) -> np.ndarray:
+        """Make the choice at prices ``theta`` feasible (repair) and spend what is left (refill)."""
+        local = self.repair_groups(self.repair(raw, theta), theta)
+        # Moves of customers far ahead of their runner-up rank below everyone else's; those
+        # the repair dropped are looked at whatever their lead.
+        consider = (lead < _MARGIN * self.typical_value) | (local != raw)
+        # The refill keeps every group sum <= 0; the last pass only undoes rounding in float sums.
+        return self.repair_groups(self.refill(local, theta, consider), theta)
+
+    def nearby(self, theta: np.ndarray) -> list[np.ndarray]:
+        """Return prices near ``theta``: the budget price and each group price a little lower."""
+        out = []
+        for shrink in _NEARBY:
+            trial = theta.copy()
+            if self.has_budget:
+                trial[0] *= 1 - shrink
+            trial[self.dim - self.n_groups :] *= 1 - shrink
+            out.append(trial)
+        return out
+
+    def _group_sums(self, local: np.ndarray) -> np.ndarray:
+        """Return each group constraint's ``sum_i a_i t_i`` for a choice (``<= 0``: met)."""
+        rows, cols = self._assigned(local)
+        coef = self.group_coef[:, rows].astype(np.float64)
+        costs = self.cost[cols, rows].astype(np.float64)
+        return np.where(self.group_on_cost, coef @ costs, coef.sum(axis=1))
+
+    def repair_groups(self, local: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """Drop assignments until every group constraint holds.
+
+        The most violated constraint sheds the customers that push it over (positive ``a_i t_i``)
+        with the worst reduced profit per unit shed, just enough of them; dropping can only
+        free budget and capacity, and dropping everyone meets every group constraint, so this
+        ends (each round drops at least one customer).
+        """
+        if not self.n_groups:
+            return local
+        local = local.copy()
+        for _ in range(len(local) + 1):
+            rows, cols = self._assigned(local)
+            coef = self.group_coef[:, rows].astype(np.float64)
+            costs = self.cost[cols, rows].astype(np.float64)
+            contrib = coef * np.where(self.group_on_cost[:, None], costs[None, :], 1.0)
+            sums = contrib.sum(axis=1)
+            if np.all(sums <= 0):
+                break
+            k = int(np.argmax(sums))
+            cand = np.flatnonzero(contrib[k] > 0)
+            ratio = self._reduced_at(rows[cand], cols[cand], theta) / contrib[k, cand]
+            order = cand[np.argsort(ratio, kind="stable")]
+            shed = np.cumsum(contrib[k, order])
+            n_drop = min(int(np.searchsorted(shed, sums[k], side="left")) + 1, len(order))
+            local[rows[order[:n_drop]]] = -1
+        return local
+
     def refill(self, local: np.ndarray, theta: np.ndarray, consider: np.ndarray) -> np.ndarray:
         """Spend what the caps leave on the best moves, greedily by reduced gain.
 
@@ -865,10 +1080,20 @@ class _Dual:
         left_coupon = _left(self.coupon_cap, self.option_coupon[cols])
         left_channel = _left(self.channel_cap, self.option_channel[cols])
         moved = np.zeros(len(local), dtype=bool)
+        group_delta = left_group = None
+        if self.n_groups:
+            # A move's change of each group sum: a_i for a customer newly treated, a_i times the
+            # change of cost for spend; what is left is minus the sum (>= 0 after the repair).
+            coef = self.group_coef[:, cust].T.astype(np.float64)
+            newly = (local[cust] < 0).astype(np.float64)
+            group_delta = coef * np.where(self.group_on_cost[None, :], dcost[:, None], newly[:, None])
+            left_group = -self._group_sums(local)
         for _ in range(_REFILL_ROUNDS):
             fits = ~moved[cust] & (dcost <= left_budget)
             fits &= (_lookup(left_coupon, new_coupon) >= 1) | (new_coupon == old_coupon)
             fits &= (_lookup(left_channel, new_channel) >= 1) | (new_channel == old_channel)
+            if group_delta is not None:
+                fits &= (group_delta <= left_group[None, :]).all(axis=1)
             idx = np.flatnonzero(fits)
             accepted = idx[
                 _greedy_fill(
@@ -879,6 +1104,7 @@ class _Dual:
                     left_budget,
                     left_coupon,
                     left_channel,
+                    linear=None if group_delta is None else (group_delta[idx], left_group),
                 )
             ]
             if accepted.size == 0:
@@ -886,6 +1112,8 @@ class _Dual:
             local[cust[accepted]] = col[accepted]
             moved[cust[accepted]] = True
             left_budget -= float(dcost[accepted].sum())
+            if group_delta is not None:
+                left_group = -self._group_sums(local)
             for new, old, left in (
                 (new_coupon, old_coupon, left_coupon),
                 (new_channel, old_channel, left_channel),
@@ -903,7 +1131,7 @@ class _Dual:
             ``(customer, new option, cost change, new coupon, old coupon, new channel, old
             channel)`` arrays (coupon/channel ``-1``: none), or None when no move improves.
         """
-        lam, offset = self._split(theta)
+        lam, offset, alpha, beta = self._split(theta)
         limit = int(min(max(len(self.rows) // 4, 2048), _REFILL_LIMIT))
         found: list[tuple[np.ndarray, ...]] = []
         customers = np.flatnonzero(consider)
@@ -915,8 +1143,13 @@ class _Dual:
             pick = np.where(has, cur, 0)
             v = self.value[:, who]
             c = self.cost[:, who]
-            r = c * np.float32(-lam)
-            r += v
+            if beta is not None:
+                r = c * (np.float32(-lam) - beta[who])
+                r += v
+                r -= alpha[who]
+            else:
+                r = c * np.float32(-lam)
+                r += v
             r -= offset[:, None]
             cur_v = np.where(has, v[pick, idx], 0.0).astype(np.float32)
             j, i = np.nonzero(v > cur_v)  # strictly better value; excludes unusable and current
@@ -955,6 +1188,63 @@ class _Dual:
         return value, float(self.cost[cols, rows].astype(np.float64).sum())
 
 
+class _GroupMoments:
+    """Accumulate, chunk by chunk, the group coordinates' part of the smoothed dual's moments.
+
+    A group coordinate's usage by customer ``i`` taking option ``j`` is ``a_i`` (treated) or
+    ``a_i · cost_ij`` (spend), so its moments with every other coordinate are per-customer sums
+    of the choice probabilities (times cost, or cost squared) weighted by the coefficients.
+    """
+
+    def __init__(self, n_groups: int, n_counts: int) -> None:
+        self.use = np.zeros(n_groups)
+        self.gg = np.zeros((n_groups, n_groups))
+        self.gb = np.zeros(n_groups)
+        self.gc = np.zeros((n_groups, n_counts))
+
+    def add(
+        self, p: np.ndarray, cost: np.ndarray, coef: np.ndarray, on_cost: np.ndarray, count_groups: list
+    ) -> np.ndarray:
+        """Add one chunk (``p``: choice probabilities ``[m, b]``); return its usage per customer."""
+        a = coef.astype(np.float64)
+        pc = p * cost
+        p1 = p.sum(axis=0, dtype=np.float64)
+        p_c = pc.sum(axis=0, dtype=np.float64)
+        p_cc = (pc * cost).sum(axis=0, dtype=np.float64)
+        spend = on_cost[:, None]
+        w = a * np.where(spend, p_c[None, :], p1[None, :])
+        self.use += w.sum(axis=1)
+        both_count = ~spend & ~spend.T
+        both_spend = spend & spend.T
+        mixed = np.where(both_spend, (a * p_cc) @ a.T, (a * p_c) @ a.T)
+        self.gg += np.where(both_count, (a * p1) @ a.T, mixed)
+        self.gb += (a * np.where(spend, p_cc[None, :], p_c[None, :])).sum(axis=1)
+        if count_groups:
+            per = np.stack([p[cols].sum(axis=0) for cols in count_groups]).astype(np.float64)
+            cross = a @ per.T
+            if on_cost.any():
+                per_cost = np.stack([pc[cols].sum(axis=0) for cols in count_groups]).astype(np.float64)
+                cross = np.where(spend, a @ per_cost.T, cross)
+            self.gc += cross
+        return w
+
+    def extend(
+        self, usage: np.ndarray, second: np.ndarray, has_budget: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Append the group coordinates to the other coordinates' usage and second moment."""
+        d0, k = len(usage), len(self.use)
+        out = np.zeros((d0 + k, d0 + k))
+        out[:d0, :d0] = second
+        g = slice(d0, d0 + k)
+        out[g, g] = self.gg
+        first = 1 if has_budget else 0
+        if has_budget:
+            out[0, g] = out[g, 0] = self.gb
+        out[first:d0, g] = self.gc.T
+        out[g, first:d0] = self.gc
+        return np.concatenate((usage, self.use)), out
+
+
 def _greedy_fill(
     cust: np.ndarray,
     dcost: np.ndarray,
@@ -964,6 +1254,7 @@ def _greedy_fill(
     left_coupon: np.ndarray,
     left_channel: np.ndarray,
     max_rounds: int = 200,
+    linear: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Accept moves in order while they fit, exactly as a sequential greedy scan would.
 
@@ -971,12 +1262,17 @@ def _greedy_fill(
     spend and takes a slot of its new coupon and channel while freeing its old ones (``-1``:
     none). Each round accepts the longest run of each customer's first remaining move that fits
     every cap, then drops the move that did not fit and every move that no longer fits on its
-    own; so the scan is vectorised yet identical to the one-by-one greedy.
+    own; so the scan is vectorised yet identical to the one-by-one greedy. ``linear`` adds
+    constraints ``sum of delta <= left`` with a real-valued change per move (``delta [moves, K]``,
+    ``left [K]``), which may be negative: the group constraints.
 
     Returns:
         Positions (into the move arrays) of the accepted moves.
     """
     lefts = [left_coupon.copy(), left_channel.copy()]
+    lin_delta = left_linear = None
+    if linear is not None:
+        lin_delta, left_linear = linear[0], linear[1].astype(np.float64).copy()
     alive = np.ones(len(cust), dtype=bool)
     done = np.zeros(int(cust.max()) + 1 if len(cust) else 0, dtype=bool)
     accepted: list[np.ndarray] = []
@@ -997,12 +1293,18 @@ def _greedy_fill(
                 bad = np.cumsum(delta) > left[k]
                 if bad.any():
                     stop = min(stop, int(np.argmax(bad)))
+        if lin_delta is not None and stop:
+            bad = (np.cumsum(lin_delta[cand[:stop]], axis=0) > left_linear[None, :]).any(axis=1)
+            if bad.any():
+                stop = min(stop, int(np.argmax(bad)))
         take = cand[:stop]
         accepted.append(take)
         left_budget -= float(dcost[take].sum())
         for new, old, left in zip(new_groups, old_groups, lefts, strict=True):
             left -= np.bincount(new[take][new[take] >= 0], minlength=len(left))
             left += np.bincount(old[take][old[take] >= 0], minlength=len(left))
+        if lin_delta is not None:
+            left_linear -= lin_delta[take].sum(axis=0)
         done[cust[take]] = True
         if stop == len(cand):
             break
@@ -1011,6 +1313,8 @@ def _greedy_fill(
         alive &= dcost <= left_budget
         for new, old, left in zip(new_groups, old_groups, lefts, strict=True):
             alive &= (_lookup(left, new) >= 1) | (new == old)
+        if lin_delta is not None:
+            alive &= (lin_delta <= left_linear[None, :]).all(axis=1)
     return np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)
 
 

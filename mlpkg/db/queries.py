@@ -883,3 +883,22 @@ def checkpoint_wal(session: Session) -> None:
     """On SQLite, copy the write-ahead log into the database and truncate it (old page images go)."""
     if session.get_bind().dialect.name == "sqlite":
         session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+
+def customer_attributes(
+    session: Session, columns: Sequence[str], customer_ids: Iterable[str] | None = None
+) -> pd.DataFrame:
+    """Return ``customer_id`` and the given ``customers`` columns (e.g. region, device), as text.
+
+    Args:
+        session: an open session.
+        columns: names of ``customers`` columns (the declared sensitive attributes).
+        customer_ids: only these customers (all when None).
+    """
+    attrs = [getattr(m.Customer, c) for c in columns]
+    stmt = select(m.Customer.customer_id, *attrs)
+    rows = session.execute(stmt).all()
+    df = pd.DataFrame(rows, columns=["customer_id", *columns]).astype(str)
+    if customer_ids is not None:
+        df = df[df["customer_id"].isin(set(customer_ids))]
+    return df.reset_index(drop=True)

@@ -229,3 +229,20 @@ def test_dag_runs_start_at_the_wall_clock_and_assets_carry_extras(demo_state):
         "SELECT COUNT(*) FROM model_promotions WHERE alias = 'champion' AND actor = 'gate'"
     ).fetchone()[0]
     assert len(extras["couponops://registry/champion"]) == moves
+
+
+def test_the_report_shows_exposure_effect_and_disparity_by_group(demo_state):
+    state, stdout = demo_state
+    assert "fairness by group" in stdout and "disparity: lowest group / highest group" in stdout
+    con = sqlite3.connect(state / "warehouse.db")
+    regions = {r[0] for r in con.execute("SELECT DISTINCT region FROM customers")}
+    pages = sorted((state / "reports").glob("*/index.html"))
+    assert pages, "no campaign report was written"
+    page = pages[-1].read_text(encoding="utf-8")
+    assert "Fairness: exposure and measured effect by group" in page
+    assert "Fairness: disparity ratios (lowest group / highest group; 1 = parity)" in page
+    assert all(f"<td>{r}</td>" in page for r in regions)
+    mlflow = sqlite3.connect(state / "mlflow.db")
+    keys = {r[0] for r in mlflow.execute("SELECT DISTINCT key FROM metrics WHERE key LIKE 'fairness/%'")}
+    assert "fairness/region/share_treated_disparity" in keys
+    assert {f"fairness/region/{r}/share_treated" for r in regions} <= keys

@@ -249,7 +249,8 @@ def test_chunking_does_not_change_the_answer_much():
 def test_multipliers_are_named_and_shaped():
     problem = _problem(8, 500, 6, 3, 2)
     result = solve_lagrangian(problem)
-    assert set(result.multipliers) == {"budget", "coupon", "channel"}
+    assert set(result.multipliers) == {"budget", "coupon", "channel", "group"}
+    assert result.multipliers["group"].shape == (0,)  # no group constraints
     assert result.multipliers["coupon"].shape == (3,)
     assert result.multipliers["channel"].shape == (2,)
     assert result.multipliers["budget"] >= 0
