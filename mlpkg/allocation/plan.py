@@ -10,7 +10,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from mlpkg.allocation.campaign import score_population
-from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
+from mlpkg.allocation.solver import AllocationProblem, relative_gap, solve_lagrangian
 from mlpkg.config import Settings
 
 
@@ -35,7 +35,8 @@ def budget_curve(
         top = max(settings.campaign.budget * 2, reachable * 1.2, 1.0)
         budgets = list(np.round(np.linspace(0, top, 13)[1:], 2))
     rows = []
-    for budget in budgets:
+    best: tuple[float, np.ndarray] | None = None  # (objective, choice) of a smaller budget
+    for budget in sorted(budgets):
         problem = AllocationProblem(
             value=pop.value,
             cost=pop.cost,
@@ -47,9 +48,16 @@ def budget_curve(
             channel_capacity=pop.catalog.channel_capacity.astype(float),
         )
         result = solve_lagrangian(problem)
-        chosen = result.choice >= 0
+        choice = result.choice
+        # An allocation of a smaller budget fits a larger one: the curve never falls (the solver
+        # is a heuristic, and on a handful of customers rounding can lose a few hundredths).
+        if best is not None and best[0] > result.objective:
+            choice = best[1]
+        else:
+            best = (result.objective, choice)
+        chosen = choice >= 0
         idx = np.flatnonzero(chosen)
-        opts = result.choice[idx]
+        opts = choice[idx]
         rows.append(
             {
                 "budget": float(budget),
@@ -57,7 +65,7 @@ def budget_curve(
                 "treated": int(chosen.sum()),
                 "expected_objective": float(pop.value[idx, opts].sum()),
                 "expected_incremental_conversions": float(pop.uplift[idx, opts].sum()),
-                "solver_gap": float(result.gap),
+                "solver_gap": float(relative_gap(result.dual_bound, float(pop.value[idx, opts].sum()))),
             }
         )
     table = pd.DataFrame(rows)
