@@ -34,7 +34,7 @@ class TrainerSettings(BaseModel):
     embedding_dim: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     arm_heads: Literal["per_arm", "factorised"] = Field(
-        "per_arm", description="per_arm: one head per arm; factorised: baseline + coupon/channel arm effects."
+        "factorised", description="per_arm: one head per arm; factorised: baseline + coupon/channel arm effects."
     )
     ensemble_members: int = Field(
         1,
