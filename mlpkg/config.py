@@ -34,7 +34,8 @@ class TrainerSettings(BaseModel):
     embedding_dim: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     arm_heads: Literal["per_arm", "factorised"] = Field(
-        "factorised", description="per_arm: one head per arm; factorised: baseline + coupon/channel arm effects."
+        "factorised",
+        description="factorised: baseline + coupon/channel arm effects; per_arm: one head per arm.",
     )
     ensemble_members: int = Field(
         1,
