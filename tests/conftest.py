@@ -137,6 +137,18 @@ def ingested(tmp_path, ingested_template, monkeypatch):
     get_settings.cache_clear()
 
 
+@pytest.fixture
+def oracle_world(ingested, monkeypatch):
+    """``(settings, engine, shop)``: the ingested shop, the simulator's oracle scoring as the model."""
+    from mlpkg.simulator.lab import harness
+    from tests.fixtures import use_oracle
+
+    settings, engine = ingested
+    shop = harness.load_world(settings)
+    use_oracle(monkeypatch, shop)
+    return settings, engine, shop
+
+
 @pytest.fixture(scope="session")
 def demo_state(tmp_path_factory):
     """A state folder after `make demo` (the end-to-end DAG tests and the browser tour share it).

@@ -7,18 +7,13 @@ from mlpkg.allocation.campaign import allocate_campaign, score_population
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
-from mlpkg.simulator.lab import harness
-from tests.fixtures import use_oracle
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def world(ingested, monkeypatch):
-    settings, engine = ingested
-    shop = harness.load_world(settings)
-    use_oracle(monkeypatch, shop)
-    return settings, engine, shop
+def world(oracle_world):
+    return oracle_world
 
 
 def _allocate(settings, engine, shop, run_key="dag/run-1", campaign="c1", budget=40.0, objective="profit"):

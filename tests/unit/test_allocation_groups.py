@@ -16,9 +16,7 @@ from mlpkg.config import FairnessSettings
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
-from mlpkg.simulator.lab import harness
 from tests.benchmarks.bench_allocation import make_instance
-from tests.fixtures import use_oracle
 from tests.unit.test_allocation_solver import _problem
 
 pytestmark = pytest.mark.unit
@@ -150,11 +148,8 @@ def test_bad_fairness_setting_from_the_environment_exits_2_with_one_line(monkeyp
 
 
 @pytest.fixture
-def world(ingested, monkeypatch):
-    settings, engine = ingested
-    shop = harness.load_world(settings)
-    use_oracle(monkeypatch, shop)
-    return settings, engine, shop
+def world(oracle_world):
+    return oracle_world
 
 
 def _allocate(settings, engine, shop, campaign="g1"):

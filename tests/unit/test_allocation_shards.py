@@ -11,8 +11,6 @@ from mlpkg.allocation.campaign import allocate_campaign, score_population
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
-from mlpkg.simulator.lab import harness
-from tests.fixtures import use_oracle
 
 pytestmark = pytest.mark.unit
 
@@ -20,13 +18,10 @@ CTX = stages.RunContext(dag_id="couponops_allocate", run_id="scheduled__1")
 
 
 @pytest.fixture
-def world(ingested, monkeypatch):
-    settings, engine = ingested
-    shop = harness.load_world(settings)
-    use_oracle(monkeypatch, shop)
+def world(oracle_world, monkeypatch):
     # The registry's champion is the oracle scorer: these tests are about shards, not models.
     monkeypatch.setattr(stages, "_champion", lambda settings, cold_start: ("0", "oracle"))
-    return settings, engine, shop
+    return oracle_world
 
 
 def _jobs(settings, shop, n_shards, ctx=CTX, campaign="c1"):
