@@ -52,6 +52,7 @@ NEVER = "0 0 29 2 *"
 SHOP_SEED = 11
 SHOP_CUSTOMERS = 600
 SCORE_SHARDS = 2
+PSEUDONYM_KEY = "production-stack-test-key-0123456789"
 
 #: Small and fast on a 2-core box: a tiny model, two epochs, two scoring shards.
 TUNING = {
@@ -65,6 +66,9 @@ TUNING = {
     "COUPONOPS_RETRAIN__MIN_NEW_LABELLED_ROWS": "1",
     "COUPONOPS_CAMPAIGN__SCORE_SHARDS": str(SCORE_SHARDS),
     "COUPONOPS_DELIVERY_BACKOFF_SECONDS": "0.1",
+    # Production runs with a key from the secret backend, never a generated one.
+    "COUPONOPS_PRIVACY__PSEUDONYM_KEY": PSEUDONYM_KEY,
+    "COUPONOPS_PRIVACY__GENERATE_KEY": "false",
     **{f"COUPONOPS_SCHEDULES__{name}": NEVER for name in ("INGEST", "ALLOCATE", "FEEDBACK", "RETRAIN")},
 }
 
@@ -163,6 +167,7 @@ def test_the_loop_runs_on_celery_and_the_scheduler_retrains_from_the_feedback_as
 def _drive_the_loop(production) -> None:
     import mlflow
 
+    from mlpkg.privacy import pseudonym
     from mlpkg.simulator import Shop, ShopConfig
     from mlpkg.simulator.landing import answer_messages, export_to_landing
 
@@ -170,6 +175,8 @@ def _drive_the_loop(production) -> None:
     registry = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
     zone = stack.landing_dir
     shop = Shop(ShopConfig(n_customers=SHOP_CUSTOMERS, seed=SHOP_SEED))
+    # The peers receive the product's pseudonyms; the world answers for its customers under them.
+    shop.know_ids(lambda customer_id: pseudonym(PSEUDONYM_KEY.encode(), customer_id))
     for dag_id in ("couponops_ingest", "couponops_allocate", "couponops_feedback", "couponops_retrain"):
         api.set_paused(dag_id, False)  # asset-triggered runs are only queued for an unpaused DAG
 

@@ -29,6 +29,8 @@ def _settings(state, url=None):
     from mlpkg.config import Settings
 
     extra = {"warehouse_url": url} if url else {}
+    # One key for both warehouses, so the same shop ids become the same pseudonyms.
+    extra["privacy"] = {"pseudonym_key": "streamed-ingest-test-key-0123"}
     return Settings(_env_file=None, state_dir=state, simulator_customers=600, ingest_chunk_rows=1000, **extra)
 
 
