@@ -10,6 +10,8 @@ live in the key's B-tree alone: an events load on SQLite measured about 15% less
 ``executemany``. PostgreSQL has no such option and is left as it is.
 """
 
+import contextlib
+
 from alembic import op
 
 revision = "0006_events_without_rowid"
@@ -21,10 +23,12 @@ depends_on = None
 def _recreate(with_rowid: bool) -> None:
     if op.get_bind().dialect.name != "sqlite":
         return
-    # With no operations inside, the batch only recreates the table with the new option and
-    # copies the rows over in one INSERT ... SELECT.
-    with op.batch_alter_table("events", recreate="always", table_kwargs={"sqlite_with_rowid": with_rowid}):
-        pass
+    # A batch with no operations only recreates the table with the new option, copying the rows
+    # over in one INSERT ... SELECT when it is left.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            op.batch_alter_table("events", recreate="always", table_kwargs={"sqlite_with_rowid": with_rowid})
+        )
 
 
 def upgrade() -> None:
