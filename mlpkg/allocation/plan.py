@@ -58,14 +58,15 @@ def budget_curve(
         chosen = choice >= 0
         idx = np.flatnonzero(chosen)
         opts = choice[idx]
+        objective = float(pop.value[idx, opts].sum())
         rows.append(
             {
                 "budget": float(budget),
                 "spend": float(pop.cost[idx, opts].sum()),
                 "treated": int(chosen.sum()),
-                "expected_objective": float(pop.value[idx, opts].sum()),
+                "expected_objective": objective,
                 "expected_incremental_conversions": float(pop.uplift[idx, opts].sum()),
-                "solver_gap": float(relative_gap(result.dual_bound, float(pop.value[idx, opts].sum()))),
+                "solver_gap": float(relative_gap(result.dual_bound, objective)),
             }
         )
     table = pd.DataFrame(rows)
