@@ -27,6 +27,7 @@ from mlpkg.allocation.fairness import group_constraints, group_prices, subset
 from mlpkg.allocation.reasons import (
     PlanState,
     attach_attributions,
+    decisive_rows,
     eligibility_causes,
     explain_rows,
     reason_records,
@@ -693,7 +694,9 @@ def _reasons(  # noqa: ANN202
         feats = customer_features(engine, as_of, list(map(str, pop.ids)))
         features = feats.set_index("customer_id").reindex(pd.Index(pop.ids, dtype=object).astype(str))
         features = features.reset_index()
-    stats = attach_attributions(reasons, state, scorer, features if model_uri is not None else None)
+    only = decisive_rows(reasons, state) if cfg.attribution_rows == "decisive" else None
+    features = features if model_uri is not None else None
+    stats = attach_attributions(reasons, state, scorer, features, only=only)
     records = reason_records(reasons, state, campaign_id=campaign_id, now=now)
     counts = pd.Series([r["binding"] for r in records], dtype=object).value_counts().to_dict()
     return records, {

@@ -282,17 +282,34 @@ def _price_name(name: str, state: PlanState, j: int, lam: float) -> str:
     return "the fairness constraints' prices"
 
 
+def decisive_rows(reasons: list[dict], state: PlanState) -> np.ndarray:
+    """Return ``bool [n]``: treated rows and untreated ones within the treated rows' median margin.
+
+    The median margin of the treated model-group rows is how far apart a typical choice and its
+    alternative are; an untreated customer whose best arm falls short by less was a near miss.
+    """
+    treated = state.final >= 0
+    margins = np.array([np.nan if r["margin"] is None else r["margin"] for r in reasons], dtype=np.float64)
+    chosen = treated & (state.group == "model") & np.isfinite(margins)
+    band = float(np.median(np.abs(margins[chosen]))) if chosen.any() else 0.0
+    near = ~treated & np.isfinite(margins) & (np.abs(margins) <= band)
+    return treated | near
+
+
 def attach_attributions(
     reasons: list[dict],
     state: PlanState,
     scorer: object,
     features: pd.DataFrame | None,
+    *,
+    only: np.ndarray | None = None,
 ) -> dict:
     """Add each reason's top feature contributions to the uplift of its explained arm, in place.
 
     ``scorer`` must offer ``attribute_uplift`` (the logged uplift model does; a cold-start prior
     does not, and its reasons then carry no attributions). ``features`` holds every customer's
-    model inputs in ``state.ids`` order; it is also the reference population.
+    model inputs in ``state.ids`` order; it is also the reference population. ``only`` (``bool
+    [n]``) limits the rows attributed (see :func:`decisive_rows`).
 
     Returns:
         ``{"method", "rows", "seconds"}`` of the attribution pass.
@@ -304,7 +321,7 @@ def attach_attributions(
         return {"method": None, "rows": 0, "seconds": 0.0}
     model_arms = list(scorer.arms)
     explained = np.array([r["explained"] for r in reasons], dtype=np.int64)
-    rows = np.flatnonzero(explained >= 0)
+    rows = np.flatnonzero((explained >= 0) & (True if only is None else only))
     arm_index = np.array([model_arms.index(state.arms[j]) for j in explained[rows]], dtype=np.int64)
     att = scorer.attribute_uplift(features.iloc[rows], arm_index, reference=features)
     raw = {f: features[f].to_numpy() for f in att.features}
