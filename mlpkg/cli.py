@@ -742,6 +742,51 @@ def history(
     _history_tables(rows)
 
 
+_NO_COUPON = "control"
+
+
+@app.command()
+def explain(
+    campaign: Annotated[str, typer.Option(help="Campaign id")],
+    customer: Annotated[str, typer.Option(help="The shop's customer id (or its stored pseudonym)")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of text")
+    ] = False,
+) -> None:
+    """Say why a customer got their coupon (or none): binding constraint, runner-up, margin, features."""
+    settings = _settings()
+    found = _call(stages.explain, settings, campaign, customer)
+    if as_json:
+        _print_json(found)
+        return
+    reason = found["reason"]
+    got = "no coupon" if found["arm"] == _NO_COUPON else found["arm"]
+    print_ = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
+    print_(f"customer {found['customer']} in campaign {found['campaign_id']}: {got} "
+           f"({found['policy']} policy)")
+    if reason is None:
+        print_("no reason recorded: the campaign was allocated before reasons were kept (migration 0008)")
+        return
+    for k, fact in enumerate(reason["constraints"]):
+        print_(f"{'why' if k == 0 else 'also'}: {fact['constraint']} - {fact['detail']}")
+    unit = found["objective"]
+    if reason["runner_up"] is not None:
+        runner = "no coupon" if reason["runner_up"] == _NO_COUPON else reason["runner_up"]
+        margin = "n/a (not eligible)" if reason["margin"] is None else f"{reason['margin']:+.4g} {unit}"
+        print_(f"runner-up: {runner}; margin {margin} at the solver's prices")
+    if not reason["attributions"]:
+        print_("features: none recorded (no model attributions for this row)")
+        return
+    print_(f"predicted uplift of {reason['explained_arm']}: {reason['uplift']:+.4f} conversion probability "
+           f"({reason['method'].replace('_', ' ')}, vs the campaign's average customer)")  # fmt: skip
+    table = Table(title=f"features pushing {reason['explained_arm']}'s uplift", box=box.SIMPLE)
+    for col, justify in (("feature", "left"), ("value", "right"), ("contribution", "right")):
+        table.add_column(col, justify=justify)
+    for item in reason["attributions"]:
+        table.add_row(item["feature"], _fmt(item.get("value")), f"{item['contribution']:+.4f}")
+    console.print(table)
+
+
 @app.command()
 def forget(
     customer_id: Annotated[str, typer.Argument(help="The shop's customer id (as in its customers export)")],

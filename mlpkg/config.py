@@ -96,6 +96,12 @@ class CampaignSettings(BaseModel):
     cooldown_days: int = Field(14, ge=0)
     attribution_window_days: int = Field(7, ge=1)
     score_chunk_size: int = Field(65_536, ge=1024)
+    attribution_rows: Literal["all", "decisive"] = Field(
+        "all",
+        description="Ledger rows whose reason carries feature attributions: all, or the decisive ones "
+        "(treated, or within the treated rows' median margin of being treated); every row keeps its "
+        "binding constraint, runner-up and margin either way.",
+    )
     score_shards: int = Field(
         2,
         ge=1,

@@ -24,6 +24,14 @@ from sqlalchemy.exc import IntegrityError
 
 from mlpkg import registry
 from mlpkg.allocation.fairness import group_constraints, group_prices, subset
+from mlpkg.allocation.reasons import (
+    PlanState,
+    attach_attributions,
+    decisive_rows,
+    eligibility_causes,
+    explain_rows,
+    reason_records,
+)
 from mlpkg.allocation.solver import AllocationProblem, check_feasible, solve_lagrangian
 from mlpkg.config import CampaignSettings, Settings
 from mlpkg.data import customer_features
@@ -238,7 +246,7 @@ def allocate_campaign(
         if state == "done":
             return dict(q.get_campaign(session, campaign_id).summary, idempotent_rerun=True)
     try:
-        summary, rows, spend, issued = _plan(
+        summary, rows, reasons, spend, issued = _plan(
             engine,
             settings,
             campaign_id=campaign_id,
@@ -253,6 +261,7 @@ def allocate_campaign(
         _validate_ledger(rows, campaign_id, budget, now)
         with session_scope(engine) as session:
             q.upsert_rows(session, m.Allocation, rows)
+            q.upsert_rows(session, m.AllocationReason, reasons)
             try:
                 q.commit_spend(session, campaign_id, spend)
                 q.issue_coupons(session, issued)
@@ -340,6 +349,10 @@ class ScoredPopulation:
     eligible: np.ndarray
     #: Each customer's predicted conversion probability without a coupon (the control arm).
     base_rate: np.ndarray
+    #: The model inputs in ``ids`` order and the scorer, kept when scored in-process so the
+    #: reasons' attributions need not rebuild them (merged shards carry neither).
+    features: pd.DataFrame | None = None
+    scorer: object | None = None
 
 
 def score_population(
@@ -391,7 +404,7 @@ def score_population(
     base_rate = scores["p_conv"][:, model_arms.index(CONTROL)].astype(np.float32)
     return ScoredPopulation(
         ids=ids, catalog=catalog, value=value, cost=cost, uplift=uplift, eligible=eligible,
-        base_rate=base_rate,
+        base_rate=base_rate, features=feats, scorer=scorer if model_uri is not None else None,
     )  # fmt: skip
 
 
@@ -505,6 +518,7 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     # Exploration draws first: its spend and capacity come off what the optimiser may use.
     pick = np.floor(uniform_draws(campaign_id, ids, "explore") * np.maximum(n_elig, 1)).astype(int)
     explore_choice = np.full(n, -1)
+    explore_block = np.full(n, "", dtype=object)
     coupon_left = catalog.coupon_capacity.astype(float).copy()
     channel_left = catalog.channel_capacity.astype(float).copy()
     for i in np.flatnonzero((group == "explore") & (n_elig > 0)):
@@ -516,6 +530,8 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
             explore_choice[i] = j
             coupon_left[c_idx] -= 1
             channel_left[h_idx] -= 1
+        else:
+            explore_block[i] = "inventory" if coupon_left[c_idx] < 1 else "capacity"
     exp_rows = np.flatnonzero(explore_choice >= 0)
     exp_opts = explore_choice[exp_rows]
     exp_spend = float(cost[exp_rows, exp_opts].sum())
@@ -530,6 +546,7 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
             keep[o] = False
             running -= cost[exp_rows[o], exp_opts[o]]
         explore_choice[exp_rows[~keep]] = -1
+        explore_block[exp_rows[~keep]] = "budget"
         exp_rows, exp_opts = exp_rows[keep], exp_opts[keep]
         exp_spend = float(cost[exp_rows, exp_opts].sum())
     coupon_cap = catalog.coupon_capacity - np.bincount(
@@ -603,6 +620,12 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
                 created_at=now,
             )
         )
+    reasons, reason_stats = _reasons(
+        engine, settings, pop, as_of=as_of, campaign_id=campaign_id, now=now, objective=objective,
+        model_uri=model_uri, group=group, final=final, result=result, constraints=constraints, shares=(c, e),
+        explore_block=explore_block, model_budget=problem.budget, coupon_cap=coupon_cap,
+        channel_cap=channel_cap,
+    )  # fmt: skip
     treated = final >= 0
     spend = float(sum(r["expected_cost"] for r in rows))
     issued = pd.Series([r["coupon_id"] for r in rows if r["coupon_id"]]).value_counts().to_dict()
@@ -626,9 +649,62 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         "solver_gap": float(result.gap),
         "fairness_constraints": fairness_bounds,
         "solver_seconds": float(result.seconds),
+        "reasons": reason_stats,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return summary, rows, spend, issued
+    return summary, rows, reasons, spend, issued
+
+
+def _reasons(  # noqa: ANN202
+    engine, settings, pop, *, as_of, campaign_id, now, objective, model_uri, group, final, result,  # noqa: ANN001
+    constraints, shares, explore_block, model_budget, coupon_cap, channel_cap,  # noqa: ANN001
+):  # fmt: skip
+    """Explain every row of the plan (see :mod:`mlpkg.allocation.reasons`); return rows and timings."""
+    started = time.perf_counter()
+    cfg = settings.campaign
+    catalog = pop.catalog
+    chosen = np.flatnonzero(result.choice >= 0)
+    opts = result.choice[chosen]
+    state = PlanState(
+        ids=pop.ids, arms=catalog.arms, option_coupon=catalog.option_coupon,
+        option_channel=catalog.option_channel, coupon_ids=catalog.coupon_ids, channels=catalog.channels,
+        value=pop.value, cost=pop.cost, eligible=pop.eligible, group=group, final=final,
+        multipliers=result.multipliers if model_uri is not None else None, group_constraints=constraints,
+        control_share=shares[0], explore_share=shares[1], explore_block=explore_block,
+        budget_left=float(model_budget - result.spend),
+        coupon_left=coupon_cap - np.bincount(catalog.option_coupon[opts], minlength=len(catalog.coupon_ids)),
+        channel_left=channel_cap - np.bincount(catalog.option_channel[opts], minlength=len(catalog.channels)),
+        objective=objective,
+    )  # fmt: skip
+    with session_scope(engine) as session:
+        consented = q.consent_as_of(session, as_of)
+        cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days), until=as_of)
+        reachable = q.reachable_customers(session)
+    eligibility = eligibility_causes(
+        pop.ids, catalog.channels, pop.eligible, consented=consented, reachable=reachable, cooldown=cooldown,
+        cooldown_days=cfg.cooldown_days, has_options=bool(catalog.arms),
+    )  # fmt: skip
+    reasons = explain_rows(state, eligibility)
+    decided = time.perf_counter()
+    scorer, features = pop.scorer, pop.features
+    if model_uri is not None and scorer is None:
+        # Merged scoring shards carry scores only: load the model and the inputs again.
+        scorer = registry.load_uplift_model(model_uri, tracking_uri=settings.resolved_tracking_uri)
+    if model_uri is not None and features is None and hasattr(scorer, "attribute_uplift"):
+        feats = customer_features(engine, as_of, list(map(str, pop.ids)))
+        features = feats.set_index("customer_id").reindex(pd.Index(pop.ids, dtype=object).astype(str))
+        features = features.reset_index()
+    only = decisive_rows(reasons, state) if cfg.attribution_rows == "decisive" else None
+    features = features if model_uri is not None else None
+    stats = attach_attributions(reasons, state, scorer, features, only=only)
+    records = reason_records(reasons, state, campaign_id=campaign_id, now=now)
+    counts = pd.Series([r["binding"] for r in records], dtype=object).value_counts().to_dict()
+    return records, {
+        "attribution_method": stats["method"], "attributed_rows": stats["rows"],
+        "attribution_seconds": stats["seconds"], "decision_seconds": round(decided - started, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+        "by_binding": {k: int(v) for k, v in counts.items()},
+    }  # fmt: skip
 
 
 def _bound_report(problem: AllocationProblem, result) -> list[dict]:  # noqa: ANN001 - AllocationResult

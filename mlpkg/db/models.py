@@ -264,6 +264,44 @@ class Allocation(Base):
     )
 
 
+#: Why a ledger row got its arm or none (``allocation_reasons.binding``): the deciding fact.
+REASON_CODES = (
+    "model_choice", "exploration_draw", "control_group", "cooldown", "consent", "not_eligible",
+    "budget", "inventory", "capacity", "fairness", "no_gain", "repair", "cold_start",
+)  # fmt: skip
+
+
+class AllocationReason(Base):
+    """Why one ledger row (campaign, customer) got its arm or none; written with the ledger.
+
+    ``binding`` names the deciding fact (:data:`REASON_CODES`); ``constraints`` lists every fact
+    that shaped the decision (``{"constraint", "detail", ...}``, the deciding one first);
+    ``explained_arm`` is the arm whose uplift ``attributions`` explain (the row's arm, or for a
+    customer given none the arm the model ranks best); ``runner_up`` is the best alternative to
+    the row's arm (``control`` = no coupon) and ``margin`` the row's arm's priced objective minus
+    the runner-up's, at the solver's prices (negative: the alternative looked better but a draw
+    or a cap decided).
+    """
+
+    __tablename__ = "allocation_reasons"
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.campaign_id"), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    binding: Mapped[str] = mapped_column(String(32))
+    explained_arm: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    runner_up: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    margin: Mapped[float | None] = mapped_column(Float, nullable=True)
+    uplift: Mapped[float | None] = mapped_column(Float, nullable=True)
+    method: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    constraints: Mapped[list] = mapped_column(JSON, default=list)
+    attributions: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    __table_args__ = (
+        CheckConstraint(
+            "binding IN (" + ", ".join(f"'{c}'" for c in REASON_CODES) + ")", name="binding_known"
+        ),
+    )
+
+
 class Delivery(Base):
     """Outbox row: one message to send; ``dedup_key`` makes sends exactly-once in effect.
 

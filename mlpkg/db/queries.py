@@ -834,6 +834,12 @@ def rename_customer_in_ledger(session: Session, customer_id: str, new_id: str) -
     ):
         stmt = update(model).where(model.customer_id == customer_id).values(customer_id=new_id)
         out[name] = session.execute(stmt.execution_options(synchronize_session=False)).rowcount or 0
+    # A reason keeps the campaign's side (binding constraint, runner-up, margin); its feature
+    # attributions describe the person and go.
+    reasons = m.AllocationReason
+    stmt = update(reasons).where(reasons.customer_id == customer_id)
+    stmt = stmt.values(customer_id=new_id, attributions=[]).execution_options(synchronize_session=False)
+    out["allocation_reasons"] = session.execute(stmt).rowcount or 0
     deliveries = session.scalars(select(m.Delivery).where(m.Delivery.customer_id == customer_id)).all()
     for d in deliveries:
         d.customer_id = new_id
@@ -902,3 +908,32 @@ def customer_attributes(
     if customer_ids is not None:
         df = df[df["customer_id"].isin(set(customer_ids))]
     return df.reset_index(drop=True)
+
+
+def allocation_reason(session: Session, campaign_id: str, customer_id: str) -> dict[str, Any] | None:
+    """Return one ledger row with its reason (``None`` when the campaign has no row for the customer).
+
+    Returns:
+        The ledger's columns (arm, policy, propensity, model arm, expected cost, value, uplift) and
+        under ``reason`` the ``allocation_reasons`` row (``None`` for a campaign allocated before
+        reasons were recorded).
+    """
+    row = session.get(m.Allocation, (campaign_id, customer_id))
+    if row is None:
+        return None
+    reason = session.get(m.AllocationReason, (campaign_id, customer_id))
+    ledger = {c.name: getattr(row, c.name) for c in m.Allocation.__table__.columns}
+    own = ("campaign_id", "customer_id")
+    keys = [c.name for c in m.AllocationReason.__table__.columns if c.name not in own]
+    ledger["reason"] = None if reason is None else {k: getattr(reason, k) for k in keys}
+    return ledger
+
+
+def reason_counts(session: Session, campaign_id: str) -> dict[str, int]:
+    """Return how many ledger rows of a campaign each binding reason decided."""
+    stmt = (
+        select(m.AllocationReason.binding, func.count())
+        .where(m.AllocationReason.campaign_id == campaign_id)
+        .group_by(m.AllocationReason.binding)
+    )
+    return {code: int(n) for code, n in session.execute(stmt).all()}

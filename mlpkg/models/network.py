@@ -251,7 +251,29 @@ class MultiArmUpliftNet(nn.Module):
             log of the expected revenue given conversion under each arm (factorised heads:
             column 0 = control = the baseline; column ``k`` = baseline + arm ``k``'s effect).
         """
-        h = self.representation_of(x_num, x_cat)
+        return self._heads_of(self.representation_of(x_num, x_cat))
+
+    def forward_relaxed(
+        self, x_num: torch.Tensor, cat_weights: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score every arm with each categorical given as weights over its codes (for attributions).
+
+        A one-hot row of weights is exactly :meth:`forward`; a row between one-hots embeds the
+        category as the weighted mean of its embeddings, which integrated gradients needs to
+        integrate along a straight path from a reference customer.
+
+        Args:
+            x_num: Float tensor ``[n, n_numeric]``.
+            cat_weights: One float tensor ``[n, cardinality]`` per categorical input.
+
+        Returns:
+            ``(conv_logits, rev_log)`` as :meth:`forward`.
+        """
+        parts = [x_num] if self.n_numeric else []
+        parts.extend(w @ emb.weight for w, emb in zip(cat_weights, self.embeddings, strict=True))
+        return self._heads_of(self.representation(torch.cat(parts, dim=1)))
+
+    def _heads_of(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.arm_heads == "per_arm":
             out = self.heads(h)
         else:
@@ -312,7 +334,16 @@ class UpliftEnsemble(nn.Module):
 
         The revenue output is the log of the members' mean expected revenue.
         """
-        logits, rev_log = self.member_outputs(x_num, x_cat)
+        return self._mean_of(*self.member_outputs(x_num, x_cat))
+
+    def forward_relaxed(
+        self, x_num: torch.Tensor, cat_weights: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the ensemble's scores with relaxed categoricals (as the members' ``forward_relaxed``)."""
+        outputs = [member.forward_relaxed(x_num, cat_weights) for member in self.members]
+        return self._mean_of(torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs]))
+
+    def _mean_of(self, logits: torch.Tensor, rev_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # log-mean-exp of log-sigmoid, then back to a logit: stable at extreme probabilities.
         log_k = torch.log(torch.tensor(float(len(self.members)), dtype=logits.dtype, device=logits.device))
         log_p = torch.logsumexp(nn.functional.logsigmoid(logits), dim=0) - log_k

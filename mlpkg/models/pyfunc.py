@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from mlpkg import progress
+from mlpkg.models.attribution import UpliftAttributions, attribute_network, attribute_tlearner
 from mlpkg.models.baseline import TLearner
 from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, build_network
 from mlpkg.models.preprocessing import FeaturePreprocessor
@@ -202,6 +203,28 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
                 revenue[start : start + step] = torch.exp(rev_log.clamp(-20.0, 20.0)).numpy()
                 progress.report("scoring customers", min(start + step, n), n)
         return {"p_conv": p_conv, "revenue": revenue}
+
+    def attribute_uplift(
+        self, df: pd.DataFrame, arms: np.ndarray, *, reference: pd.DataFrame | None = None
+    ) -> UpliftAttributions:
+        """Attribute each row's uplift of its arm (vs control) to the source features.
+
+        Integrated gradients for the network, tree SHAP for the ``gbm`` T-learner, exact linear
+        attributions for the ``logistic`` one (see :mod:`mlpkg.models.attribution`).
+
+        Args:
+            df: Raw customer features (extra columns are ignored).
+            arms: ``int [n]`` index into :attr:`arms` of the treatment arm explained per row.
+            reference: Rows whose mean input is the reference customer (default: ``df``).
+
+        Returns:
+            Per-row signed contributions in conversion-probability points.
+        """
+        if self.tlearner is not None:
+            return attribute_tlearner(self.tlearner, df, arms, reference=reference)
+        if self.net is None or self.preprocessor is None:
+            raise RuntimeError("model not loaded; call load_artifacts() or load it through MLflow")
+        return attribute_network(self.net, self.preprocessor, df, arms, reference=reference)
 
     def predict(
         self,

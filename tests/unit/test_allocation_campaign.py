@@ -182,9 +182,9 @@ def test_a_ledger_that_breaks_its_contract_is_refused_and_nothing_is_written(wor
     real_plan = campaign._plan
 
     def broken_plan(*args, **kwargs):
-        summary, rows, spend, issued = real_plan(*args, **kwargs)
+        summary, rows, reasons, spend, issued = real_plan(*args, **kwargs)
         rows[1] = dict(rows[0], propensity=1.7)  # duplicate customer and an impossible propensity
-        return summary, rows, spend, issued
+        return summary, rows, reasons, spend, issued
 
     monkeypatch.setattr(campaign, "_plan", broken_plan)
     with session_scope(engine) as s:

@@ -71,6 +71,7 @@ def test_sharded_run_writes_the_same_ledger_as_one_piece_and_removes_its_files(w
     assert not sh.shard_dir(settings, sh.ScoringJob.from_dict(results[0])).exists()
 
     with session_scope(engine) as s:  # the same campaign again, scored in one piece
+        s.query(m.AllocationReason).delete()
         s.query(m.Allocation).delete()
         s.query(m.Campaign).delete()
         s.query(m.Coupon).update({m.Coupon.issued: 0})

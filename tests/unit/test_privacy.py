@@ -194,6 +194,7 @@ def test_forget_erases_the_customer_keeps_ledger_totals_and_is_audited(ledger_st
     assert result["deleted"]["events"] > 0 and result["deleted"]["consent"] > 0
     renamed = dict(result["pseudonymised"])
     assert renamed.pop("campaign_log_rows") in (0, 1)  # in the shop's past campaign or not
+    assert renamed.pop("allocation_reasons") in (0, 1)  # a reason row where the campaign recorded one
     assert renamed == {"allocations": 1, "feedback_events": 1, "deliveries": 1}
     assert _totals(engine) == before, "budget, spend and counts are unchanged"
     assert _rows_naming(engine, psn) == {} and _rows_naming(engine, target) == {}
