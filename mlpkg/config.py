@@ -261,7 +261,7 @@ class RecommenderSettings(BaseModel):
     registered_model_name: str = "couponops-recommender"
     experiment: str = "couponops-recommender"
     algorithm: Literal["als", "bpr"] = Field("als", description="implicit's ALS or BPR.")
-    factors: int = Field(32, ge=2)
+    factors: int = Field(16, ge=2)
     iterations: int = Field(20, ge=1)
     regularization: float = Field(0.05, ge=0)
     alpha: float = Field(2.0, gt=0, description="ALS confidence per unit of interaction weight.")

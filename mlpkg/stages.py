@@ -716,6 +716,54 @@ def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None
     return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
 
 
+def train_recommender(settings: Settings, *, as_of: datetime | None = None, now: datetime | None = None,
+                      actor: str = "cli") -> dict:
+    """Evaluate the recommender on a time split, fit it on the history before ``as_of``, register it.
+
+    ``as_of`` defaults to the product's clock (see :func:`product_now`).
+    """
+    from mlpkg.recommend.training import train_recommender as _train
+
+    now = now or utcnow()
+    as_of = as_of or product_now(settings) or now
+    return _train(_engine(settings), settings, as_of, actor=actor, now=now,
+                  tags={"couponops.actor": actor, "git.commit": git_commit()})
+
+
+def recommend(settings: Settings, campaign_id: str, *, now: datetime | None = None,
+              actor: str = "cli") -> dict:
+    """Rank in-stock products for a campaign's treated customers with the champion recommender.
+
+    Without a champion (the first campaign) one is trained on the history before the campaign's
+    as-of time first; a shop without products is skipped (messages then show none).
+    """
+    from sqlalchemy import select
+
+    from mlpkg import registry
+    from mlpkg.db import models as m
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import session_scope
+    from mlpkg.recommend.training import recommend_campaign
+
+    require_campaign(settings, campaign_id)
+    now = now or utcnow()
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        as_of = q.as_utc(session.get(m.Campaign, campaign_id).as_of).to_pydatetime()
+        has_products = session.scalar(select(m.Product.product_id).limit(1)) is not None
+    if not has_products:
+        return skipped("the warehouse holds no products (no products.csv loaded): messages show none")
+    name = settings.recommender.registered_model_name
+    trained = None
+    loaded = registry.load_recommender(settings.resolved_tracking_uri, name)
+    if loaded is None:
+        trained = train_recommender(settings, as_of=as_of, now=now, actor=actor)
+        loaded = registry.load_recommender(settings.resolved_tracking_uri, name, trained["alias"])
+    model, version = loaded
+    result = recommend_campaign(engine, settings, campaign_id, model, version, now)
+    return {**result, "trained": trained}
+
+
 def evaluate_policy(
     settings: Settings,
     policy: str | Path,
