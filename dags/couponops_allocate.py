@@ -10,8 +10,9 @@ each treated customer's in-stock products with the `champion` recommender (`reco
 one first when there is none; skipped for a shop without products), then enqueues and sends the
 messages, rendered from their templates with the coupon and the products, through the outbox.
 Features are as of the product's clock (`COUPONOPS_CLOCK`: the run's logical date, or the newest
-loaded batch's export time) and the campaign id defaults to `cmp-<that day>`. With no data, no champion or that day's campaign
-already allocated, the run is skipped with the reason; re-running the same run changes nothing.
+loaded batch's export time) and the campaign id defaults to `cmp-<that day>`. With no data, no
+champion or that day's campaign already allocated, the run is skipped with the reason; re-running
+the same run changes nothing.
 """
 
 from __future__ import annotations
