@@ -806,13 +806,15 @@ def customer_exists(session: Session, customer_id: str) -> bool:
 
 
 def delete_customer_personal_rows(session: Session, customer_id: str) -> dict[str, int]:
-    """Delete one customer's contacts, consent history, events, orders and customer row; return the counts."""
+    """Delete one customer's contacts, consent, events, orders, recommendations and customer row."""
     out = {}
     for name, model in (
         ("contacts", m.Contact),
         ("consent", m.Consent),
         ("events", m.Event),
         ("orders", m.Order),
+        # Ranked from their behaviour, so personal data too.
+        ("recommendations", m.Recommendation),
         ("customers", m.Customer),
     ):
         stmt = model.__table__.delete().where(model.customer_id == customer_id)
