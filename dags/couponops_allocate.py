@@ -5,11 +5,14 @@ Scores every eligible customer with the registry's `champion` in customer shards
 `score` task each, `COUPONOPS_CAMPAIGN__SCORE_SHARDS`, all pinned to the same model version),
 merges them and solves the budget-constrained allocation once (budget, inventory, channel
 capacity, consent, cooldown, one coupon per customer), keeps a random control group and an
-exploration share with logged propensities, writes the coupon ledger in one transaction, then
-enqueues and sends the messages through the outbox. Features are as of the product's clock
-(`COUPONOPS_CLOCK`: the run's logical date, or the newest loaded batch's export time) and the
-campaign id defaults to `cmp-<that day>`. With no data, no champion or that day's campaign
-already allocated, the run is skipped with the reason; re-running the same run changes nothing.
+exploration share with logged propensities, writes the coupon ledger in one transaction, ranks
+each treated customer's in-stock products with the `champion` recommender (`recommend`, training
+one first when there is none; skipped for a shop without products), then enqueues and sends the
+messages, rendered from their templates with the coupon and the products, through the outbox.
+Features are as of the product's clock (`COUPONOPS_CLOCK`: the run's logical date, or the newest
+loaded batch's export time) and the campaign id defaults to `cmp-<that day>`. With no data, no
+champion or that day's campaign already allocated, the run is skipped with the reason; re-running
+the same run changes nothing.
 """
 
 from __future__ import annotations
@@ -83,13 +86,21 @@ def couponops_allocate():
         return summary["campaign_id"]
 
     @task
+    def recommend(campaign_id: str) -> str:
+        """Rank in-stock products for the campaign's treated customers (the messages show them)."""
+        from mlpkg import stages
+
+        print(stages.recommend(settings(), campaign_id, actor="airflow:couponops_allocate"))
+        return campaign_id
+
+    @task
     def deliver(campaign_id: str) -> dict:
         """Send the campaign's messages through the outbox (exactly-once in effect)."""
         from mlpkg import stages
 
         return stages.deliver(settings(), campaign_id)
 
-    deliver(allocate(score.expand(job=plan_scoring())))
+    deliver(recommend(allocate(score.expand(job=plan_scoring()))))
 
 
 couponops_allocate()

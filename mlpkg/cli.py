@@ -438,6 +438,40 @@ def deliver(campaign: Annotated[str, typer.Option(help="Campaign id")]) -> None:
 
 
 @app.command()
+def recommend(campaign: Annotated[str, typer.Option(help="Campaign id")]) -> None:
+    """Rank in-stock products for a campaign's treated customers (trains a recommender without a champion)."""
+    result = _run(stages.recommend, _settings(), campaign)
+    if result.get("skipped"):
+        console.print(f"skipped: {result['reason']}", markup=False)
+        return
+    result.pop("trained", None)
+    _show("recommendations", result)
+
+
+@app.command("train-recommender")
+def train_recommender() -> None:
+    """Evaluate the recommender on a time split against the baselines, fit it and register it in MLflow."""
+    result = _run(stages.train_recommender, _settings())
+    rows = {f"{method} {name}": f"{value:.3f}" for method, d in result["metrics"].items()
+            for name, value in d.items() if name != "users"}
+    _show("recommender", {"version": result["version"], "alias": result["alias"], **rows})
+
+
+@app.command()
+def preview(
+    campaign: Annotated[str, typer.Option(help="Campaign id")],
+    customer: Annotated[str, typer.Option(help="The shop's customer id (or the warehouse's pseudonym)")],
+) -> None:
+    """Write the campaign's rendered message to one customer (HTML + text) under the state folder."""
+    result = _run(stages.preview, _settings(), campaign, customer)
+    console.print(f"{result['channel']} message, coupon {result['coupon_id']}, products: "
+                  f"{', '.join(result['products']) or 'none'}", markup=False, soft_wrap=True)
+    console.print(f"text: {result['text']}", markup=False, soft_wrap=True)
+    if result["html"]:
+        console.print(f"html: {result['html']}", markup=False, soft_wrap=True)
+
+
+@app.command()
 def feedback(
     campaign: Annotated[
         str | None, typer.Option(help="Measure this campaign now (default: every campaign that is due)")

@@ -261,6 +261,27 @@ class ScheduleSettings(BaseModel):
     retrain: str = Field("0 3 * * 0", description="Weekly fallback beside the feedback asset.")
 
 
+class RecommenderSettings(BaseModel):
+    """The product recommender (``mlpkg.recommend``) and the products a message shows."""
+
+    registered_model_name: str = "couponops-recommender"
+    experiment: str = "couponops-recommender"
+    algorithm: Literal["als", "bpr"] = Field("als", description="implicit's ALS or BPR.")
+    factors: int = Field(16, ge=2)
+    iterations: int = Field(20, ge=1)
+    regularization: float = Field(0.05, ge=0)
+    alpha: float = Field(2.0, gt=0, description="ALS confidence per unit of interaction weight.")
+    learning_rate: float = Field(0.05, gt=0, description="BPR learning rate.")
+    seed: int = 0
+    test_days: int = Field(14, ge=1, description="The evaluation's test window: the last days before as-of.")
+    k: int = Field(10, ge=1, description="Cut-off of recall@k and NDCG@k.")
+    ranked_per_customer: int = Field(30, ge=1, description="Products stored per customer for a campaign.")
+    products_per_message: int = Field(4, ge=0, le=12, description="Products a message shows (0: none).")
+    template_dir: Path | None = Field(
+        None, description="Folder of Jinja2 templates overriding the packaged ones (same file names)."
+    )
+
+
 class PrivacySettings(BaseModel):
     """Pseudonyms of customer ids and retention of behaviour data (see :mod:`mlpkg.privacy`)."""
 
@@ -366,6 +387,7 @@ class Settings(BaseSettings):
     schedules: ScheduleSettings = ScheduleSettings()
     privacy: PrivacySettings = PrivacySettings()
     fairness: FairnessSettings = FairnessSettings()
+    recommender: RecommenderSettings = RecommenderSettings()
 
     @field_validator("state_dir")
     @classmethod
@@ -444,6 +466,11 @@ class Settings(BaseSettings):
     def reports_dir(self) -> Path:
         """Folder holding HTML reports and plots."""
         return self.state_dir / "reports"
+
+    @property
+    def previews_dir(self) -> Path:
+        """Folder of rendered message previews (``couponops preview``)."""
+        return self.state_dir / "previews"
 
     @property
     def outbox_dir(self) -> Path:

@@ -37,6 +37,7 @@ RAW_FILES: dict[str, tuple[str, ...]] = {
     for table, suffixes in {
         "channels": (".csv", ".csv.gz", ".parquet"),
         "coupons": (".csv", ".csv.gz", ".parquet"),
+        "products": (".csv", ".csv.gz", ".parquet"),
         "customers": (".csv", ".csv.gz", ".parquet"),
         "contacts": (".csv", ".csv.gz", ".parquet"),
         "consent": (".csv", ".csv.gz", ".parquet"),
@@ -154,6 +155,11 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
         # validity are the catalogue's current state. ``issued`` is ours and never in the file.
         cols = ["coupon_id", "kind", "face_value", "min_basket", "inventory", "valid_from", "valid_to"]
         return q.upsert_rows(session, m.Coupon, _records(df, cols))
+    if table == "products":
+        # The catalogue's current state: the newer category, price and stock replace the older.
+        df = df.assign(in_stock=df["in_stock"].astype(bool))
+        cols = ["product_id", "category", "price", "in_stock"]
+        return q.upsert_rows(session, m.Product, _records(df, cols))
     if table == "customers":
         # signup_date is immutable (checked by the gate); region, device and segment follow the shop.
         df = df.assign(signup_date=pd.to_datetime(df["signup_date"]).dt.date)
@@ -173,8 +179,9 @@ def _load_table(session, table: str, df: pd.DataFrame, now: datetime) -> int:  #
     if table == "orders":
         from mlpkg.validation.references import correction_flags
 
-        df = df.assign(coupon_id=df["coupon_id"].replace("", None))
-        cols = ["order_id", "customer_id", "ts", "revenue", "n_items", "coupon_id"]
+        df = df.assign(coupon_id=df["coupon_id"].replace("", None),
+                       product_id=df["product_id"].replace("", None))
+        cols = ["order_id", "customer_id", "ts", "revenue", "n_items", "coupon_id", "product_id"]
         corrected = correction_flags(df)[0].to_numpy()
         n = q.upsert_rows(session, m.Order, _records(df[~corrected], cols), update_existing=False)
         return n + q.upsert_rows(session, m.Order, _records(df[corrected], cols))
@@ -287,7 +294,8 @@ class _EventLoad:
     def __init__(self, session, view: WarehouseView, writer: event_store.PartWriter) -> None:  # noqa: ANN001
         """Bind the load to the batch's session, the committed warehouse and the part writer."""
         self.view, self.writer = view, writer
-        self.columns = list(event_store.COLUMNS)
+        # The warehouse keeps each event's product; the event store's parts keep what features read.
+        self.columns = [*event_store.COLUMNS, "product_id"]
         self.loader = bulk.ChunkLoader(session, m.Event.__table__, self.columns)
         self.rows = self.inserted = 0
         self.error: BaseException | None = None
@@ -297,7 +305,10 @@ class _EventLoad:
         if table != "events" or self.error is not None:
             return
         self.rows += len(chunk)
-        frame = chunk.assign(category=chunk["category"].fillna(""))[self.columns]
+        frame = chunk.assign(
+            category=chunk["category"].fillna(""),
+            product_id=chunk["product_id"].where(chunk["product_id"].fillna("") != "", None),
+        )[self.columns]
         try:
             for done in self.loader.submit(start, frame):
                 self._finished(*done)
@@ -346,6 +357,7 @@ _STORED: dict[str, tuple[type[m.Base], dict[str, str], tuple[str, ...]]] = {
     "coupons": (m.Coupon, {"coupon_id": "coupon_id"},
                 ("kind", "face_value", "min_basket", "inventory", "valid_from", "valid_to")),
     "customers": (m.Customer, {"customer_id": "customer_id"}, ("signup_date", "region", "device", "segment")),
+    "products": (m.Product, {"product_id": "product_id"}, ("category", "price", "in_stock")),
     "events": (m.Event, {"event_id": "event_id"}, ("customer_id", "ts", "event_type", "category")),
     "orders": (m.Order, {"order_id": "order_id"}, ("customer_id", "ts", "revenue", "n_items", "coupon_id")),
     "feedback": (
@@ -499,6 +511,7 @@ def ingest_batch(
         context = ValidationContext(
             known_customers=frozenset(q.known_ids(session, m.Customer.customer_id)),
             known_coupons=frozenset(q.known_ids(session, m.Coupon.coupon_id)),
+            known_products=frozenset(q.known_ids(session, m.Product.product_id)),
             channels=frozenset(q.known_ids(session, m.Channel.channel)) or DEFAULT_CHANNELS,
             now=now,
             previous_row_counts=_previous_counts(session),
@@ -616,7 +629,7 @@ def _gate_dry_run(batch_dir: Path, context) -> object:  # noqa: ANN001 - Validat
 
 # Full-snapshot tables are comparable batch to batch; event tables are incremental (a day's
 # events vs a 180-day backfill), so a volume rule on them would reject every normal batch.
-_SNAPSHOT_TABLES = ("customers", "contacts", "consent", "channels", "coupons")
+_SNAPSHOT_TABLES = ("customers", "contacts", "consent", "channels", "coupons", "products")
 
 
 def _previous_counts(session) -> dict[str, int]:  # noqa: ANN001

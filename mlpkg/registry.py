@@ -163,6 +163,21 @@ def score_with_model(
     }
 
 
+def load_recommender(tracking_uri: str, name: str, alias: str = CHAMPION) -> tuple[object, str] | None:
+    """Return the recommender an alias points at and its version, or None when there is none.
+
+    The logged pyfunc (``mlpkg.recommend.pyfunc.RecommenderPyfunc``) is loaded through MLflow and
+    unwrapped: the caller ranks with its fitted ``FactorRecommender``.
+    """
+    client = make_client(tracking_uri)
+    version = alias_version(client, name, alias)
+    if version is None:
+        return None
+    mlflow.set_tracking_uri(tracking_uri)
+    wrapped = mlflow.pyfunc.load_model(f"models:/{name}@{alias}").unwrap_python_model()
+    return wrapped.model, version
+
+
 def move_alias(
     client: MlflowClient,
     engine: Engine,

@@ -716,6 +716,93 @@ def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None
     return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
 
 
+def train_recommender(settings: Settings, *, as_of: datetime | None = None, now: datetime | None = None,
+                      actor: str = "cli") -> dict:
+    """Evaluate the recommender on a time split, fit it on the history before ``as_of``, register it.
+
+    ``as_of`` defaults to the product's clock (see :func:`product_now`).
+    """
+    from mlpkg.recommend.training import train_recommender as _train
+
+    now = now or utcnow()
+    as_of = as_of or product_now(settings) or now
+    return _train(_engine(settings), settings, as_of, actor=actor, now=now,
+                  tags={"couponops.actor": actor, "git.commit": git_commit()})
+
+
+def recommend(settings: Settings, campaign_id: str, *, now: datetime | None = None,
+              actor: str = "cli") -> dict:
+    """Rank in-stock products for a campaign's treated customers with the champion recommender.
+
+    Without a champion (the first campaign) one is trained on the history before the campaign's
+    as-of time first; a shop without products is skipped (messages then show none).
+    """
+    from sqlalchemy import select
+
+    from mlpkg import registry
+    from mlpkg.db import models as m
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import session_scope
+    from mlpkg.recommend.training import recommend_campaign
+
+    require_campaign(settings, campaign_id)
+    now = now or utcnow()
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        as_of = q.as_utc(session.get(m.Campaign, campaign_id).as_of).to_pydatetime()
+        has_products = session.scalar(select(m.Product.product_id).limit(1)) is not None
+    if not has_products:
+        return skipped("the warehouse holds no products (no products.csv loaded): messages show none")
+    name = settings.recommender.registered_model_name
+    trained = None
+    loaded = registry.load_recommender(settings.resolved_tracking_uri, name)
+    if loaded is None:
+        trained = train_recommender(settings, as_of=as_of, now=now, actor=actor)
+        loaded = registry.load_recommender(settings.resolved_tracking_uri, name, trained["alias"])
+    model, version = loaded
+    result = recommend_campaign(engine, settings, campaign_id, model, version, now)
+    return {**result, "trained": trained}
+
+
+def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
+    """Render the campaign's message to one customer and write it under ``<state>/previews/``.
+
+    ``customer_id`` is the shop's id or the warehouse's pseudonym. Writes ``<pseudonym>.txt``
+    (subject, blank line, text body) and, for email, ``<pseudonym>.html``; no address is written.
+
+    Raises:
+        LookupError: no such campaign, or the campaign sends that customer nothing.
+    """
+    from mlpkg.db import models as m
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import session_scope
+    from mlpkg.delivery.outbox import message_payload
+    from mlpkg.delivery.templates import renderer_for
+    from mlpkg.privacy import pseudonym_key, stored_id
+
+    require_campaign(settings, campaign_id)
+    customer = stored_id(pseudonym_key(settings), str(customer_id).strip())
+    with session_scope(_engine(settings)) as session:
+        as_of = q.as_utc(session.get(m.Campaign, campaign_id).as_of).to_pydatetime()
+        payload = message_payload(session, campaign_id, customer, sent_at=as_of,
+                                  products_per_message=settings.recommender.products_per_message)
+    if payload is None:
+        raise LookupError(f"campaign {campaign_id!r} sends customer {customer_id!r} no coupon (not treated)")
+    rendered = renderer_for(settings).render(payload)
+    folder = settings.previews_dir / campaign_id
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / f"{customer}.txt"
+    text.write_text(f"Subject: {rendered.subject}\n\n{rendered.text}", encoding="utf-8")
+    out = {"campaign_id": campaign_id, "customer_id": customer, "channel": payload["channel"],
+           "coupon_id": payload["coupon_id"], "products": [p["product_id"] for p in payload["products"]],
+           "subject": rendered.subject, "text": str(text), "html": None}
+    if rendered.html:
+        html = folder / f"{customer}.html"
+        html.write_text(rendered.html, encoding="utf-8")
+        out["html"] = str(html)
+    return out
+
+
 def evaluate_policy(
     settings: Settings,
     policy: str | Path,

@@ -88,6 +88,17 @@ class Coupon(Base):
     )
 
 
+class Product(Base):
+    """A product of the shop's catalogue (a snapshot: the newer price and stock replace the older)."""
+
+    __tablename__ = "products"
+    product_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    category: Mapped[str] = mapped_column(String(64))
+    price: Mapped[float] = mapped_column(Float)
+    in_stock: Mapped[bool] = mapped_column(Boolean)
+    __table_args__ = (CheckConstraint("price >= 0", name="price_nonneg"),)
+
+
 class Consent(Base):
     """One marketing-consent event: a customer opted in to, or out of, one channel at ``updated_at``.
 
@@ -138,6 +149,8 @@ class Event(Base):
     ts: Mapped[datetime] = mapped_column(TS)
     event_type: Mapped[str] = mapped_column(String(32))
     category: Mapped[str] = mapped_column(String(64), default="")
+    # The product the event was about (NULL: none, or an export made before products existed).
+    product_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EventPart(Base):
@@ -165,7 +178,25 @@ class Order(Base):
     revenue: Mapped[float] = mapped_column(Float)
     n_items: Mapped[int] = mapped_column(Integer)
     coupon_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    product_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     __table_args__ = (CheckConstraint("revenue >= 0", name="revenue_nonneg"),)
+
+
+class Recommendation(Base):
+    """One customer's ranked product for a campaign's messages, made by the recommender.
+
+    Keyed by campaign, customer and rank, so re-running the stage for a campaign rewrites the
+    same rows. ``model_version`` names the registered recommender version that scored them.
+    """
+
+    __tablename__ = "recommendations"
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.campaign_id"), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TS)
 
 
 class IngestedFile(Base):

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Select, and_, func, or_, select, text, update
+from sqlalchemy import Select, and_, delete, func, insert, literal, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
@@ -806,13 +806,15 @@ def customer_exists(session: Session, customer_id: str) -> bool:
 
 
 def delete_customer_personal_rows(session: Session, customer_id: str) -> dict[str, int]:
-    """Delete one customer's contacts, consent history, events, orders and customer row; return the counts."""
+    """Delete one customer's contacts, consent, events, orders, recommendations and customer row."""
     out = {}
     for name, model in (
         ("contacts", m.Contact),
         ("consent", m.Consent),
         ("events", m.Event),
         ("orders", m.Order),
+        # Ranked from their behaviour, so personal data too.
+        ("recommendations", m.Recommendation),
         ("customers", m.Customer),
     ):
         stmt = model.__table__.delete().where(model.customer_id == customer_id)
@@ -937,3 +939,69 @@ def reason_counts(session: Session, campaign_id: str) -> dict[str, int]:
         .group_by(m.AllocationReason.binding)
     )
     return {code: int(n) for code, n in session.execute(stmt).all()}
+
+
+# --- products and recommendations -------------------------------------------------------------------
+
+
+def product_interactions(
+    session: Session, before: datetime, since: datetime | None = None
+) -> list[tuple[str, str, str, datetime]]:
+    """Return ``(customer_id, product_id, kind, ts)`` of every event and order about a product.
+
+    Point in time: only rows strictly before ``before`` (and at or after ``since`` when given).
+    ``kind`` is the event type, or ``order`` for an order's product.
+    """
+    ev = select(m.Event.customer_id, m.Event.product_id, m.Event.event_type, m.Event.ts).where(
+        m.Event.product_id.is_not(None), m.Event.ts < before
+    )
+    od = select(m.Order.customer_id, m.Order.product_id, literal("order"), m.Order.ts).where(
+        m.Order.product_id.is_not(None), m.Order.ts < before
+    )
+    if since is not None:
+        ev = ev.where(m.Event.ts >= since)
+        od = od.where(m.Order.ts >= since)
+    return [tuple(r) for r in session.execute(ev).all()] + [tuple(r) for r in session.execute(od).all()]
+
+
+def product_catalogue(session: Session) -> list[dict[str, Any]]:
+    """Return every product: ``product_id, category, price, in_stock``, ordered by id."""
+    rows = session.execute(select(m.Product).order_by(m.Product.product_id)).scalars()
+    return [
+        {"product_id": p.product_id, "category": p.category, "price": float(p.price),
+         "in_stock": bool(p.in_stock)}
+        for p in rows
+    ]
+
+
+def replace_recommendations(session: Session, campaign_id: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Write a campaign's recommendations, replacing any earlier ones (a re-run rewrites the same rows)."""
+    session.execute(delete(m.Recommendation).where(m.Recommendation.campaign_id == campaign_id))
+    if rows:
+        session.execute(insert(m.Recommendation), [dict(r) for r in rows])
+    return len(rows)
+
+
+def recommendations_for(session: Session, campaign_id: str, customer_ids: Sequence[str] | None = None
+                        ) -> dict[str, list[str]]:
+    """Return each customer's recommended product ids for a campaign, best first."""
+    stmt = select(m.Recommendation.customer_id, m.Recommendation.product_id).where(
+        m.Recommendation.campaign_id == campaign_id
+    )
+    if customer_ids is not None:
+        stmt = stmt.where(m.Recommendation.customer_id.in_(list(customer_ids)))
+    out: dict[str, list[str]] = {}
+    stmt = stmt.order_by(m.Recommendation.customer_id, m.Recommendation.rank)
+    for customer, product in session.execute(stmt):
+        out.setdefault(customer, []).append(product)
+    return out
+
+
+def campaign_customers(session: Session, campaign_id: str) -> list[str]:
+    """Return the customers a campaign sends a coupon to (model and explore allocations), sorted."""
+    stmt = select(m.Allocation.customer_id).where(
+        m.Allocation.campaign_id == campaign_id,
+        m.Allocation.policy.in_(("model", "explore")),
+        m.Allocation.coupon_id.is_not(None),
+    )
+    return sorted(set(session.scalars(stmt)))

@@ -73,6 +73,7 @@ from mlpkg.delivery.senders import (
     Sender,
     build_senders,
 )
+from mlpkg.delivery.templates import MessageRenderer, renderer_for
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +140,28 @@ def recipient_now(engine: Engine, delivery: Delivery) -> str | None:
         return recipient_for(contact_of(session, delivery.customer_id), delivery.channel)
 
 
-def message_for(delivery: Delivery, recipient: str) -> OutboundMessage:
-    """Build the message a sender gets for an outbox row and the address read at send time."""
+def message_for(
+    delivery: Delivery, recipient: str, renderer: MessageRenderer | None = None
+) -> OutboundMessage:
+    """Build the message a sender gets for an outbox row and the address read at send time.
+
+    The texts are rendered now from the row's payload (coupon, offer, products) with the
+    templates; a row queued before templates existed carries its ``subject`` and ``body``.
+    """
     payload = dict(delivery.payload or {})
+    if "offer" in payload:
+        rendered = (renderer or MessageRenderer()).render({**payload, "channel": delivery.channel})
+        subject, body, html = rendered.subject, rendered.text, rendered.html
+    else:
+        subject, body, html = str(payload.get("subject", "")), str(payload.get("body", "")), ""
     return OutboundMessage(
         dedup_key=delivery.dedup_key,
         channel=delivery.channel,
         recipient=recipient,
-        subject=str(payload.get("subject", "")),
-        body=str(payload.get("body", "")),
+        subject=subject,
+        body=body,
         payload=payload,
+        html=html,
     )
 
 
@@ -243,7 +256,7 @@ def _deliver_one(
                         now_fn, stats, None)
         return
     try:
-        receipt = sender.send(message_for(delivery, recipient))
+        receipt = sender.send(message_for(delivery, recipient, renderer_for(settings)))
     except PermanentSendError as exc:
         error = redact_recipient(str(exc), recipient)
         with session_scope(engine) as session:
@@ -352,7 +365,8 @@ def deliver_campaign(
         campaign = session.get(Campaign, campaign_id)
         # On the data clock (a simulated shop's fast clock) messages go out at the campaign's as-of.
         stamp = campaign.as_of if campaign is not None and settings.clock == "data" else now
-        enqueued = enqueue_campaign(session, campaign_id, now=now, sent_at=stamp)
+        enqueued = enqueue_campaign(session, campaign_id, now=now, sent_at=stamp,
+                                    products_per_message=settings.recommender.products_per_message)
         # Only channels with something to send need a sender (skipped rows are never claimed).
         channels = sorted(
             session.scalars(

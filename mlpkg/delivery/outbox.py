@@ -35,7 +35,8 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlpkg.db.models import Allocation, Contact, Coupon, Delivery
-from mlpkg.db.queries import consent_as_of
+from mlpkg.db.queries import consent_as_of, product_catalogue, recommendations_for
+from mlpkg.delivery.templates import products_for_message
 
 TERMINAL_STATUSES: tuple[str, ...] = ("sent", "failed", "bounced", "skipped")
 STATUSES: tuple[str, ...] = ("pending", "sending", *TERMINAL_STATUSES)
@@ -117,27 +118,83 @@ def render_payload(
     coupon_id: str,
     offer: str,
     sent_at: datetime | None = None,
+    products: list[dict[str, Any]] | None = None,
 ) -> dict:
-    """Return the JSON payload of one message: ids, the send time (campaign time) and the texts."""
-    subject = f"A coupon for you: {offer}"
-    if channel == "email":
-        body = f"Hello,\n\nuse code {coupon_id} at checkout to get {offer}.\n\n(campaign {campaign_id})\n"
-    else:
-        # SMS and push bodies stay within one short segment.
-        body = f"Your code {coupon_id}: {offer}."
+    """Return the JSON payload of one message: ids, the send time (campaign time), offer and products.
+
+    The texts are rendered from the templates at send time (:mod:`mlpkg.delivery.templates`), so
+    the row holds what the message says, never the message with an address in it.
+    """
     return {
         "campaign_id": campaign_id,
         "customer_id": customer_id,
         "channel": channel,
         "coupon_id": coupon_id,
         "sent_at": as_utc(sent_at).isoformat() if sent_at is not None else None,
-        "subject": subject,
-        "body": body,
+        "offer": offer,
+        "products": list(products or []),
     }
 
 
+def message_products(
+    session: Session, campaign_id: str, customer_ids: Sequence[str], coupons: dict[str, Coupon], n: int
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Return the products each (customer, coupon) message shows: recommended, in stock, eligible.
+
+    Reads the campaign's recommendations (written by the recommendation stage) and keeps the first
+    ``n`` in-stock products whose price reaches the coupon's minimum basket. A campaign without
+    recommendations (or ``n`` = 0) shows no products.
+    """
+    if n <= 0:
+        return {}
+    ranked = recommendations_for(session, campaign_id, customer_ids)
+    if not ranked:
+        return {}
+    catalogue = {p["product_id"]: p for p in product_catalogue(session)}
+    out = {}
+    for customer, products in ranked.items():
+        for coupon_id, coupon in coupons.items():
+            minimum = float(coupon.min_basket)
+            out[(customer, coupon_id)] = products_for_message(products, catalogue, minimum, n)
+    return out
+
+
+def message_payload(
+    session: Session, campaign_id: str, customer_id: str, *, sent_at: datetime | None = None,
+    products_per_message: int = 4,
+) -> dict | None:
+    """Return the payload the campaign's message to one customer has (or will have), or None.
+
+    The same pieces as :func:`enqueue_campaign` (offer, eligible recommended products), for one
+    customer: ``couponops preview`` renders it. A row already queued keeps the payload it was
+    queued with, which is returned instead.
+    """
+    a = session.execute(
+        select(Allocation.channel, Allocation.coupon_id).where(
+            Allocation.campaign_id == campaign_id,
+            Allocation.customer_id == customer_id,
+            Allocation.policy.in_(SENDING_POLICIES),
+            Allocation.coupon_id.is_not(None),
+            Allocation.channel.is_not(None),
+        )
+    ).first()
+    if a is None:
+        return None
+    queued = session.scalar(select(Delivery.payload).where(
+        Delivery.dedup_key == dedup_key_for(campaign_id, customer_id, a.channel)))
+    if queued:
+        return dict(queued)
+    coupon = session.get(Coupon, a.coupon_id)
+    coupons = {a.coupon_id: coupon} if coupon is not None else {}
+    shown = message_products(session, campaign_id, [customer_id], coupons, products_per_message)
+    offer = describe_offer(coupon, a.coupon_id)
+    return render_payload(campaign_id, customer_id, a.channel, a.coupon_id, offer, sent_at,
+                          shown.get((customer_id, a.coupon_id), []))
+
+
 def enqueue_campaign(
-    session: Session, campaign_id: str, *, now: datetime, sent_at: datetime | None = None
+    session: Session, campaign_id: str, *, now: datetime, sent_at: datetime | None = None,
+    products_per_message: int = 4,
 ) -> int:
     """Insert one delivery per coupon-carrying allocation of a campaign.
 
@@ -157,6 +214,7 @@ def enqueue_campaign(
         now: Creation time of new rows.
         sent_at: The send time the messages state, on the campaign's clock (default ``now``);
             consent is checked as of this time.
+        products_per_message: Recommended products each message shows (see :func:`message_products`).
 
     Returns:
         The number of rows added by this call (pending and skipped).
@@ -182,6 +240,8 @@ def enqueue_campaign(
     }
     offers = {cid: describe_offer(coupons.get(cid), cid) for cid in coupon_ids}
     consented = consent_as_of(session, send_time)
+    shown = message_products(session, campaign_id, sorted({a.customer_id for a in allocations}), coupons,
+                             products_per_message)
     rows = []
     for a in allocations:
         recipient = recipient_for(a.Contact, a.channel)
@@ -196,7 +256,8 @@ def enqueue_campaign(
                 "channel": a.channel,
                 "coupon_id": a.coupon_id,
                 "payload": render_payload(
-                    campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id], send_time
+                    campaign_id, a.customer_id, a.channel, a.coupon_id, offers[a.coupon_id], send_time,
+                    shown.get((a.customer_id, a.coupon_id), []),
                 ),
                 "status": "skipped" if reason else "pending",
                 "attempts": 0,

@@ -71,7 +71,8 @@ class OutboundMessage:
         recipient: Address, phone number or device token.
         subject: Short subject (email subject, push title).
         body: Plain-text body.
-        payload: The outbox row's JSON payload (coupon, campaign, ...).
+        payload: The outbox row's JSON payload (coupon, campaign, products, ...).
+        html: HTML body (email only; empty: a text-only message).
     """
 
     dedup_key: str
@@ -80,6 +81,7 @@ class OutboundMessage:
     subject: str
     body: str
     payload: dict[str, Any] = field(default_factory=dict)
+    html: str = ""
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,9 @@ class SmtpSender:
         email["Message-ID"] = message_id_for(message.dedup_key, self.sender)
         email["X-CouponOps-Dedup-Key"] = message.dedup_key
         email.set_content(message.body)
+        if message.html:
+            # multipart/alternative: clients that show HTML show it, the others the text.
+            email.add_alternative(message.html, subtype="html")
         return email
 
     def send(self, message: OutboundMessage) -> SendReceipt:

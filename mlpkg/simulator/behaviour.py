@@ -204,6 +204,7 @@ def draw_response(
     sent_at: int,
     window_days: int,
     rng: np.random.Generator,
+    relevance: np.ndarray | None = None,
 ) -> Response:
     """Draw each customer's reaction to ``arm`` sent at ``sent_at`` (Bernoulli, never expectations).
 
@@ -215,12 +216,13 @@ def draw_response(
         sent_at: Send time (seconds).
         window_days: Conversion window length.
         rng: Random stream.
+        relevance: Relevance of the products each message shows (``None``: no products).
 
     Returns:
         The outcomes; at most one order per customer in the window.
     """
     n = len(idx)
-    truth = pair_truth(pop, idx, arm, table)
+    truth = pair_truth(pop, idx, arm, table, relevance)
     u = rng.random((5, n))
     delivered = truth["delivered"]
     opened = delivered & (u[0] < truth["open"])

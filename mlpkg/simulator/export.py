@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlpkg.simulator.behaviour import EVENT_TYPES, Activity
+from mlpkg.simulator.catalogue import Catalogue
 from mlpkg.simulator.population import CATEGORIES, Population
 from mlpkg.simulator.spec import CHANNELS, ShopConfig
 
@@ -212,14 +213,39 @@ def coupons_frame(cfg: ShopConfig, valid_from: int, valid_to: int, restocks: int
     )
 
 
-def events_table(pop: Population, act: Activity, period: int) -> pa.Table:
-    """Return the period's events, sorted by time, as an Arrow table (``events.parquet``)."""
+def products_frame(cat: Catalogue) -> pd.DataFrame:
+    """Return ``products.csv``: the catalogue with its prices and stock."""
+    return pd.DataFrame(
+        {
+            "product_id": cat.product_id,
+            "category": CATEGORIES[cat.category].astype(object),
+            "price": cat.price,
+            "in_stock": cat.in_stock.astype(np.int64),
+        }
+    )
+
+
+def _product_ids(cat: Catalogue | None, rows: np.ndarray) -> np.ndarray:
+    """Return the product id of each catalogue row (``""`` for -1: no product)."""
+    if cat is None:
+        return np.full(len(rows), "", dtype=object)
+    ids = np.append(cat.product_id, "").astype(object)
+    return ids[np.where(rows < 0, len(cat), rows)]
+
+
+def events_table(
+    pop: Population, act: Activity, period: int, products: tuple[Catalogue, np.ndarray] | None = None
+) -> pa.Table:
+    """Return the period's events, sorted by time, as an Arrow table (``events.parquet``).
+
+    ``products`` is the catalogue and the product row of each event in ``act``'s order (-1: none);
+    with it the table carries ``product_id``.
+    """
     order = np.lexsort((act.ev_type, act.ev_customer, act.ev_ts))
     ids = pa.array(period * ID_STRIDE + np.arange(len(order), dtype=np.int64)).cast(pa.string())
     categories = pa.array([*CATEGORIES.tolist(), ""])
     cat = np.where(act.ev_category[order] < 0, len(CATEGORIES), act.ev_category[order])
-    return pa.table(
-        {
+    columns = {
             "event_id": pc.binary_join_element_wise("E", ids, ""),
             "customer_id": pa.array(pop.customer_id.tolist(), pa.string()).take(
                 pa.array(act.ev_customer[order])
@@ -229,16 +255,24 @@ def events_table(pop: Population, act: Activity, period: int) -> pa.Table:
                 pa.array(act.ev_type[order].astype(np.int64))
             ),
             "category": categories.take(pa.array(cat.astype(np.int64))),
-        }
-    )
+    }
+    if products is not None:
+        columns["product_id"] = pa.array(_product_ids(products[0], products[1][order]).tolist(), pa.string())
+    return pa.table(columns)
 
 
-def orders_frame(pop: Population, act: Activity, cfg: ShopConfig, period: int) -> pd.DataFrame:
-    """Return the period's orders sorted by time (``orders.csv``)."""
+def orders_frame(
+    pop: Population,
+    act: Activity,
+    cfg: ShopConfig,
+    period: int,
+    products: tuple[Catalogue, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """Return the period's orders sorted by time (``orders.csv``), with ``product_id`` given ``products``."""
     order = np.lexsort((act.or_customer, act.or_ts))
     coupon_ids = np.array([c.coupon_id for c in cfg.coupons] + [""], dtype=object)
     coupon = act.or_coupon[order]
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "order_id": np.array([f"O{period * ID_STRIDE + i}" for i in range(len(order))], dtype=object),
             "customer_id": pop.customer_id[act.or_customer[order]],
@@ -248,6 +282,9 @@ def orders_frame(pop: Population, act: Activity, cfg: ShopConfig, period: int) -
             "coupon_id": coupon_ids[np.where(coupon < 0, len(cfg.coupons), coupon)],
         }
     )
+    if products is not None:
+        frame["product_id"] = _product_ids(products[0], products[1][order])
+    return frame
 
 
 def write_events(tables: list[pa.Table], path: Path) -> Path:
@@ -259,6 +296,7 @@ def write_events(tables: list[pa.Table], path: Path) -> Path:
             ("ts", pa.timestamp("us", "UTC")),
             ("event_type", pa.string()),
             ("category", pa.string()),
+            ("product_id", pa.string()),
         ]
     )
     table = pa.concat_tables(tables) if tables else schema.empty_table()

@@ -63,8 +63,9 @@ def read_outbox(outbox_dir: str | Path) -> pd.DataFrame:
     """Return the messages the file channel received (one row per message file).
 
     Columns: ``campaign_id``, ``customer_id`` (the product's pseudonym), ``channel``,
-    ``coupon_id``, ``sent_at`` (the message's own send time when it carries one, else NaT) and
-    ``recipient_sha256`` (the file channel's stand-in for the address).
+    ``coupon_id``, ``sent_at`` (the message's own send time when it carries one, else NaT),
+    ``recipient_sha256`` (the file channel's stand-in for the address) and ``products`` (the ids
+    of the products the message shows, a list, empty when it shows none).
     """
     rows = []
     for path in sorted(Path(outbox_dir).glob("*.json")):
@@ -78,9 +79,12 @@ def read_outbox(outbox_dir: str | Path) -> pd.DataFrame:
                 "coupon_id": payload.get("coupon_id"),
                 "sent_at": payload.get("sent_at"),
                 "recipient_sha256": message.get("recipient_sha256"),
+                "products": [
+                    str(p.get("product_id")) for p in payload.get("products") or [] if isinstance(p, dict)
+                ],
             }
         )
-    frame = pd.DataFrame(rows, columns=[*MESSAGE_COLUMNS, "recipient_sha256"])
+    frame = pd.DataFrame(rows, columns=[*MESSAGE_COLUMNS, "recipient_sha256", "products"])
     frame["sent_at"] = pd.to_datetime(frame["sent_at"], utc=True, errors="coerce")
     return frame
 
@@ -104,12 +108,14 @@ def campaign_responses(shop: Shop, messages: pd.DataFrame, sent_at: pd.Timestamp
     """
     campaign_id = str(messages["campaign_id"].iloc[0])
     signed_up = shop.signed_up_before(sent_at)
-    allocation = pd.DataFrame(
-        {
-            "customer_id": messages["customer_id"].astype(str).to_numpy(),
-            "arm": (messages["coupon_id"].astype(str) + "@" + messages["channel"].astype(str)).to_numpy(),
-        }
-    ).drop_duplicates("customer_id")
+    columns = {
+        "customer_id": messages["customer_id"].astype(str).to_numpy(),
+        "arm": (messages["coupon_id"].astype(str) + "@" + messages["channel"].astype(str)).to_numpy(),
+    }
+    if "products" in messages.columns:
+        # What the message showed changes how its reader responds (the truth's relevance lift).
+        columns["products"] = [list(p) if isinstance(p, list) else [] for p in messages["products"]]
+    allocation = pd.DataFrame(columns).drop_duplicates("customer_id")
     return shop.respond(
         signed_up,
         allocation,

@@ -9,7 +9,11 @@ One generative story serves both the exact expectations (this module) and the ra
 * a click adds an extra order with probability ``q`` that grows with the coupon's generosity
   relative to their basket and with their price sensitivity (large only for persuadables);
 * orders placed after a click are slightly larger (``basket_lift``) and redeem the coupon when
-  the basket reaches ``min_basket``.
+  the basket reaches ``min_basket``;
+* a message that shows products the customer likes (``relevance`` in ``[0, 1]``, see
+  :func:`mlpkg.simulator.catalogue.relevance`) is clicked more often: the click-through is
+  multiplied by ``1 + RELEVANCE_LIFT * relevance``. A message without products (relevance 0)
+  gets the click-through it always had.
 
 Messages through a channel the customer has not opted in to are not delivered, so for those
 arms the truth equals control (and nothing is spent).
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlpkg.simulator.catalogue import RELEVANCE_LIFT
 from mlpkg.simulator.population import Population
 from mlpkg.simulator.spec import CHANNELS, Arm, ShopConfig
 
@@ -82,7 +87,9 @@ def _lognormal_tail(mean: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray
     return p, cond
 
 
-def pair_truth(pop: Population, idx: np.ndarray, arm: np.ndarray, table: ArmTable) -> dict[str, np.ndarray]:
+def pair_truth(
+    pop: Population, idx: np.ndarray, arm: np.ndarray, table: ArmTable, relevance: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Return the exact response parameters of customers ``idx`` under arms ``arm`` (pairwise).
 
     Args:
@@ -90,6 +97,7 @@ def pair_truth(pop: Population, idx: np.ndarray, arm: np.ndarray, table: ArmTabl
         idx: Row indices into ``pop``.
         arm: Arm indices (0 = control), same length as ``idx``.
         table: The arm table.
+        relevance: Relevance of the products each message shows (``None``: no products).
 
     Returns:
         Arrays keyed ``delivered``, ``base``, ``open``, ``click_through``, ``q``, ``lift``,
@@ -105,6 +113,8 @@ def pair_truth(pop: Population, idx: np.ndarray, arm: np.ndarray, table: ArmTabl
     base = np.where(delivered, p0 * (1.0 - pop.annoyance[idx, ch]), p0)
     open_p = np.where(delivered, pop.responsiveness[idx, ch], 0.0)
     ctr = pop.click_through[idx]
+    if relevance is not None:
+        ctr = np.minimum(ctr * (1.0 + RELEVANCE_LIFT * np.clip(relevance, 0.0, 1.0)), 0.95)
     click = open_p * ctr
     basket = pop.basket[idx]
     lift = np.where(delivered, table.lift[arm], 1.0)

@@ -25,6 +25,14 @@ from mlpkg.simulator.behaviour import (
     response_activity,
     simulate_activity,
 )
+from mlpkg.simulator.catalogue import (
+    Catalogue,
+    draw_catalogue,
+    draw_tastes,
+    event_products,
+    order_products,
+    relevance,
+)
 from mlpkg.simulator.export import (
     CAMPAIGN_LOG_COLUMNS,
     FEEDBACK_COLUMNS,
@@ -38,6 +46,7 @@ from mlpkg.simulator.export import (
     events_table,
     iso,
     orders_frame,
+    products_frame,
     to_seconds,
     to_timestamp,
     write_csv,
@@ -57,6 +66,9 @@ _STREAM_POPULATION, _STREAM_HISTORY, _STREAM_CAMPAIGN, _STREAM_CAMPAIGN_ROWS = 1
 _STREAM_RESPOND, _STREAM_SIGNUPS, _STREAM_ADVANCE = 5, 100, 200
 # Contact details of population part k (0 = the initial customers) come from (300, k).
 _STREAM_CONTACTS = 300
+# The catalogue, the tastes of population part k (500, k) and the products of period k's
+# events and orders (600, k): drawn apart, so a shop with products behaves as one without.
+_STREAM_CATALOGUE, _STREAM_TASTES, _STREAM_PRODUCTS = 400, 500, 600
 
 
 class Shop:
@@ -91,6 +103,7 @@ class Shop:
         self._bounds: list[tuple[int, int]] = [(start, now)]
         self._advances: list[int] = []
         self._exports: dict[str, tuple[int, int]] = {}
+        self.catalogue: Catalogue = draw_catalogue(self._rng(_STREAM_CATALOGUE))
 
     # --- identity and time -------------------------------------------------------------------
 
@@ -227,7 +240,8 @@ class Shop:
         """Return the exact expected value of an allocation against sending nothing to anyone.
 
         Args:
-            allocation: Columns ``customer_id`` and ``arm`` (``control`` = nothing sent).
+            allocation: Columns ``customer_id`` and ``arm`` (``control`` = nothing sent), and
+                optionally ``products``: the product ids each message shows (a list per row).
             margin: Gross margin applied to incremental revenue.
 
         Returns:
@@ -236,7 +250,7 @@ class Shop:
             and ``n_treated``.
         """
         idx, arm = self._allocation(allocation)
-        treated = pair_truth(self._pop, idx, arm, self._table)
+        treated = pair_truth(self._pop, idx, arm, self._table, self._shown_relevance(idx, allocation))
         control = pair_truth(self._pop, idx, np.zeros_like(arm), self._table)
         conv = float(np.sum(treated["conversion"] - control["conversion"]))
         revenue = float(
@@ -252,6 +266,13 @@ class Shop:
             "incremental_profit": margin * revenue - coupon - send,
             "n_treated": int(np.sum(arm > 0)),
         }
+
+    def _shown_relevance(self, idx: np.ndarray, allocation: pd.DataFrame) -> np.ndarray | None:
+        """Return the relevance of each allocation row's shown products (None: no ``products`` column)."""
+        if "products" not in allocation.columns:
+            return None
+        shown = [list(p) if isinstance(p, list | tuple | np.ndarray) else [] for p in allocation["products"]]
+        return self._relevance(idx, shown)
 
     # --- customer behaviour ----------------------------------------------------------------------
 
@@ -272,6 +293,8 @@ class Shop:
         Args:
             population: Customers whose orders count (treated, held-out control and untargeted).
             allocation: Columns ``customer_id`` and ``arm``; ``control`` rows are not contacted.
+                An optional ``products`` column lists the product ids each message shows: the more
+                of them the customer likes, the likelier a click (see :mod:`mlpkg.simulator.truth`).
             campaign_id: Id stamped on every feedback event.
             sent_at: Send time; orders fall in ``[sent_at, sent_at + window_days)``.
             seed: Seed of the draws (different seeds give different outcomes).
@@ -287,8 +310,13 @@ class Shop:
         arm = np.zeros(len(idx), dtype=np.int64)
         arm[np.searchsorted(idx, a_idx)] = a_arm
         rng = np.random.default_rng([self.config.seed, _STREAM_RESPOND, int(seed)])
+        shown = self._shown_relevance(a_idx, allocation)
+        rel = None
+        if shown is not None:
+            rel = np.zeros(len(idx))
+            rel[np.searchsorted(idx, a_idx)] = shown
         resp = draw_response(
-            self._pop, idx, arm, self._table, to_seconds(sent_at), self.config.window_days, rng
+            self._pop, idx, arm, self._table, to_seconds(sent_at), self.config.window_days, rng, rel
         )
         return self._feedback_frame(resp, campaign_id)
 
@@ -381,6 +409,25 @@ class Shop:
 
     def _population_upto(self, period: int) -> Population:
         return self._parts[0] if period == 0 else Population.concat(self._parts[: period + 1])
+
+    def _tastes_upto(self, period: int) -> np.ndarray:
+        """Return the hidden product tastes of the customers of ``_population_upto(period)``."""
+        parts = self._parts[: period + 1]
+        tastes = [draw_tastes(len(p), self._rng(_STREAM_TASTES, k)) for k, p in enumerate(parts)]
+        return np.concatenate(tastes, axis=0)
+
+    def _relevance(self, idx: np.ndarray, shown: Sequence[Sequence[str]]) -> np.ndarray:
+        """Return the relevance of the products shown to customers ``idx`` (see catalogue.relevance)."""
+        tastes = self._tastes_upto(len(self._parts) - 1)[idx]
+        return relevance(self.catalogue, tastes, shown)
+
+    def _period_products(self, period: int, act: Activity, pop: Population) -> tuple[np.ndarray, np.ndarray]:
+        """Return the product row of each event and each order of period ``period``'s activity."""
+        tastes = self._tastes_upto(len(self._parts) - 1)[: len(pop)]
+        rng = self._rng(_STREAM_PRODUCTS, period)
+        category = act.ev_category.astype(np.int64)
+        events = event_products(self.catalogue, tastes, act.ev_customer, category, rng)
+        return events, order_products(self.catalogue, tastes, act.or_customer, rng)
 
     def _contacts_upto(self, period: int) -> ContactBook:
         """Return the contact details of the customers of ``_population_upto(period)``."""
@@ -477,14 +524,16 @@ class Shop:
                 out_dir / "coupons.csv",
             ),
         }
+        paths["products"] = write_csv(products_frame(self.catalogue), out_dir / "products.csv")
         tables, orders = [], []
         for period in range(first, last + 1):
             act = self._activity(period)
-            tables.append(events_table(pop, act, period))
-            orders.append(orders_frame(pop, act, cfg, period))
+            ev_products, or_products = self._period_products(period, act, pop)
+            tables.append(events_table(pop, act, period, (self.catalogue, ev_products)))
+            orders.append(orders_frame(pop, act, cfg, period, (self.catalogue, or_products)))
         paths["events"] = write_events(tables, out_dir / "events.parquet")
         if not orders:
-            orders.append(orders_frame(pop, _no_activity(), cfg, 0))
+            orders.append(orders_frame(pop, _no_activity(), cfg, 0, (self.catalogue, np.zeros(0, np.int64))))
         paths["orders"] = write_csv(pd.concat(orders, ignore_index=True), out_dir / "orders.csv")
         if first == 0:
             paths["campaign_log"] = write_csv(self.past_campaign(), out_dir / "campaign_log.csv")

@@ -85,6 +85,9 @@ class ValidationContext:
             check unless the batch itself carries ``customers``.
         known_coupons: Coupon ids that exist; ``None`` skips the check unless the batch carries
             ``coupons``.
+        known_products: Product ids of the catalogue; ``None`` skips the check unless the batch
+            carries ``products``. A ``product_id`` left empty (or a file without the column) means
+            "no product" and always passes.
         channels: Channels messages may use.
         previous_row_counts: Row count of each table in the previous batch, for the volume rule.
         volume_min_ratio: A batch with fewer than this share of the previous rows fails.
@@ -110,6 +113,7 @@ class ValidationContext:
     shop_opened: dt.datetime = field(default_factory=lambda: dt.datetime(2000, 1, 1, tzinfo=dt.UTC))
     known_customers: frozenset[str] | None = None
     known_coupons: frozenset[str] | None = None
+    known_products: frozenset[str] | None = None
     channels: frozenset[str] = DEFAULT_CHANNELS
     previous_row_counts: Mapping[str, int] | None = None
     volume_min_ratio: float = 0.2
@@ -136,6 +140,8 @@ class ValidationContext:
             self.known_customers = frozenset(str(x) for x in self.known_customers)
         if self.known_coupons is not None:
             self.known_coupons = frozenset(str(x) for x in self.known_coupons)
+        if self.known_products is not None:
+            self.known_products = frozenset(str(x) for x in self.known_products)
         self.channels = frozenset(self.channels)
         if not 0 < self.volume_min_ratio < 1 < self.volume_max_ratio:
             raise ValueError("volume ratios must satisfy 0 < volume_min_ratio < 1 < volume_max_ratio")

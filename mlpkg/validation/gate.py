@@ -73,11 +73,12 @@ DATA_DOCS_SITE = "couponops"
 DATA_DOCS_RESULTS_LIMIT = 500
 QUARANTINE_RESULT_FILE = "validation_result.json"
 #: Tables read first in a batch: the others are checked against their ids.
-_REFERENCE_TABLES = ("customers", "coupons", "channels")
+_REFERENCE_TABLES = ("customers", "coupons", "products", "channels")
 #: Tables whose ``customer_id`` / ``coupon_id`` must exist in the known ids.
 _CUSTOMER_REF_TABLES = ("contacts", "consent", "events", "orders", "campaign_log", "feedback",
                         "allocations", "deliveries", "model_scores", "feature_snapshot")
 _COUPON_REF_TABLES = ("orders", "campaign_log", "feedback", "allocations", "deliveries")
+_PRODUCT_REF_TABLES = ("events", "orders")
 
 
 def _no_frame_fingerprints() -> None:
@@ -315,6 +316,9 @@ def validate_table(
                                              what="customers", **kw)
     if context.known_coupons is not None and table in _COUPON_REF_TABLES:
         report.failures += check_referential(frame, "coupon_id", context.known_coupons, what="coupons", **kw)
+    if context.known_products is not None and table in _PRODUCT_REF_TABLES:
+        report.failures += check_referential(frame, "product_id", context.known_products, what="products",
+                                             **kw)
     if table in ("campaign_log", "allocations"):
         report.failures += check_arm_consistency(frame, **kw)
     if context.previous_row_counts:
@@ -545,7 +549,7 @@ def gate_batch(
         reports[table] = validate_table(frame, table, context=ctx, source=source, line_offset=line_offset,
                                         runner=runner)
         reports[table].warnings += read_warnings
-        if table in ("customers", "coupons"):
+        if table in ("customers", "coupons", "products"):
             id_col = f"{table[:-1]}_id"
             known_attr = f"known_{table}"
             ids = set(frame[id_col].dropna().astype("str"))

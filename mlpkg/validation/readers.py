@@ -82,12 +82,16 @@ class ColumnSpec:
         empty_ok: For string columns: the empty string is a legal value (e.g. the coupon_id of an
             order without coupon) and is kept as ``""`` rather than turned into a null.
         nullable: For numeric/time columns: blanks are legal and become NaN/NaT.
+        optional: The file may leave the column out (a column added to the contract later, such
+            as ``product_id`` of events and orders): a file without it reads as if every value
+            were empty, so exports made before the column existed stay valid.
     """
 
     name: str
     kind: ColumnKind
     empty_ok: bool = False
     nullable: bool = False
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,11 @@ class TableSchema:
     def column_names(self) -> list[str]:
         """Return the declared column names in order."""
         return [c.name for c in self.columns]
+
+    @property
+    def required_names(self) -> list[str]:
+        """Return the columns every file must carry (the declared ones that are not optional)."""
+        return [c.name for c in self.columns if not c.optional]
 
     def column(self, name: str) -> ColumnSpec:
         """Return the spec of column ``name``."""
@@ -157,17 +166,23 @@ RAW_SCHEMAS: dict[str, TableSchema] = {
                   ("inventory", "int"), ("valid_from", "timestamp"), ("valid_to", "timestamp")),
             key=("coupon_id",),
         ),
+        # The shop's product catalogue: a snapshot, the newer price and stock replace the older.
+        TableSchema(
+            "products",
+            _cols(("product_id", "id"), ("category", "str"), ("price", "float"), ("in_stock", "flag")),
+            key=("product_id",),
+        ),
         TableSchema(
             "events",
             _cols(("event_id", "id"), ("customer_id", "id"), ("ts", "timestamp"), ("event_type", "str"),
-                  ("category", "str", True)),
+                  ("category", "str", True), ("product_id", "str", True, False, True)),
             key=("event_id",),
             default_format=".parquet",
         ),
         TableSchema(
             "orders",
             _cols(("order_id", "id"), ("customer_id", "id"), ("ts", "timestamp"), ("revenue", "float"),
-                  ("n_items", "int"), ("coupon_id", "str", True)),
+                  ("n_items", "int"), ("coupon_id", "str", True), ("product_id", "str", True, False, True)),
             key=("order_id",),
         ),
         TableSchema(
@@ -198,6 +213,7 @@ _WAREHOUSE_TABLES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "consent": ("consent", {}),
     "channels": ("channels", {}),
     "coupons": ("coupons", {}),
+    "products": ("products", {}),
     "events": ("events", {}),
     "orders": ("orders", {}),
     "campaign_log": ("campaign_log_rows", {"campaign_id": ("campaign_logs", "name")}),
@@ -938,6 +954,10 @@ def coerce_frame(
     failures: list[Failure] = []
     warnings: list[Failure] = []
     for spec in schema.columns:
+        if spec.optional and spec.name not in raw.columns:
+            # An export made before the column existed: every value is empty ("no product").
+            out[spec.name] = pd.Series("", index=raw.index, dtype="object")
+            continue
         typed, problems = _coerce(raw[spec.name], spec, schema.name, check=check)
         out[spec.name] = typed
         for problem in problems:
@@ -1038,7 +1058,7 @@ def check_columns(path: Path, table: str, columns: list[str], n_rows: int, *, st
     schema = RAW_SCHEMAS[table]
     failures = [
         Failure("required_column", c, f"required column '{c}' is missing (file has {columns})", 1)
-        for c in schema.column_names if c not in columns
+        for c in schema.required_names if c not in columns
     ]
     if len(set(columns)) != len(columns):
         dup = sorted({c for c in columns if columns.count(c) > 1})

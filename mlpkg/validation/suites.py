@@ -67,7 +67,7 @@ TIMESTAMP_SANITY: dict[str, tuple[str, ...]] = {
 def required_columns(table: str) -> list[str]:
     """Return the columns ``table`` must have."""
     if table in RAW_SCHEMAS:
-        return RAW_SCHEMAS[table].column_names
+        return RAW_SCHEMAS[table].required_names
     if table in PRODUCT_REQUIRED:
         return list(PRODUCT_REQUIRED[table])
     raise ValueError(f"no suite for table {table!r}; known: {SUITE_TABLES}")
@@ -179,6 +179,8 @@ def _raw_extras(table: str, ctx: ValidationContext) -> list[gxe.Expectation]:
                 description="valid_to must not be before valid_from",
             ),
         ]
+    if table == "products":
+        return [_between("price", 0.0, cap), _in_set("in_stock", (0, 1))]
     if table == "events":
         return [_in_set("event_type", EVENT_TYPES)]
     if table == "orders":

@@ -86,6 +86,7 @@ def test_allocation_scores_customer_shards_as_mapped_tasks_before_one_solve(dagb
     assert type(score).__name__.endswith("MappedOperator"), "scoring fans out as one mapped task per shard"
     assert score.upstream_task_ids == {"plan_scoring"}
     assert dag.task_dict["allocate"].upstream_task_ids == {"score"}
-    assert dag.task_dict["deliver"].upstream_task_ids == {"allocate"}
+    assert dag.task_dict["recommend"].upstream_task_ids == {"allocate"}
+    assert dag.task_dict["deliver"].upstream_task_ids == {"recommend"}
     outlets = {o.uri for o in dag.task_dict["allocate"].outlets}
     assert outlets == {"couponops://warehouse/allocations"}

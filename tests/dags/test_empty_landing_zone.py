@@ -83,6 +83,7 @@ def test_the_scheduler_ran_every_dag_and_each_run_succeeded_with_its_work_skippe
         "couponops_ingest.purge_old_behaviour",
         "couponops_allocate.plan_scoring",
         "couponops_allocate.allocate",
+        "couponops_allocate.recommend",
         "couponops_allocate.deliver",
         "couponops_feedback.load",
         "couponops_feedback.measure",

@@ -24,6 +24,14 @@ from aiosmtpd.controller import Controller
 _COUPON_IN_EMAIL = re.compile(r"use code (\S+) at checkout")
 
 
+def email_part(message: email.message.Message, subtype: str = "plain") -> str | None:
+    """Return the decoded ``text/<subtype>`` part of a received email (None when it has none)."""
+    for part in message.walk():
+        if part.get_content_type() == f"text/{subtype}":
+            return part.get_payload(decode=True).decode(part.get_content_charset() or "utf-8")
+    return None
+
+
 def free_port() -> int:
     """Return a TCP port on loopback that nothing listens on right now."""
     with socket.socket() as probe:
@@ -85,7 +93,7 @@ class SmtpPeer:
         rows = []
         for message in messages:
             campaign_id, customer_id, channel = message["X-CouponOps-Dedup-Key"].rsplit(":", 2)
-            coupon = _COUPON_IN_EMAIL.search(message.get_payload(decode=True).decode())
+            coupon = _COUPON_IN_EMAIL.search(email_part(message) or "")
             rows.append(
                 {
                     "campaign_id": campaign_id,

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from mlpkg.config import Settings
 from mlpkg.db.engine import make_engine, migrate, session_scope
-from mlpkg.db.models import Allocation, Campaign, Delivery
+from mlpkg.db.models import Allocation, Campaign, Coupon, Delivery, Product, Recommendation
 from mlpkg.delivery import (
     WebhookSender,
     claim_batch,
@@ -34,7 +34,7 @@ from mlpkg.delivery import (
 )
 from mlpkg.delivery.dispatch import message_for
 from tests.fixtures import plant_contacts, planted_contact
-from tests.integration.peers import free_port, wait_until
+from tests.integration.peers import email_part, free_port, wait_until
 from tests.integration.peers import http_peer as run_http_peer
 from tests.integration.peers import smtp_peer as run_smtp_peer
 
@@ -149,13 +149,59 @@ def test_normal_run_delivers_each_message_exactly_once(engine, smtp_peer, http_p
     assert set(http_peer.accepted) == webhooks
     sample = rows[f"{CAMPAIGN}:c00:email"]
     received = smtp_peer.messages[sample.provider_message_id]
-    assert received["To"] == planted_contact("c00", "email") and "PCT10" in received.get_payload()
+    assert received["To"] == planted_contact("c00", "email") and "PCT10" in email_part(received)
     assert http_peer.accepted[f"{CAMPAIGN}:c01:sms"]["recipient"] == planted_contact("c01", "sms")
     assert http_peer.accepted[f"{CAMPAIGN}:c02:push"]["recipient"] == planted_contact("c02", "push")
 
     again = deliver_campaign(engine, CAMPAIGN, settings, T0)
     assert again["enqueued"] == 0 and again["dispatched"]["sent"] == 0
     assert len(smtp_peer.raw) == len(emails) and len(http_peer.posts) == len(webhooks)
+
+
+def test_smtp_peer_receives_the_message_couponops_preview_wrote(engine, warehouse_url, smtp_peer, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlpkg.cli import app
+    from mlpkg.config import get_settings
+    from mlpkg.privacy import pseudonym_key, stored_id
+
+    settings = live_settings(tmp_path, smtp_peer.port, warehouse_url=warehouse_url)
+    customer = stored_id(pseudonym_key(settings), "C0000042")  # the shop's id, as the warehouse keeps it
+    seed(engine, [(customer, "email")])
+    with session_scope(engine) as s:
+        s.add(Coupon(coupon_id="PCT10", kind="percent_off", face_value=10.0, min_basket=20.0, inventory=100,
+                     issued=0, valid_from=T0, valid_to=T0))
+        s.add_all([Product(product_id="P1", category="home", price=59.0, in_stock=True),
+                   Product(product_id="P2", category="books", price=12.0, in_stock=True),  # under min basket
+                   Product(product_id="P3", category="home", price=80.0, in_stock=False),  # out of stock
+                   Product(product_id="P4", category="toys", price=25.5, in_stock=True)])
+        s.flush()
+        s.add_all([Recommendation(campaign_id=CAMPAIGN, customer_id=customer, rank=r, product_id=p,
+                                  score=1.0 / r, model_version="1", created_at=T0)
+                   for r, p in enumerate(["P3", "P2", "P4", "P1"], start=1)])
+    env = {"COUPONOPS_STATE_DIR": str(settings.state_dir), "COUPONOPS_WAREHOUSE_URL": warehouse_url}
+    get_settings.cache_clear()
+    try:
+        args = ["preview", "--campaign", CAMPAIGN, "--customer", "C0000042"]
+        shown = CliRunner().invoke(app, args, env=env)
+    finally:
+        get_settings.cache_clear()
+    assert shown.exit_code == 0, shown.output
+    folder = settings.previews_dir / CAMPAIGN
+    html, text = (folder / f"{customer}.html").read_text(), (folder / f"{customer}.txt").read_text()
+    assert str(folder / f"{customer}.html") in "".join(shown.output.split())
+    # Eligible products only, in the recommender's order: in stock and reaching the minimum basket.
+    assert text.index("P4") < text.index("P1") and "P2" not in text and "P3" not in text
+    assert 'data-product-id="P4"' in html and "PCT10" in html
+    assert planted_contact(customer, "email") not in html + text  # no address in the preview
+
+    deliver_campaign(engine, CAMPAIGN, settings, T0)
+
+    [received] = smtp_peer.messages.values()
+    assert received["To"] == planted_contact(customer, "email")
+    assert email_part(received).replace("\r\n", "\n") == text.split("\n\n", 1)[1]
+    assert received["Subject"] == text.split("\n", 1)[0].removeprefix("Subject: ")
+    assert email_part(received, "html").replace("\r\n", "\n") == html
 
 
 def test_webhook_5xx_then_ok_is_retried_and_repeat_409_counts_as_sent(engine, http_peer, tmp_path):

@@ -61,6 +61,7 @@ FLOORS: dict[str, int] = {
     "mlpkg.registry": 3,
     "mlpkg.training": 3,
     "mlpkg.train": 3,
+    "mlpkg.recommend": 3,  # the product recommender: fit, time-split evaluation, MLflow registration
     "mlpkg.allocation": 4,
     "mlpkg.delivery": 4,
     "mlpkg.feedback": 4,

@@ -128,8 +128,47 @@ def _negative_face_value(src: Path, dst: Path) -> None:
     df.to_csv(dst / "coupons.csv", index=False)
 
 
+def _products_with(column: str, value: str, row: int = 2) -> Callable[[Path, Path], None]:
+    def build(src: Path, dst: Path) -> None:
+        df = pd.read_csv(src / "products.csv", dtype=str, keep_default_na=False)
+        df.loc[row, column] = value
+        df.to_csv(dst / "products.csv", index=False)
+
+    return build
+
+
+def _duplicate_product_id(src: Path, dst: Path) -> None:
+    df = pd.read_csv(src / "products.csv", dtype=str, keep_default_na=False)
+    df.loc[5, "product_id"] = df.loc[4, "product_id"]
+    df.to_csv(dst / "products.csv", index=False)
+
+
+def _unknown_event_product(df: pd.DataFrame) -> None:
+    df.loc[3, "product_id"] = "P_GHOST"
+
+
 # (builder, file, column, rule words)
 RAW_CASES = {
+    "negative-price": (_products_with("price", "-3.50"), "products.csv", "price", "price must be"),
+    "duplicate-product-id": (
+        _duplicate_product_id, "products.csv", "product_id", "product_id must be unique"
+    ),
+    "in-stock-not-a-flag": (_products_with("in_stock", "yes"), "products.csv", "in_stock", "parse_flag"),
+    "in-stock-out-of-set": (
+        _products_with("in_stock", "2"), "products.csv", "in_stock", "in_stock must be one of"
+    ),
+    "unknown-product-in-events": (
+        _events_with(_unknown_event_product),
+        "events.parquet",
+        "product_id",
+        "referential_integrity",
+    ),
+    "unknown-product-in-orders": (
+        _orders_with("product_id", "P_NOPE"),
+        "orders.csv",
+        "product_id",
+        "referential_integrity",
+    ),
     "missing-required-column": (_orders_without_revenue, "orders.csv", "revenue", "required_column"),
     "wrong-type-abc-in-numeric": (_orders_with("revenue", "abc"), "orders.csv", "revenue", "parse_float"),
     "null-id": (_orders_with("order_id", ""), "orders.csv", "order_id", "order_id must not be null"),

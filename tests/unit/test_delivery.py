@@ -148,7 +148,7 @@ def test_enqueue_inserts_one_row_per_coupon_allocation_and_is_idempotent(engine)
     # no outbox row stores one.
     assert recipient_now(engine, email) == planted_contact("c1", "email") == "c1@planted.example"
     assert email.status == "pending" and email.attempts == 0
-    assert email.payload["coupon_id"] == "PCT10" and "10% off" in email.payload["body"]
+    assert email.payload["coupon_id"] == "PCT10" and "10% off" in email.payload["offer"]
     assert as_utc(email.created_at) == T0  # the rerun did not touch existing rows
     assert recipient_now(engine, by_key[f"{CAMPAIGN}:c2:sms"]) == planted_contact("c2", "sms")
     assert recipient_now(engine, by_key[f"{CAMPAIGN}:c3:push"]) == planted_contact("c3", "push")

@@ -156,11 +156,11 @@ def test_customers_consent_channels_coupons_schema(exported):
 def test_events_and_orders_schema(exported):
     shop, out, _ = exported
     table = pq.read_table(out / "events.parquet")
-    assert table.schema.names == ["event_id", "customer_id", "ts", "event_type", "category"]
+    assert table.schema.names == ["event_id", "customer_id", "ts", "event_type", "category", "product_id"]
     assert table.schema.field("ts").type == pa.timestamp("us", "UTC")
     assert all(
         table.schema.field(c).type == pa.string()
-        for c in ("event_id", "customer_id", "event_type", "category")
+        for c in ("event_id", "customer_id", "event_type", "category", "product_id")
     )
     events = table.to_pandas()
     assert events["event_id"].is_unique
@@ -176,13 +176,20 @@ def test_events_and_orders_schema(exported):
     assert (events["ts"] < shop.now).all() and (events["ts"] >= shop.config.opened_at).all()
     catalog = events["event_type"].isin(["page_view", "search", "add_to_cart"])
     assert (events.loc[catalog, "category"] != "").all() and (events.loc[~catalog, "category"] == "").all()
+    # Catalogue events name a product of their own category; the others name none.
+    products = read(out / "products.csv").set_index("product_id")
+    assert (events.loc[~catalog, "product_id"] == "").all()
+    shown = events.loc[catalog]
+    assert (products.loc[shown["product_id"], "category"].to_numpy() == shown["category"].to_numpy()).all()
     customers = read(out / "customers.csv")
     assert set(events["customer_id"]) <= set(customers["customer_id"])
     signup = pd.to_datetime(customers.set_index("customer_id")["signup_date"], utc=True)
     assert (events["ts"].to_numpy() >= signup.reindex(events["customer_id"]).to_numpy()).all()
 
     orders = read_typed(out / "orders.csv")
-    assert list(orders.columns) == ["order_id", "customer_id", "ts", "revenue", "n_items", "coupon_id"]
+    assert list(orders.columns) == [
+        "order_id", "customer_id", "ts", "revenue", "n_items", "coupon_id", "product_id"
+    ]
     assert orders["order_id"].is_unique
     assert orders["ts"].str.match(ISO_Z).all()
     assert (pd.to_datetime(orders["ts"], utc=True) < shop.now).all()
