@@ -75,6 +75,8 @@ def test_global_attributions_explain_a_bounded_sample_of_the_test_rows(tmp_path)
     model = registry.load_uplift_model(result.model_uri, tracking_uri=uri)
     doc = global_attributions(model, result.test_frame, max_rows=150, seed=1)
     assert doc["rows"] == 150 and doc["sampled_from"] == len(result.test_frame)
+    # With many arms fewer rows: the explanations (rows x treatment arms) stay within their budget.
+    assert global_attributions(model, result.test_frame, max_explanations=500)["rows"] == 250
     assert doc["features"][0]["feature"] == "drive"
     # A categorical feature's direction names its categories.
     segment = next(f for f in doc["features"] if f["feature"] == "segment")
