@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlpkg import progress, stages
+from mlpkg import progress, report_page, stages
 from mlpkg.config import Settings, get_settings
 
 app = typer.Typer(
@@ -325,11 +325,14 @@ def import_log(
 @app.command()
 def train(log: Annotated[list[str] | None, typer.Option(help="Campaign log(s) to train on")] = None) -> None:
     """Train, track and register a model version, then run the promotion gate."""
+    from mlpkg.reports import model_drivers
+
     settings = _settings()
     ctx = stages.RunContext(dag_id="cli", run_id=f"train-{stages.utcnow():%Y%m%dT%H%M%S}")
     result = _run(stages.train, settings, ctx, log_names=log)
     _show("training", {k: v for k, v in result.items() if k != "metrics"})
     _show("test metrics", result.get("metrics", {}))
+    _drivers_table(_call(model_drivers, settings, result["model_version"], result.get("model_name")))
     decision = _run(
         stages.gate,
         settings,
@@ -541,6 +544,20 @@ def _fairness_tables(summary: dict, currency: str) -> None:
                [[b["constraint"], _fmt(b.get("achieved")), _fmt(b.get("price"))] for b in bounds])
 
 
+def _drivers_table(drivers: dict | None) -> None:
+    """Print what drives the model's uplift, as its training run logged it (nothing when not logged)."""
+    if not drivers or not drivers.get("features"):
+        return
+    table = Table(title=f"what drives the uplift (v{drivers['version']}: mean over arms, "
+                        f"{drivers['rows']:,} test rows, {str(drivers['method']).replace('_', ' ')})",
+                  box=box.SIMPLE)  # fmt: skip
+    for col, justify in (("feature", "left"), ("|contribution|", "right"), ("direction", "left")):
+        table.add_column(col, justify=justify)
+    for f in drivers["features"]:
+        table.add_row(f["feature"], report_page.points(f["mean_abs"]), f.get("direction") or "—")
+    console.print(table)
+
+
 def _print_report_path(path: str | None) -> None:
     """Print where the campaign's HTML report is, or that none was written yet (writes nothing)."""
     text = path or "none yet (`couponops feedback` writes it when it measures the campaign)"
@@ -590,7 +607,8 @@ def report(
     else:
         console.print("no campaign yet: run `couponops allocate --campaign ID`", markup=False)
     model = summary.get("model", {})
-    _show("model registry", {k: v for k, v in model.items() if k != "metrics"})
+    _show("model registry", {k: v for k, v in model.items() if k not in ("metrics", "drivers")})
+    _drivers_table(model.get("drivers"))
     ingested = summary.get("ingested_rows", {})
     console.print(
         f"data: {sum(ingested.values()):,} rows ingested into {len(ingested)} tables; "

@@ -9,6 +9,8 @@ made. Aliases (``champion``, ``challenger``) replace MLflow's deprecated stages.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -25,6 +27,8 @@ from mlpkg.db.engine import session_scope
 from mlpkg.models.pyfunc import UpliftPyfunc
 
 CHAMPION = "champion"
+#: Run artifact folder of a training run's global attributions (``global.json``, ``.csv``, ``.png``).
+ATTRIBUTIONS_DIR = "attributions"
 CHALLENGER = "challenger"
 #: Experiment tag the MLflow 3 UI reads to decide what an experiment is for; without it the UI
 #: may open the experiment in GenAI mode on an empty Traces page instead of on its runs.
@@ -94,6 +98,23 @@ def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str
     """Set ``tags`` on a registered model version (lineage: run id, DAG run, snapshot, commit)."""
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def global_attributions(client: MlflowClient, run_id: str | None) -> dict | None:
+    """Return what drives a training run's uplift, as logged at training (``attributions/global.json``).
+
+    Read back as it was logged, never recomputed. ``None`` for a run logged before global
+    attributions existed (or no run).
+    """
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, f"{ATTRIBUTIONS_DIR}/global.json", folder)
+        except (MlflowException, OSError):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
 
 
 def load_uplift_model(model_uri: str, tracking_uri: str | None = None) -> UpliftPyfunc:

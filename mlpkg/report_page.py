@@ -79,6 +79,16 @@ so they measure what the coupons caused (margin {{ c.margin }}, money in {{ c.cu
 <td>{{ r.customers }}</td><td>{{ r.sent }}</td></tr>{% endfor %}
 </tbody></table>
 
+{% if drivers %}<h2>What drives the uplift</h2>
+<p class="note">How much each customer feature moves the model's predicted uplift (the conversion
+probability with a coupon minus without), on average over the coupons and over
+{{ drivers.explained }} held-out customers, measured when {{ c.model }} was trained
+({{ drivers.method }}; the training run's <code>attributions/</code> artifacts hold every coupon and
+feature).</p>
+<table><thead><tr>{% for col in drivers.columns %}<th>{{ col }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in drivers.rows %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
+</tbody></table>{% endif %}
+
 {% for section in breakdowns %}
 <h2>{{ section.title }}</h2>
 <table><thead><tr>{% for col in section.columns %}<th>{{ col }}</th>{% endfor %}</tr></thead><tbody>
@@ -128,6 +138,14 @@ def count(x: Any, decimals: int = 0) -> str:
 def pct(x: Any, decimals: int = 1) -> str:
     """Return a rate as a percentage (``14.5%``); ``–`` when unknown."""
     return f"{100 * float(x):.{decimals}f}%".replace("-", "−") if _finite(x) else "–"
+
+
+def points(x: Any) -> str:
+    """Return a probability difference in percentage points (``4.12 pts``, ``0.021 pts``)."""
+    if not _finite(x):
+        return "–"
+    value = 100 * float(x)
+    return f"{value:.{2 if abs(value) >= 0.1 else 3}f} pts".replace("-", "−")
 
 
 def interval(lo: Any, hi: Any, fmt) -> str:  # noqa: ANN001 - a formatter of one value
@@ -186,6 +204,28 @@ def comparison_table(groups: Sequence[tuple[str, Mapping[str, Any]]], margin: fl
             f"{pct(extra['roi'], 0)} {interval(*extra['roi_ci'], lambda v: pct(v, 0))}",
         ])
     return {"columns": columns, "rows": rows}
+
+
+#: Readable names of the attribution methods.
+_METHODS = {
+    "integrated_gradients": "integrated gradients",
+    "tree_shap": "tree SHAP",
+    "linear": "exact linear terms",
+}
+
+
+def driver_table(drivers: Mapping[str, Any] | None) -> dict | None:
+    """Return the "What drives the uplift" table of a model's logged global attributions (or None)."""
+    if not drivers or not drivers.get("features"):
+        return None
+    rows = [[f["feature"], points(f["mean_abs"]), f.get("direction") or "–"]
+            for f in drivers["features"]]  # fmt: skip
+    return {
+        "columns": ["Feature", "Mean size of its contribution", "Direction"],
+        "rows": rows,
+        "explained": count(drivers.get("rows")),
+        "method": _METHODS.get(drivers.get("method"), str(drivers.get("method"))),
+    }
 
 
 def render(context: Mapping[str, Any]) -> str:

@@ -20,7 +20,18 @@ from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import make_engine, session_scope
 from mlpkg.feedback import campaign_metrics
-from mlpkg.registry import CHALLENGER, CHAMPION, NOTE_TAG, alias_version, ensure_experiment, make_client
+from mlpkg.registry import (
+    CHALLENGER,
+    CHAMPION,
+    NOTE_TAG,
+    alias_version,
+    ensure_experiment,
+    global_attributions,
+    make_client,
+)
+
+#: Features the reports list under "What drives the uplift".
+TOP_DRIVERS = 5
 
 
 def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
@@ -88,6 +99,7 @@ def loop_summary(settings: Settings, campaign_id: str | None = None) -> dict:
         out["model"]["metrics"] = {
             k: round(v, 5) for k, v in sorted(run.data.metrics.items()) if k.startswith(("val/", "test/"))
         }
+        out["model"]["drivers"] = uplift_drivers(client, name, out["model"]["champion"])
     if campaign is not None:
         metrics = campaign_metrics(engine, campaign.campaign_id)
         if not metrics.empty:
@@ -255,6 +267,37 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
 
 def _iso(value) -> str | None:  # noqa: ANN001 - datetime, Timestamp or None
     return None if value is None else q.as_utc(value).isoformat()
+
+
+def uplift_drivers(
+    client: MlflowClient, model_name: str, version: str | None, top: int = TOP_DRIVERS
+) -> dict | None:
+    """Return what drives a model version's uplift, as its training run logged it (not recomputed).
+
+    Returns:
+        ``{"version", "run_id", "method", "rows", "features"}`` with the ``top`` features by mean
+        |contribution| averaged over arms (each with ``mean_abs``, ``mean`` and ``direction``), or
+        ``None`` when the version is unknown or was trained before global attributions existed.
+    """
+    if not version:
+        return None
+    try:
+        run_id = client.get_model_version(model_name, str(version)).run_id
+    except MlflowException:
+        return None
+    doc = global_attributions(client, run_id)
+    if doc is None:
+        return None
+    keys = ("feature", "mean_abs", "mean", "direction")
+    features = [{k: f.get(k) for k in keys} for f in doc["features"][:top]]
+    return {"version": str(version), "run_id": run_id, "method": doc.get("method"), "rows": doc.get("rows"),
+            "features": features}  # fmt: skip
+
+
+def model_drivers(settings: Settings, version: str | None, model_name: str | None = None) -> dict | None:
+    """Return :func:`uplift_drivers` of a version of ``model_name`` (default: the shop's model)."""
+    client = make_client(settings.resolved_tracking_uri)
+    return uplift_drivers(client, model_name or settings.registered_model_name, version)
 
 
 def report_path(settings: Settings, campaign_id: str) -> Path | None:
@@ -503,6 +546,8 @@ def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary
                  for r in sent],
         "breakdowns": breakdowns,
         "figures": figures,
+        # What drives the uplift of the version that scored the campaign, as its training logged it.
+        "drivers": report_page.driver_table(model_drivers(settings, version)),
     }
 
 

@@ -50,6 +50,7 @@ from mlpkg.evaluation.uplift_metrics import (
     uplift_at_k,
 )
 from mlpkg.features import feature_snapshot_id
+from mlpkg.models.attribution import global_attributions
 from mlpkg.models.baseline import GBM_FAMILY_PARAMS, fit_t_learner
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, ordered_arms, uplift_losses
 from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, build_network
@@ -67,6 +68,8 @@ _MAX_PARAM_CHARS = 6000
 _UNSAFE_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 #: The model's target and logging columns, described in the MLflow dataset next to the features.
 _LABEL_COLUMNS = ("arm", "converted", "revenue", "propensity")
+#: Features whose mean |attribution| is logged as an ``attr/<feature>`` metric (all are in the JSON).
+TOP_ATTRIBUTION_METRICS = 10
 
 ExtraMetricsFn = Callable[[pd.DataFrame, dict[str, np.ndarray], list[str]], Mapping[str, float]]
 
@@ -506,6 +509,7 @@ def _log_model(
                 metrics.update(_finite(extra_metrics_fn(test_frame, scores, arms)))
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+            drivers = _log_global_attributions(client, run_id, scorer, test_frame, seed=settings.trainer.seed)
             # The inferred signature keeps the training dtypes: MLflow refuses int64 input for a
             # double column and vice versa, and features are built the same way for scoring.
             # score_arrays (the allocator's path) skips this schema check entirely.
@@ -539,7 +543,9 @@ def _log_model(
     if registered_model_name is not None and info.registered_model_version is not None:
         version = str(info.registered_model_version)
         lineage = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}
-        registry.tag_version(client, registered_model_name, version, {**lineage, "mlflow_run_id": run_id})
+        top = ", ".join(f["feature"] for f in drivers["features"][:5])
+        registry.tag_version(client, registered_model_name, version,
+                             {**lineage, "mlflow_run_id": run_id, "attributions.top": top})  # fmt: skip
         client.set_tag(run_id, "model.name", registered_model_name)
         client.set_tag(run_id, "model.version", version)
         if version_run_name is not None:
@@ -552,6 +558,47 @@ def _log_model(
         test_frame=test_frame,
         arms=list(arms),
     )
+
+
+def _log_global_attributions(
+    client: mlflow.MlflowClient, run_id: str, scorer: UpliftPyfunc, test_frame: pd.DataFrame, *, seed: int
+) -> dict:
+    """Explain the logged model on (a sample of) its test rows and log what drives its uplift.
+
+    Logs ``attributions/global.json`` (every arm and feature), ``global.csv`` (one row per
+    feature), ``global.png`` (the top features' mean |contribution|, averaged over arms) and
+    ``attr/<feature>`` metrics of the top features.
+    """
+    started = time.perf_counter()
+    doc = global_attributions(scorer, test_frame, seed=seed)
+    doc["seconds"] = round(time.perf_counter() - started, 3)
+    table = pd.DataFrame(
+        [{"feature": f["feature"], "mean_abs": f["mean_abs"], "mean": f["mean"], "direction": f["direction"],
+          **{f"mean_abs:{arm}": part["mean_abs"][f["feature"]] for arm, part in doc["arms"].items()}}
+         for f in doc["features"]]
+    )  # fmt: skip
+    client.log_dict(run_id, doc, f"{registry.ATTRIBUTIONS_DIR}/global.json")
+    client.log_text(run_id, table.to_csv(index=False), f"{registry.ATTRIBUTIONS_DIR}/global.csv")
+    top = doc["features"][:TOP_ATTRIBUTION_METRICS]
+    if top:
+        client.log_figure(run_id, _attribution_figure(top, doc), f"{registry.ATTRIBUTIONS_DIR}/global.png")
+    now = int(time.time() * 1000)
+    metrics = {f"attr/{_UNSAFE_METRIC_CHARS.sub('.', f['feature'])}": f["mean_abs"] for f in top}
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()])
+    return doc
+
+
+def _attribution_figure(top: list[dict], doc: dict):  # noqa: ANN202 - a matplotlib Figure
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 0.8 + 0.35 * len(top)))
+    ax = fig.subplots()
+    names = [f["feature"] for f in top][::-1]
+    ax.barh(names, [100 * f["mean_abs"] for f in top][::-1], color="#4C72B0")
+    ax.set_xlabel("mean |contribution| to the uplift vs control (percentage points)")
+    ax.set_title(f"What drives the uplift ({doc['method']}, {doc['rows']:,} test rows, mean over arms)")
+    fig.tight_layout()
+    return fig
 
 
 def _lineage_tags(tags: Mapping[str, str] | None) -> dict[str, str]:

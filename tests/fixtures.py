@@ -159,3 +159,39 @@ def stored_id(settings, customer_id):  # noqa: ANN001, ANN201 - Settings; a str 
     if isinstance(customer_id, str):
         return _stored_id(key, customer_id)
     return [_stored_id(key, str(c)) for c in customer_id]
+
+
+ATTRIBUTION_ARMS = ["control", "PCT10@email"]
+ATTRIBUTION_NUMERIC = ["drive", "baseline_only", "noise"]
+ATTRIBUTION_CATEGORICAL = ["segment"]
+
+
+def planted(
+    n: int = 8000, seed: int = 0, driver: str = "drive", arms: list[str] | None = None
+) -> pd.DataFrame:
+    """Logged rows whose uplift depends on ``driver`` only; ``baseline_only`` moves conversion, not uplift.
+
+    With more than one treatment arm, arm ``k`` of ``K`` gets ``k / K`` of the planted lift.
+    """
+    arms = arms or ATTRIBUTION_ARMS
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "drive": rng.normal(size=n),
+            "baseline_only": rng.normal(size=n),
+            "noise": rng.normal(size=n),
+            "segment": rng.choice(["new", "regular", "vip", "lapsed"], size=n),
+            "arm": rng.choice(arms, size=n),
+            "propensity": 1.0 / len(arms),
+        }
+    )
+    base = 0.10 + 0.08 * np.tanh(frame["baseline_only"].to_numpy())
+    if driver == "drive":
+        lift = 0.30 / (1 + np.exp(-3 * frame["drive"].to_numpy()))
+    else:
+        lift = np.where(frame["segment"].to_numpy() == "vip", 0.35, 0.0)
+    share = frame["arm"].map({a: k / (len(arms) - 1) for k, a in enumerate(arms)}).to_numpy()
+    p = base + share * lift
+    frame["converted"] = (rng.random(n) < p).astype(np.int64)
+    frame["revenue"] = frame["converted"] * 50.0
+    return frame

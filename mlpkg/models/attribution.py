@@ -330,3 +330,89 @@ def _check_arms(arm_index: np.ndarray, n: int, n_arms: int) -> np.ndarray:
     if n and (arm_index.min() < 1 or arm_index.max() >= n_arms):
         raise ValueError(f"arm_index must name treatment arms (1..{n_arms - 1}), got {arm_index.min()}..")
     return arm_index
+
+
+#: Most held-out rows a training run's global attributions explain (each for every treatment arm).
+GLOBAL_ROWS = 2000
+#: Most (row, arm) explanations in all: with many arms fewer rows, so training time barely grows
+#: (integrated gradients of the default network: about 0.3 ms each on one CPU thread).
+GLOBAL_EXPLANATIONS = 4000
+#: Fewest rows explained per arm when the data has them, however many arms there are.
+GLOBAL_MIN_ROWS = 200
+
+
+def global_attributions(model: object, frame: pd.DataFrame, *, max_rows: int = GLOBAL_ROWS,
+                        max_explanations: int = GLOBAL_EXPLANATIONS, seed: int = 0) -> dict:  # fmt: skip
+    """Summarise what drives a model's uplift: per arm and feature, the mean |contribution| and its sign.
+
+    Every sampled row is explained for every treatment arm (its uplift vs control), from the
+    sampled rows' mean input (the reference of :meth:`~mlpkg.models.pyfunc.UpliftPyfunc.attribute_uplift`).
+    Against a mean reference the mean *signed* contribution is near zero by construction (exactly
+    zero for the linear family), so the direction is read from how the contribution follows the
+    feature instead: for a numeric feature the correlation of its value with its contribution
+    (positive: higher values raise the uplift), for a categorical one the categories with the
+    highest and lowest mean contribution.
+
+    Args:
+        model: A loaded uplift model (``arms``, control first, and ``attribute_uplift``).
+        frame: Held-out rows with the model's input columns.
+        max_rows: Most rows explained (a seeded sample beyond that).
+        max_explanations: Most rows times treatment arms (at least :data:`GLOBAL_MIN_ROWS` rows).
+        seed: Seed of the sample.
+
+    Returns:
+        A JSON-ready dict: ``method``, ``rows``, ``features`` (ranked by ``mean_abs`` averaged over
+        arms, each with ``mean``, ``direction`` and ``correlation`` or ``highest``/``lowest``) and
+        ``arms`` (per arm: mean uplift, and ``mean_abs``/``mean`` per feature).
+    """
+    arms = list(model.arms)
+    limit = min(max_rows, max(GLOBAL_MIN_ROWS, max_explanations // max(len(arms) - 1, 1)))
+    rows = frame if len(frame) <= limit else frame.sample(limit, random_state=seed)
+    rows = rows.reset_index(drop=True)
+    per_arm: dict[str, dict] = {}
+    method, names, shapes = None, [], []
+    for a in range(1, len(arms)):
+        att = model.attribute_uplift(rows, np.full(len(rows), a, dtype=np.int64), reference=rows)
+        method, names = att.method, att.features
+        shapes.append(att.values.astype(np.float64))
+        per_arm[arms[a]] = {
+            "mean_uplift": _r(att.uplift.mean()),
+            "mean_abs": {f: _r(v) for f, v in zip(names, np.abs(att.values).mean(axis=0), strict=True)},
+            "mean": {f: _r(v) for f, v in zip(names, att.values.mean(axis=0), strict=True)},
+        }
+    if not shapes:
+        return {"method": None, "rows": len(rows), "features": [], "arms": {}}
+    stack = np.stack(shapes)  # [arms, rows, features]
+    mean_abs, mean = np.abs(stack).mean(axis=(0, 1)), stack.mean(axis=(0, 1))
+    features = []
+    for j in np.argsort(-mean_abs, kind="stable"):
+        name = names[j]
+        item = {"feature": name, "mean_abs": _r(mean_abs[j]), "mean": _r(mean[j]),
+                **_direction(rows[name], stack[:, :, j].mean(axis=0))}  # fmt: skip
+        features.append(item)
+    return {"method": method, "rows": len(rows), "sampled_from": len(frame),
+            "unit": "conversion probability", "features": features, "arms": per_arm}  # fmt: skip
+
+
+def _direction(values: pd.Series, contribution: np.ndarray) -> dict:
+    """Say how a feature's contribution (averaged over arms) follows its value."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        x = values.to_numpy(dtype=np.float64)
+        ok = np.isfinite(x)
+        corr = np.nan
+        if ok.sum() > 2 and x[ok].std() > 0 and contribution[ok].std() > 0:
+            corr = float(np.corrcoef(x[ok], contribution[ok])[0, 1])
+        if not np.isfinite(corr) or abs(corr) < 0.1:
+            text = "no clear direction"
+        else:
+            text = "higher raises the uplift" if corr > 0 else "higher lowers the uplift"
+        return {"direction": text, "correlation": None if not np.isfinite(corr) else _r(corr, 3)}
+    by = pd.Series(contribution).groupby(values.astype(str).to_numpy()).mean().sort_values()
+    if len(by) < 2:
+        return {"direction": "no clear direction", "highest": None, "lowest": None}
+    high, low = str(by.index[-1]), str(by.index[0])
+    return {"direction": f"highest for {high}, lowest for {low}", "highest": high, "lowest": low}
+
+
+def _r(value: float, digits: int = 6) -> float:
+    return round(float(value), digits)

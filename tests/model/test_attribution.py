@@ -11,36 +11,12 @@ from mlpkg.models.baseline import fit_t_learner
 from mlpkg.models.network import MultiArmUpliftNet
 from mlpkg.models.preprocessing import FeaturePreprocessor
 from mlpkg.models.pyfunc import UpliftPyfunc
+from tests.fixtures import ATTRIBUTION_ARMS as ARMS
+from tests.fixtures import ATTRIBUTION_CATEGORICAL as CATEGORICAL
+from tests.fixtures import ATTRIBUTION_NUMERIC as NUMERIC
+from tests.fixtures import planted
 
 pytestmark = pytest.mark.model
-
-ARMS = ["control", "PCT10@email"]
-NUMERIC = ["drive", "baseline_only", "noise"]
-CATEGORICAL = ["segment"]
-
-
-def planted(n: int = 8000, seed: int = 0, driver: str = "drive") -> pd.DataFrame:
-    """Logged rows whose uplift depends on ``driver`` only; ``baseline_only`` moves conversion, not uplift."""
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(
-        {
-            "drive": rng.normal(size=n),
-            "baseline_only": rng.normal(size=n),
-            "noise": rng.normal(size=n),
-            "segment": rng.choice(["new", "regular", "vip", "lapsed"], size=n),
-            "arm": rng.choice(ARMS, size=n),
-            "propensity": 0.5,
-        }
-    )
-    base = 0.10 + 0.08 * np.tanh(frame["baseline_only"].to_numpy())
-    if driver == "drive":
-        lift = 0.30 / (1 + np.exp(-3 * frame["drive"].to_numpy()))
-    else:
-        lift = np.where(frame["segment"].to_numpy() == "vip", 0.35, 0.0)
-    p = base + np.where(frame["arm"] == "control", 0.0, lift)
-    frame["converted"] = (rng.random(n) < p).astype(np.int64)
-    frame["revenue"] = frame["converted"] * 50.0
-    return frame
 
 
 def _ranking(att) -> list[str]:  # noqa: ANN001 - UpliftAttributions

@@ -89,3 +89,96 @@ def test_explain_of_an_unknown_campaign_or_customer_is_one_line(oracle_world):
     result = run_cli("explain", "--campaign", "c1", "--customer", some, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["reason"]["attributions"] == []
+
+
+def test_the_model_report_shows_what_drives_the_uplift_as_logged_at_training(campaign):
+    """`couponops report` and the campaign page list the champion's top features, read from its run."""
+    import re
+
+    import pandas as pd
+
+    from mlpkg import registry, report_page
+    from mlpkg.feedback import measure_campaign
+    from mlpkg.reports import campaign_report
+
+    settings, engine, _summary, _reasons, _ledger = campaign
+    client = registry.make_client(settings.resolved_tracking_uri)
+    version = registry.alias_version(client, settings.registered_model_name, registry.CHAMPION)
+    run_id = client.get_model_version(settings.registered_model_name, version).run_id
+    logged = registry.global_attributions(client, run_id)
+    top = [f["feature"] for f in logged["features"][:5]]
+    assert len(top) == 5
+
+    result = run_cli("report", "--json")
+    assert result.exit_code == 0, result.output
+    drivers = json.loads(result.output)["model"]["drivers"]
+    assert drivers["version"] == version and drivers["run_id"] == run_id
+    assert [f["feature"] for f in drivers["features"]] == top
+    assert drivers["features"][0]["mean_abs"] == logged["features"][0]["mean_abs"]
+    text = run_cli("report")
+    assert text.exit_code == 0, text.output
+    out = text.output
+    assert f"what drives the uplift (v{version}" in out
+    table = out[out.index("what drives the uplift") :]
+    assert [table.index(f) for f in top] == sorted(table.index(f) for f in top)
+    assert report_page.points(logged["features"][0]["mean_abs"]) in table
+    assert logged["features"][0]["direction"] in table
+
+    # The campaign's page, once measured, has the section for the version that scored it.
+    when = harness.load_world(settings).now.to_pydatetime()
+    stages.deliver(settings, "c1", now=when)
+    batch = harness.simulate_responses(settings, "c1")
+    later = when + pd.Timedelta(days=8)
+    stages.ingest_feedback(settings, batch["feedback_dir"], now=later)
+    measure_campaign(engine, settings, "c1", now=later)
+    html = campaign_report(settings, "c1", log_to_mlflow=False).read_text(encoding="utf-8")
+    page = " ".join(re.sub(r"<[^>]+>", " ", html).replace("&#39;", "'").split())
+    assert "What drives the uplift" in page
+    section = page[page.index("What drives the uplift") : page.index("By coupon and channel")]
+    assert f"held-out customers, measured when couponops-uplift v{version} was trained" in section
+    assert [section.index(f) for f in top] == sorted(section.index(f) for f in top)
+    assert "attributions/" in section and not re.search(r"\d\.\d{4,}", section)
+
+
+def test_decisive_attributions_go_to_treated_and_near_margin_rows_only(campaign):
+    """`campaign.attribution_rows=decisive`: every row keeps its reason; the decisive ones get features."""
+    import numpy as np
+
+    settings, engine, _summary, all_reasons, _ledger = campaign
+    decisive = settings.model_copy(
+        update={"campaign": settings.campaign.model_copy(update={"attribution_rows": "decisive"})}
+    )
+    when = harness.load_world(settings).now.to_pydatetime()
+    summary = stages.allocate(
+        decisive, stages.RunContext(run_id="allocate-c2"), campaign_id="c2", as_of=when, budget=40.0,
+        objective="conversions", now=when,
+    )  # fmt: skip
+    with engine.connect() as conn:
+        reasons = {r.customer_id: r for r in conn.execute(
+            select(m.AllocationReason).where(m.AllocationReason.campaign_id == "c2")).all()}
+        ledger = {r.customer_id: r for r in conn.execute(
+            select(m.Allocation).where(m.Allocation.campaign_id == "c2")).all()}  # fmt: skip
+    assert len(reasons) == len(ledger) == summary["population"]
+    assert all(r.binding for r in reasons.values())
+    treated = {c for c, row in ledger.items() if row.coupon_id is not None}
+    margins = {c: r.margin for c, r in reasons.items() if r.margin is not None}
+    chosen = [abs(margins[c]) for c in treated if ledger[c].policy == "model" and c in margins]
+    band = float(np.median(chosen))
+    near = {c for c, m_ in margins.items() if c not in treated and abs(m_) <= band}
+    explained = {c for c, r in reasons.items() if r.explained_arm}
+    attributed = {c for c, r in reasons.items() if r.attributions}
+    assert treated and near and explained - treated - near, "the campaign must have all three kinds of row"
+    assert attributed == (treated | near) & explained
+    assert all(len(reasons[c].attributions) == 5 and reasons[c].method for c in attributed)
+    rest = explained - attributed
+    assert all(reasons[c].attributions == [] and reasons[c].method is None for c in rest)
+    assert all(reasons[c].runner_up is not None for c in rest)
+    assert summary["reasons"]["attributed_rows"] == len(attributed) < len(explained)
+    # The same model, customers and reference as c1 (attributions for all rows): the same numbers.
+    same = [c for c in attributed if reasons[c].explained_arm == all_reasons[c].explained_arm]
+    assert same
+    for c in same:
+        mine = {a["feature"]: a["contribution"] for a in reasons[c].attributions}
+        theirs = {a["feature"]: a["contribution"] for a in all_reasons[c].attributions}
+        shared = mine.keys() & theirs.keys()
+        assert len(shared) >= 4 and all(abs(mine[f] - theirs[f]) < 1e-5 for f in shared), (mine, theirs)
