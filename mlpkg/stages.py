@@ -737,10 +737,7 @@ def recommend(settings: Settings, campaign_id: str, *, now: datetime | None = No
     Without a champion (the first campaign) one is trained on the history before the campaign's
     as-of time first; a shop without products is skipped (messages then show none).
     """
-    from sqlalchemy import select
-
     from mlpkg import registry
-    from mlpkg.db import models as m
     from mlpkg.db import queries as q
     from mlpkg.db.engine import session_scope
     from mlpkg.recommend.training import recommend_campaign
@@ -749,8 +746,8 @@ def recommend(settings: Settings, campaign_id: str, *, now: datetime | None = No
     now = now or utcnow()
     engine = _engine(settings)
     with session_scope(engine) as session:
-        as_of = q.as_utc(session.get(m.Campaign, campaign_id).as_of).to_pydatetime()
-        has_products = session.scalar(select(m.Product.product_id).limit(1)) is not None
+        as_of = q.as_utc(q.get_campaign(session, campaign_id).as_of).to_pydatetime()
+        has_products = q.has_products(session)
     if not has_products:
         return skipped("the warehouse holds no products (no products.csv loaded): messages show none")
     name = settings.recommender.registered_model_name
@@ -773,7 +770,6 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     Raises:
         LookupError: no such campaign, or the campaign sends that customer nothing.
     """
-    from mlpkg.db import models as m
     from mlpkg.db import queries as q
     from mlpkg.db.engine import session_scope
     from mlpkg.delivery.outbox import message_payload
@@ -783,7 +779,7 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     require_campaign(settings, campaign_id)
     customer = stored_id(pseudonym_key(settings), str(customer_id).strip())
     with session_scope(_engine(settings)) as session:
-        as_of = q.as_utc(session.get(m.Campaign, campaign_id).as_of).to_pydatetime()
+        as_of = q.as_utc(q.get_campaign(session, campaign_id).as_of).to_pydatetime()
         payload = message_payload(session, campaign_id, customer, sent_at=as_of,
                                   products_per_message=settings.recommender.products_per_message)
     if payload is None:

@@ -964,6 +964,11 @@ def product_interactions(
     return [tuple(r) for r in session.execute(ev).all()] + [tuple(r) for r in session.execute(od).all()]
 
 
+def has_products(session: Session) -> bool:
+    """Return whether the warehouse holds a product catalogue (a shop without one sends no products)."""
+    return session.scalar(select(m.Product.product_id).limit(1)) is not None
+
+
 def product_catalogue(session: Session) -> list[dict[str, Any]]:
     """Return every product: ``product_id, category, price, in_stock``, ordered by id."""
     rows = session.execute(select(m.Product).order_by(m.Product.product_id)).scalars()

@@ -113,6 +113,17 @@ def test_personal_data_lives_only_in_contacts_and_forget_leaves_none_of_a_custom
         root.setLevel(level)
         handler.close()
     assert rows[1]["model_version"] not in (None, "none (explore)"), "a trained model allocated round 2"
+    # The DAG's content steps too: recommendations (a registered recommender) and a rendered preview.
+    campaign = rows[-1]["campaign"]
+    assert not stages.recommend(settings, campaign).get("skipped"), "the recommender ranked products"
+    con = sqlite3.connect(state / "warehouse.db")
+    (treated,) = con.execute(
+        "SELECT customer_id FROM allocations WHERE campaign_id = ? AND coupon_id IS NOT NULL LIMIT 1",
+        (campaign,),
+    ).fetchone()
+    con.close()
+    shown = stages.preview(settings, campaign, treated)
+    assert Path(shown["text"]).read_text(encoding="utf-8").strip()
     assert (state / "logs" / "loop.log").stat().st_size > 0
     assert list((state / "mlartifacts").rglob("MLmodel")) and (state / "mlflow.db").exists()
     assert list(state.glob("snapshots/*.parquet")) and list(settings.outbox_dir.glob("*.json"))
