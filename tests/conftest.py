@@ -95,7 +95,8 @@ def _small_settings(state: Path, **extra):
         _env_file=None,
         state_dir=state,
         simulator_customers=600,
-        trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16},
+        # One network, not the default ensemble of four: the tests' shops are small and CPU is scarce.
+        trainer={"max_epochs": 3, "batch_size": 512, "hidden_dim": 32, "head_dim": 16, "ensemble_members": 1},
         gate={"min_test_rows": 20},
         **extra,
     )

@@ -80,6 +80,16 @@ def plant_contacts(session, customer_ids, channels=("email", "sms", "push"), con
         )
 
 
+def one_error_line(result) -> str:  # noqa: ANN001 - a typer Result
+    """Return the CLI's one ``error:`` line, asserting exit code 2, that line alone and no traceback."""
+    assert result.exit_code == 2, result.output
+    # MLflow logs the creation of a fresh tracking store on first use; that is not the CLI speaking.
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and " INFO mlflow." not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
 def run_cli(*args):  # noqa: ANN002, ANN201 - CLI words; a typer Result
     """Invoke ``couponops`` in-process with fresh settings (read from the environment) before and after."""
     from typer.testing import CliRunner
@@ -101,6 +111,7 @@ def demo_env() -> dict[str, str]:
     env.update(
         COUPONOPS_SIMULATOR_CUSTOMERS="1500",
         COUPONOPS_TRAINER__MAX_EPOCHS="4",
+        COUPONOPS_TRAINER__ENSEMBLE_MEMBERS="1",
         COUPONOPS_CAMPAIGN__BUDGET="120",
         COUPONOPS_GATE__MIN_TEST_ROWS="50",
         COUPONOPS_CAMPAIGN__SCORE_SHARDS="3",

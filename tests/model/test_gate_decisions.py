@@ -42,7 +42,8 @@ def shop(tmp_path_factory):
     client.create_experiment("gate", artifact_location=(tmp / "art").as_uri())
     settings = Settings(
         state_dir=tmp / "state",
-        trainer=TrainerSettings(accelerator="cpu", max_epochs=4, batch_size=256, hidden_dim=32, head_dim=16),
+        trainer=TrainerSettings(accelerator="cpu", max_epochs=4, batch_size=256, hidden_dim=32, head_dim=16,
+            ensemble_members=1),
     )
     log = make_planted_world(12_000, seed=11)
     held = make_planted_world(16_000, seed=12).assign(customer_id=lambda d: "h" + d["customer_id"])

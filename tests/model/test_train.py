@@ -216,7 +216,8 @@ def test_train_uplift_model_logs_registers_and_loads_in_a_fresh_process(tmp_path
     client.create_experiment("uplift-test", artifact_location=(tmp_path / "artifacts").as_uri())
     settings = Settings(
         state_dir=tmp_path / "state",
-        trainer=TrainerSettings(accelerator="cpu", max_epochs=2, batch_size=512, hidden_dim=32, head_dim=16),
+        trainer=TrainerSettings(accelerator="cpu", max_epochs=2, batch_size=512, hidden_dim=32, head_dim=16,
+                                ensemble_members=1),
     )
     frame = make_planted_world(8_000, seed=5).drop(columns=["kind", "true_uplift__PCT10@email"])
     lineage = {

@@ -8,21 +8,12 @@ import pytest
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
-from tests.fixtures import run_cli
+from tests.fixtures import one_error_line, run_cli
 
 pytestmark = pytest.mark.unit
 
 
 _cli = run_cli
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    # MLflow logs the creation of a fresh tracking store on first use; that is not the CLI speaking.
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and " INFO mlflow." not in ln]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -37,7 +28,7 @@ def test_bad_budgets_get_their_own_message(ingested, budget, message):
     settings, engine = ingested
     with session_scope(engine) as s:
         before = q.table_counts(s)
-    line = _one_error_line(_cli("allocate", "--campaign", "c-bad", "--budget", budget))
+    line = one_error_line(_cli("allocate", "--campaign", "c-bad", "--budget", budget))
     assert message in line and "concurrently" not in line
     with session_scope(engine) as s:
         assert q.table_counts(s) == before
@@ -46,7 +37,7 @@ def test_bad_budgets_get_their_own_message(ingested, budget, message):
 def test_a_bad_budget_for_an_imported_log_is_refused_too(ingested, tmp_path):
     customers = tmp_path / "customers.csv"
     customers.write_text("customer_id,x\nu1,1\n")
-    line = _one_error_line(
+    line = one_error_line(
         _cli(
             "allocate",
             "--log",
@@ -67,7 +58,7 @@ def test_a_bad_budget_for_an_imported_log_is_refused_too(ingested, tmp_path):
 )
 def test_unknown_campaign_ids_are_named_with_the_known_ones(ingested, command):
     settings, engine = ingested
-    line = _one_error_line(_cli(*command, "nope"))
+    line = one_error_line(_cli(*command, "nope"))
     assert "unknown campaign id 'nope'" in line and "holds no campaign yet" in line
     now = pd.Timestamp("2025-01-01", tz="UTC")
     with session_scope(engine) as s:
@@ -83,7 +74,7 @@ def test_unknown_campaign_ids_are_named_with_the_known_ones(ingested, command):
                     summary={},
                 )
             )
-    line = _one_error_line(_cli(*command, "nope"))
+    line = one_error_line(_cli(*command, "nope"))
     assert "unknown campaign id 'nope'" in line and "known campaign ids: cmp-a, cmp-b" in line
 
 
@@ -109,7 +100,7 @@ def test_report_of_a_known_campaign_is_not_replaced_by_another(ingested):
 
 
 def test_promoting_an_unknown_version_names_the_model_and_its_versions(settings):
-    line = _one_error_line(_cli("promote", "99"))
+    line = one_error_line(_cli("promote", "99"))
     assert f"registered model {settings.registered_model_name!r} has no version '99'" in line
     assert "no versions" in line
 
@@ -119,7 +110,7 @@ def test_an_unparseable_as_of_is_one_line_with_an_example(ingested, command):
     settings, engine = ingested
     with session_scope(engine) as s:
         before = q.table_counts(s)
-    line = _one_error_line(_cli(command, "--campaign", "c-when", "--as-of", "tomorrow"))
+    line = one_error_line(_cli(command, "--campaign", "c-when", "--as-of", "tomorrow"))
     assert line == "error: --as-of 'tomorrow' is not an ISO-8601 time, e.g. 2025-07-07T06:00:00Z"
     with session_scope(engine) as s:
         assert q.table_counts(s) == before
@@ -127,12 +118,12 @@ def test_an_unparseable_as_of_is_one_line_with_an_example(ingested, command):
 
 @pytest.mark.parametrize("budget", ["-5", "inf"])
 def test_a_bad_budget_for_the_what_if_curve_is_refused(ingested, budget):
-    line = _one_error_line(_cli("plan", "--campaign", "c-plan", "--budget", "10", "--budget", budget))
+    line = one_error_line(_cli("plan", "--campaign", "c-plan", "--budget", "10", "--budget", budget))
     assert "budget must be" in line and budget in line
 
 
-def test_history_json_of_an_unknown_campaign_is_one_error_line(ingested):
-    line = _one_error_line(_cli("history", "--campaign", "nope", "--json"))
+def test_history_json_of_an_unknown_campaign_isone_error_line(ingested):
+    line = one_error_line(_cli("history", "--campaign", "nope", "--json"))
     assert "unknown campaign id 'nope'" in line
 
 
@@ -149,5 +140,5 @@ def test_a_bad_setting_is_one_line_naming_the_variable(
     ingested, monkeypatch, variable, value, words, command
 ):
     monkeypatch.setenv(variable, value)
-    line = _one_error_line(_cli(*command))
+    line = one_error_line(_cli(*command))
     assert line.startswith("error: invalid settings: ") and words in line, line

@@ -205,7 +205,7 @@ def _settings(state: Path) -> Settings:
     return Settings(
         _env_file=None,
         state_dir=state,
-        trainer={"max_epochs": 2, "batch_size": 512, "hidden_dim": 16, "head_dim": 8},
+        trainer={"max_epochs": 2, "batch_size": 512, "hidden_dim": 16, "head_dim": 8, "ensemble_members": 1},
         gate={"min_test_rows": 20},
     )
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from mlpkg import stages
 from mlpkg.db import models as m
 from mlpkg.simulator.lab import harness
-from tests.fixtures import run_cli, shop_ids
+from tests.fixtures import one_error_line, run_cli, shop_ids
 
 pytestmark = pytest.mark.unit
 
@@ -65,24 +65,16 @@ def test_explain_names_features_runner_up_and_the_binding_constraint(campaign):
     assert doc["stored_id"] == left
 
 
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and " INFO mlflow." not in ln]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def test_explain_of_an_unknown_campaign_or_customer_is_one_line(oracle_world):
     settings, engine, shop = oracle_world
-    line = _one_error_line(run_cli("explain", "--campaign", "nope", "--customer", "C0000001"))
+    line = one_error_line(run_cli("explain", "--campaign", "nope", "--customer", "C0000001"))
     assert "unknown campaign id 'nope'" in line
     from mlpkg.allocation.campaign import allocate_campaign
 
     now = shop.now.to_pydatetime()
     allocate_campaign(engine, settings, campaign_id="c1", as_of=now, run_key="r", model_uri="oracle",
                       model_version="0", now=now, budget=20.0, objective="conversions")  # fmt: skip
-    line = _one_error_line(run_cli("explain", "--campaign", "c1", "--customer", "no-such-customer"))
+    line = one_error_line(run_cli("explain", "--campaign", "c1", "--customer", "no-such-customer"))
     assert "unknown customer 'no-such-customer'" in line and "campaign 'c1'" in line
     # A real customer of the oracle's campaign: reasons without attributions (the oracle is no model).
     some = next(iter(shop_ids(engine).values()))

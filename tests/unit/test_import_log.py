@@ -92,7 +92,7 @@ def store(tmp_path, monkeypatch):
     settings = Settings(
         _env_file=None,
         state_dir=tmp_path / "state",
-        trainer={"max_epochs": 2, "batch_size": 256, "hidden_dim": 16, "head_dim": 8},
+        trainer={"max_epochs": 2, "batch_size": 256, "hidden_dim": 16, "head_dim": 8, "ensemble_members": 1},
         gate={"min_test_rows": 20},
     )
     settings.ensure_dirs()
