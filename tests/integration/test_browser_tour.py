@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from mlpkg import mlflow_links
+from mlpkg.config import Settings
 from tests.integration.browser import VIEWPORT, browser_problem, chromium, screenshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -104,7 +105,8 @@ def _champion(state: Path):  # noqa: ANN202 - an MLflow ModelVersion
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
-    (model,) = client.search_registered_models()
+    # The uplift model's name (the recommender is registered beside it).
+    model = client.get_registered_model(Settings.model_fields["registered_model_name"].default)
     return model, client.get_model_version_by_alias(model.name, "champion")
 
 
