@@ -57,6 +57,24 @@ _REFILL_ROUNDS = 3
 # Relative price cuts tried beside the final prices when group constraints are present.
 _NEARBY = (0.005, 0.01, 0.02, 0.04, 0.08)
 _REFILL_LIMIT = 65_536
+# The residual LP: a customer whose runner-up (or nothing) trails its best option by at most
+# _RESIDUAL_MARGIN typical values at the final prices keeps its choice open; at most
+# _RESIDUAL_LIMIT such alternatives (the closest) are handed to HiGHS, everyone else's choice
+# fixed. At the residual LP's own prices, customers within _TIE_MARGIN of a tie (and those it
+# splits) are rounded by _DIVE_STEPS more LPs and, for the few still split, an exact integer
+# choice: all combinations when there are at most _ENUMERATE, else a small MILP (at most
+# _WHOLE_NODES nodes; _WHOLE_SECONDS only guards against a stall). An LP value within _WHOLE of
+# 0 or 1 counts as whole. It runs only when the greedy recovery leaves more than _GOOD_GAP of
+# the dual bound on the table.
+_RESIDUAL_MARGIN = 0.25
+_RESIDUAL_LIMIT = 20_000
+_TIE_MARGIN = 0.05
+_DIVE_STEPS = 2
+_WHOLE = 1e-6
+_ENUMERATE = 4096
+_WHOLE_NODES = 1000
+_WHOLE_SECONDS = 1.0
+_GOOD_GAP = 5e-4
 # Relative slack when comparing a float64 sum of float32 costs against the budget: the same
 # spend summed in another order differs by far less than this.
 _BUDGET_RTOL = 1e-9
@@ -322,11 +340,16 @@ def solve_lagrangian(
         dual = _Dual(problem, chunk_size)
         theta, bound, iterations, raw, lead = dual.minimise(tol=tol, max_iter=max_iter)
         local = dual.recover(theta, raw, lead)
-        if dual.n_groups:
+        best = dual.score(local)[0]
+        if dual.dim and relative_gap(bound, best) > _GOOD_GAP:
+            exact = dual.residual(theta, raw, lead)
+            value = -np.inf if exact is None else dual.score(exact)[0]
+            if value > best:
+                local, best = exact, value
+        if dual.n_groups and relative_gap(bound, best) > _GOOD_GAP:
             # With group constraints the dual is flat over a wider range of prices whose exact
             # choices differ by many customers: recover a choice at a few nearby prices too and
             # keep the best (each is one pass over the data plus repair and refill).
-            best = dual.score(local)[0]
             for trial in dual.nearby(theta):
                 raw_t, _, lead_t = dual.choose(trial, lead=True)
                 cand = dual.recover(trial, raw_t, lead_t)
@@ -1012,6 +1035,123 @@ class _Dual:
         # The refill keeps every group sum <= 0; the last pass only undoes rounding in float sums.
         return self.repair_groups(self.refill(local, theta, consider), theta)
 
+    def residual(self, theta: np.ndarray, raw: np.ndarray, lead: np.ndarray) -> np.ndarray | None:
+        """Settle the near-tie customers' choices with small LPs, everyone else fixed at ``raw``.
+
+        At prices near the optimum a customer far ahead of its runner-up takes its best option
+        in every optimal LP solution (complementary slackness), so only the customers whose
+        runner-up (another option or nothing) trails by a small reduced gap decide how the caps
+        are shared. Their closest alternatives and their best option are the variables of an LP
+        over the caps that the fixed customers leave (HiGHS, through scipy; a thousand or so
+        variables here, never the full problem). Its duals are the exact prices of that
+        residual problem: the customers whose choice is clear at those prices are fixed too, and
+        the few dozen left near a tie, or split by the LP, are rounded by diving (each LP forbids
+        every split customer's least-used alternative) and then, for the handful still split,
+        an exact integer choice (HiGHS branch and bound on a few dozen variables). The usual
+        repair and refill finish.
+
+        Returns:
+            A feasible choice over the kept customers, or None when there is nothing to settle or
+            the LP could not be solved (the fixed customers alone overrun a cap, say).
+        """
+        pairs = self._near_ties(theta, raw)
+        if pairs is None:
+            return None
+        cust, col = pairs
+        free = np.zeros(len(raw), dtype=bool)
+        free[cust] = True
+        head = np.flatnonzero(free & (raw >= 0))
+        rows = np.concatenate((cust[col >= 0], head))
+        cols = np.concatenate((col[col >= 0], raw[head].astype(np.int64)))
+        local = np.where(free, -1, raw).astype(np.int32)
+        lp = _ResidualLP(self, local, rows, cols)
+        x = lp.solve()
+        if x is None:
+            return None
+        # At the residual LP's prices, a customer it gives one option whole and whose runner-up
+        # (nothing included) trails by more than _TIE_MARGIN keeps that option.
+        reduced = lp.value - lp.usage.T @ lp.prices
+        best = np.zeros(lp.n_members)
+        np.maximum.at(best, lp.position, reduced)
+        on, used = x > 1 - _WHOLE, x > _WHOLE
+        runner_up = np.where(lp.per_member(on) > 0, best, np.inf)
+        np.minimum.at(runner_up, lp.position[~used], (best[lp.position] - reduced)[~used])
+        open_ = (lp.per_member(used & ~on) > 0) | (runner_up <= _TIE_MARGIN * self.typical_value)
+        settled = on & ~open_[lp.position]
+        local[rows[settled]] = cols[settled]
+        keep = np.flatnonzero(open_[lp.position])
+        rows, cols, x = rows[keep], cols[keep], x[keep]  # x stays optimal with the rest fixed
+        dive = _ResidualLP(self, local, rows, cols)
+        for _ in range(_DIVE_STEPS):
+            frac = np.flatnonzero((x > _WHOLE) & (x < 1 - _WHOLE))
+            if frac.size == 0:
+                break
+            order = frac[np.argsort(x[frac], kind="stable")]
+            _, first = np.unique(dive.position[order], return_index=True)
+            before = dive.upper.copy()
+            dive.upper[order[first]] = 0.0
+            trial = dive.solve()
+            if trial is None:  # forbidding those left no feasible LP: round the last one
+                dive.upper = before
+                break
+            x = trial
+        on = x > 1 - _WHOLE
+        split = dive.per_member((x > _WHOLE) & ~on) > 0
+        whole = on & ~split[dive.position]
+        local[rows[whole]] = cols[whole]
+        last = np.flatnonzero(split[dive.position] & (dive.upper > 0))
+        if last.size:
+            pick = _ResidualLP(self, local, rows[last], cols[last]).solve_whole()
+            if pick is not None:
+                local[rows[last][pick]] = cols[last][pick]
+        # The LPs hold float caps to a tolerance: the repair makes the choice feasible exactly.
+        local = self.repair_groups(self.repair(local, theta), theta)
+        consider = (lead < _MARGIN * self.typical_value) | free
+        return self.repair_groups(self.refill(local, theta, consider), theta)
+
+    def _near_ties(self, theta: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return ``(customer, option)`` of the alternatives that trail a customer's best a little.
+
+        Option ``-1`` is nothing (for a customer whose best option is worth little at ``theta``);
+        each customer's best option itself is not listed. At most ``_RESIDUAL_LIMIT``, the
+        closest; None when there is none.
+        """
+        prices = self._split(theta)
+        reach = np.float32(_RESIDUAL_MARGIN * self.typical_value)
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for a, b in _chunks(len(self.rows), self.chunk):
+            r = self._reduced(a, b, prices)
+            pick = raw[a:b].astype(np.int64)
+            idx = np.arange(b - a)
+            best = np.where(pick >= 0, r[np.maximum(pick, 0), idx], 0).astype(np.float32)
+            r -= best
+            has = pick >= 0
+            r[pick[has], idx[has]] = -np.inf  # a customer's best option is no alternative
+            j, i = np.nonzero(r >= -reach)
+            found.append((i + a, j, -r[j, i]))
+            drop = np.flatnonzero(has & (best <= reach))
+            found.append((drop + a, np.full(drop.size, -1), best[drop]))
+        cust, col, gap = (np.concatenate(x) for x in zip(*found, strict=True))
+        if cust.size == 0:
+            return None
+        if cust.size > _RESIDUAL_LIMIT:
+            keep = np.argpartition(gap, _RESIDUAL_LIMIT)[:_RESIDUAL_LIMIT]
+            cust, col = cust[keep], col[keep]
+        return cust, col
+
+    def _usage_rows(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Return what each assignment ``(rows, cols)`` uses of each dual coordinate, ``[dim, len]``."""
+        out = []
+        costs = self.cost[cols, rows].astype(np.float64)
+        if self.has_budget:
+            out.append(costs[None, :])
+        if self.n_counts:
+            out.append(self.indicator[:, cols].astype(np.float64))
+        if self.n_groups:
+            coef = self.group_coef[:, rows].astype(np.float64)
+            out.append(coef * np.where(self.group_on_cost[:, None], costs[None, :], 1.0))
+        return np.concatenate(out) if out else np.zeros((0, len(rows)))
+
     def nearby(self, theta: np.ndarray) -> list[np.ndarray]:
         """Return prices near ``theta``: the budget price and each group price a little lower."""
         out = []
@@ -1186,6 +1326,91 @@ class _Dual:
         rows, cols = self._assigned(local)
         value = float(self.value[cols, rows].astype(np.float64).sum())
         return value, float(self.cost[cols, rows].astype(np.float64).sum())
+
+
+class _ResidualLP:
+    """The LP over some customers' listed alternatives, with the caps the other customers leave.
+
+    ``max value·x`` subject to each dual coordinate's usage within what the choice ``local``
+    (every other customer) leaves of its cap, at most one alternative per customer and ``0 <= x
+    <= upper``; solved with HiGHS (scipy's ``linprog``). After a solve ``prices`` holds the
+    duals of the cap rows (``>= 0``).
+    """
+
+    def __init__(self, dual: _Dual, local: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+        from scipy.sparse import csr_matrix, vstack
+
+        rest = np.flatnonzero(local >= 0)
+        left = dual.capacity - dual._usage(rest, local[rest].astype(np.int64))
+        self.n_caps = len(left)
+        self.value = dual.value[cols, rows].astype(np.float64)
+        members, self.position = np.unique(rows, return_inverse=True)
+        self.n_members = len(members)
+        self.usage = dual._usage_rows(rows, cols)
+        k = len(rows)
+        one = csr_matrix((np.ones(k), (self.position, np.arange(k))), shape=(self.n_members, k))
+        self.a_ub = vstack((csr_matrix(self.usage), one), format="csr")
+        self.b_ub = np.concatenate((left, np.ones(self.n_members)))
+        self.upper = np.ones(k)
+        self.prices = np.zeros(self.n_caps)
+
+    def per_member(self, flags: np.ndarray) -> np.ndarray:
+        """Return how many of each customer's variables are flagged."""
+        return np.bincount(self.position, weights=flags, minlength=self.n_members)
+
+    def solve(self) -> np.ndarray | None:
+        """Return the LP solution, or None when HiGHS reports anything but an optimum."""
+        from scipy.optimize import linprog
+
+        if len(self.value) == 0:
+            return np.zeros(0) if np.all(self.b_ub >= 0) else None
+        bounds = np.column_stack((np.zeros(len(self.upper)), self.upper))
+        res = linprog(-self.value, A_ub=self.a_ub, b_ub=self.b_ub, bounds=bounds, method="highs")
+        if res.status != 0:
+            return None
+        self.prices = -np.asarray(res.ineqlin.marginals[: self.n_caps])
+        return res.x
+
+    def solve_whole(self) -> np.ndarray | None:
+        """Return which variables an integer optimum sets, or None when none was found.
+
+        Only for a few dozen variables: up to ``_ENUMERATE`` combinations of the customers'
+        choices are simply all tried; beyond that HiGHS's branch and bound solves it (at the
+        root node in every case seen), with a node limit so that the answer does not depend on
+        the machine's speed, and a time limit only as a guard.
+        """
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        allowed = self.upper > 0
+        sizes = self.per_member(allowed) + 1
+        if float(np.prod(sizes)) <= _ENUMERATE:
+            # Combination c gives member t its (c // stride_t) % size_t-th allowed variable (0: none).
+            stride = np.cumprod(np.concatenate(([1.0], sizes[:-1]))).astype(np.int64)
+            combos = np.arange(int(np.prod(sizes)), dtype=np.int64)
+            var = np.flatnonzero(allowed)
+            rank = np.zeros(len(self.value), dtype=np.int64)
+            for t in range(self.n_members):
+                mine = var[self.position[var] == t]
+                rank[mine] = np.arange(1, len(mine) + 1)
+            owner = self.position[var]
+            pick = (combos[:, None] // stride[owner][None, :]) % sizes[owner][None, :]
+            x = (pick == rank[var][None, :]).astype(np.float64)  # [combos, allowed vars]
+            left = self.b_ub[: self.n_caps]
+            fits = np.all(x @ self.usage[:, var].T <= left + 1e-9 * np.maximum(np.abs(left), 1.0), axis=1)
+            if not fits.any():
+                return None
+            total = np.where(fits, x @ self.value[var], -np.inf)
+            out = np.zeros(len(self.value), dtype=bool)
+            out[var] = x[int(np.argmax(total))] > 0
+            return out
+        res = milp(
+            -self.value,
+            integrality=np.ones(len(self.value)),
+            bounds=Bounds(0.0, self.upper),
+            constraints=LinearConstraint(self.a_ub, -np.inf, self.b_ub),
+            options={"node_limit": _WHOLE_NODES, "time_limit": _WHOLE_SECONDS},
+        )
+        return None if res.x is None else res.x > 0.5
 
 
 class _GroupMoments:
