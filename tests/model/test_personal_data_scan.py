@@ -58,16 +58,21 @@ def _text_of(path: Path) -> str:
     return text
 
 
-def _hits(text: str, values: dict[str, re.Pattern]) -> list[str]:
-    return sorted(name for name, pattern in values.items() if pattern.search(text))
+def _hits(text: str, values: re.Pattern) -> list[str]:
+    return sorted(set(values.findall(text)))
 
 
-def _patterns(values: list[str]) -> dict[str, re.Pattern]:
-    # An id like C0000123 must not be found inside a longer token (C00001234, a hex digest).
-    return {v: re.compile(rf"(?<![A-Za-z0-9]){re.escape(v)}(?![A-Za-z0-9])") for v in values}
+def _patterns(values: list[str]) -> re.Pattern:
+    """One pattern finding any of ``values`` in a single pass over a file (not one pass per value).
+
+    An id like C0000123 must not be found inside a longer token (C00001234, a hex digest); longer
+    values come first so that one which starts another is still tried whole.
+    """
+    alternatives = "|".join(re.escape(v) for v in sorted(set(values), key=len, reverse=True))
+    return re.compile(rf"(?<![A-Za-z0-9])({alternatives})(?![A-Za-z0-9])")
 
 
-def _scan(state: Path, values: dict[str, re.Pattern], *, contacts_allowed: bool) -> dict[str, list[str]]:
+def _scan(state: Path, values: re.Pattern, *, contacts_allowed: bool) -> dict[str, list[str]]:
     """Return the files (and warehouse tables) that hold any value, the allowed places aside."""
     found: dict[str, list[str]] = {}
     for path in sorted(state.rglob("*")):

@@ -145,7 +145,8 @@ def test_sqlite_events_live_in_their_key_b_tree_and_survive_the_round_trip(tmp_p
         assert rows() == [("e1", "c2", ""), ("e2", "c1", "x")]
         with pytest.raises(IntegrityError):
             with eng.begin() as conn:
-                conn.execute(text("INSERT INTO events VALUES ('e1', 'c9', '2025-01-03', 'search', '')"))
+                conn.execute(text("INSERT INTO events (event_id, customer_id, ts, event_type, category)"
+                                  " VALUES ('e1', 'c9', '2025-01-03', 'search', '')"))
         eng.dispose()
         command.downgrade(alembic_config(url), "0005_event_store")
         assert "WITHOUT ROWID" not in events_ddl()

@@ -86,7 +86,8 @@ def test_attribution_counts_orders_in_the_window_only_and_control_as_baseline(me
     with session_scope(engine) as s:
         sent_at = q.as_utc(s.get(m.Campaign, "c1").as_of)
     late_buyer = before.loc[before.converted == 0, "customer_id"].iloc[0]
-    late = events[events.event_type == "order"].head(1).assign(
+    order = events[events.event_type == "order"].head(1)
+    late = order.assign(
         event_id="late-order-1",
         customer_id=late_buyer,
         order_id="late-order-1",
@@ -94,6 +95,17 @@ def test_attribution_counts_orders_in_the_window_only_and_control_as_baseline(me
         channel="",
         ts=(sent_at + pd.Timedelta(days=8)).isoformat(),
     )
+    # And an order inside the window by a control customer who had none: the baseline counts it.
+    idle = before[(before.policy == "control") & (before.converted == 0) & (before.customer_id != late_buyer)]
+    control_buyer = idle["customer_id"].iloc[0]
+    late = pd.concat([late, order.assign(
+        event_id="control-order-1",
+        customer_id=control_buyer,
+        order_id="control-order-1",
+        coupon_id="",
+        channel="",
+        ts=(sent_at + pd.Timedelta(days=2)).isoformat(),
+    )])  # fmt: skip
     folder = settings.raw_dir / "late-order"
     folder.mkdir()
     late.to_csv(folder / "feedback.csv", index=False)
@@ -108,6 +120,7 @@ def test_attribution_counts_orders_in_the_window_only_and_control_as_baseline(me
     assert late_buyer not in buyers
     longer = attribute_campaign(engine, "c1", window_days=9).set_index("customer_id")
     assert longer.loc[late_buyer, "converted"] == 1  # a 9-day window does count it
+    assert attributed.set_index("customer_id").loc[control_buyer, "converted"] == 1
     assert attributed.loc[attributed.policy == "control", "converted"].sum() > 0
     short = attribute_campaign(engine, "c1", window_days=1)
     assert short["converted"].sum() <= attributed["converted"].sum()
