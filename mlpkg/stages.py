@@ -799,6 +799,39 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     return out
 
 
+def explain(settings: Settings, campaign_id: str, customer_id: str) -> dict:
+    """Return why one customer got their arm (or none) in a campaign: the ledger row and its reason.
+
+    ``customer_id`` is the shop's id (as in its exports) or the stored pseudonym.
+
+    Raises:
+        LookupError: Unknown campaign, or the campaign has no ledger row for the customer.
+    """
+    from mlpkg.db import queries as q
+    from mlpkg.db.engine import session_scope
+    from mlpkg.privacy import pseudonym_key, stored_id
+
+    require_campaign(settings, campaign_id)
+    customer_id = str(customer_id).strip()
+    stored = stored_id(pseudonym_key(settings), customer_id)
+    with session_scope(_engine(settings)) as session:
+        row = q.allocation_reason(session, campaign_id, stored)
+        campaign = q.get_campaign(session, campaign_id)
+        objective, status = campaign.objective, campaign.status
+        prices = (campaign.summary or {}).get("reasons")
+    if row is None:
+        shown = repr(customer_id) if stored == customer_id else f"{customer_id!r} (stored as {stored})"
+        raise LookupError(
+            f"unknown customer {shown} in campaign {campaign_id!r}: "
+            "the campaign's ledger has no row for them (give the shop's customer id as in its exports)"
+        )
+    row["created_at"] = row["created_at"].isoformat() if row.get("created_at") else None
+    if row["reason"] is not None:
+        row["reason"]["created_at"] = row["reason"]["created_at"].isoformat()
+    return {"campaign_id": campaign_id, "customer": customer_id, "stored_id": stored, "objective": objective,
+            "campaign_status": status, "reasons_summary": prices, **row}  # fmt: skip
+
+
 def evaluate_policy(
     settings: Settings,
     policy: str | Path,
@@ -939,39 +972,6 @@ def write_json(path: Path, payload: dict) -> Path:
 
 
 # --- privacy ---------------------------------------------------------------------------------------
-
-
-def explain(settings: Settings, campaign_id: str, customer_id: str) -> dict:
-    """Return why one customer got their arm (or none) in a campaign: the ledger row and its reason.
-
-    ``customer_id`` is the shop's id (as in its exports) or the stored pseudonym.
-
-    Raises:
-        LookupError: Unknown campaign, or the campaign has no ledger row for the customer.
-    """
-    from mlpkg.db import queries as q
-    from mlpkg.db.engine import session_scope
-    from mlpkg.privacy import pseudonym_key, stored_id
-
-    require_campaign(settings, campaign_id)
-    customer_id = str(customer_id).strip()
-    stored = stored_id(pseudonym_key(settings), customer_id)
-    with session_scope(_engine(settings)) as session:
-        row = q.allocation_reason(session, campaign_id, stored)
-        campaign = q.get_campaign(session, campaign_id)
-        objective, status = campaign.objective, campaign.status
-        prices = (campaign.summary or {}).get("reasons")
-    if row is None:
-        shown = repr(customer_id) if stored == customer_id else f"{customer_id!r} (stored as {stored})"
-        raise LookupError(
-            f"unknown customer {shown} in campaign {campaign_id!r}: "
-            "the campaign's ledger has no row for them (give the shop's customer id as in its exports)"
-        )
-    row["created_at"] = row["created_at"].isoformat() if row.get("created_at") else None
-    if row["reason"] is not None:
-        row["reason"]["created_at"] = row["reason"]["created_at"].isoformat()
-    return {"campaign_id": campaign_id, "customer": customer_id, "stored_id": stored, "objective": objective,
-            "campaign_status": status, "reasons_summary": prices, **row}  # fmt: skip
 
 
 def forget(

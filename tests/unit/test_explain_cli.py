@@ -15,17 +15,22 @@ from tests.fixtures import one_error_line, run_cli, shop_ids
 pytestmark = pytest.mark.unit
 
 
+def _allocate(settings, campaign_id: str) -> dict:  # noqa: ANN001 - mlpkg.config.Settings
+    """Allocate ``campaign_id`` at the shop's clock with budget 40 (the champion scores it)."""
+    when = harness.load_world(settings).now.to_pydatetime()
+    return stages.allocate(
+        settings, stages.RunContext(run_id=f"allocate-{campaign_id}"), campaign_id=campaign_id, as_of=when,
+        budget=40.0, objective="conversions", now=when,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def campaign(ingested):
     """Campaign ``c1`` allocated by a model trained, registered and promoted on the 600-customer shop."""
     settings, engine = ingested
     trained = stages.train(settings, stages.RunContext(run_id="explain"))
     stages.promote(settings, trained["model_version"], actor="test", reason="explain test")
-    when = harness.load_world(settings).now.to_pydatetime()
-    summary = stages.allocate(
-        settings, stages.RunContext(run_id="allocate-c1"), campaign_id="c1", as_of=when, budget=40.0,
-        objective="conversions", now=when,
-    )  # fmt: skip
+    summary = _allocate(settings, "c1")
     with engine.connect() as conn:
         reasons = {r.customer_id: r for r in conn.execute(select(m.AllocationReason)).all()}
         ledger = {r.customer_id: r for r in conn.execute(select(m.Allocation)).all()}
@@ -140,11 +145,7 @@ def test_decisive_attributions_go_to_treated_and_near_margin_rows_only(campaign)
     decisive = settings.model_copy(
         update={"campaign": settings.campaign.model_copy(update={"attribution_rows": "decisive"})}
     )
-    when = harness.load_world(settings).now.to_pydatetime()
-    summary = stages.allocate(
-        decisive, stages.RunContext(run_id="allocate-c2"), campaign_id="c2", as_of=when, budget=40.0,
-        objective="conversions", now=when,
-    )  # fmt: skip
+    summary = _allocate(decisive, "c2")
     with engine.connect() as conn:
         reasons = {r.customer_id: r for r in conn.execute(
             select(m.AllocationReason).where(m.AllocationReason.campaign_id == "c2")).all()}

@@ -87,25 +87,16 @@ def test_attribution_counts_orders_in_the_window_only_and_control_as_baseline(me
         sent_at = q.as_utc(s.get(m.Campaign, "c1").as_of)
     late_buyer = before.loc[before.converted == 0, "customer_id"].iloc[0]
     order = events[events.event_type == "order"].head(1)
-    late = order.assign(
-        event_id="late-order-1",
-        customer_id=late_buyer,
-        order_id="late-order-1",
-        coupon_id="",
-        channel="",
-        ts=(sent_at + pd.Timedelta(days=8)).isoformat(),
-    )
-    # And an order inside the window by a control customer who had none: the baseline counts it.
+
+    def planted(event_id: str, customer: str, days: int) -> pd.DataFrame:
+        ts = (sent_at + pd.Timedelta(days=days)).isoformat()
+        return order.assign(event_id=event_id, customer_id=customer, order_id=event_id, coupon_id="",
+                            channel="", ts=ts)  # fmt: skip
+
+    # An order inside the window by a control customer who had none: the baseline counts it.
     idle = before[(before.policy == "control") & (before.converted == 0) & (before.customer_id != late_buyer)]
     control_buyer = idle["customer_id"].iloc[0]
-    late = pd.concat([late, order.assign(
-        event_id="control-order-1",
-        customer_id=control_buyer,
-        order_id="control-order-1",
-        coupon_id="",
-        channel="",
-        ts=(sent_at + pd.Timedelta(days=2)).isoformat(),
-    )])  # fmt: skip
+    late = pd.concat([planted("late-order-1", late_buyer, 8), planted("control-order-1", control_buyer, 2)])
     folder = settings.raw_dir / "late-order"
     folder.mkdir()
     late.to_csv(folder / "feedback.csv", index=False)
