@@ -139,6 +139,9 @@ def run_closed_loop(
             "model_version": summary.get("model_version") or "none (explore)",
             "treated": int((ledger["arm"] != CONTROL).sum()),
             "spend": round(float(ledger["expected_cost"].sum()), 2),
+            # What the campaign costs in truth (coupons redeemed and messages sent), next to the oracle's.
+            "true_spend": round(float(truth["expected_coupon_cost"] + truth["send_cost"]), 2),
+            "oracle_true_spend": round(float(oracle["expected_coupon_cost"] + oracle["send_cost"]), 2),
             "true_incremental": round(float(truth["incremental_conversions"]), 2),
             # The model-policy group vs the random control group: a randomized, unbiased comparison.
             "model_group_true": round(float(model_truth["incremental_conversions"]), 2),
@@ -198,7 +201,7 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
         )
         alloc = allocate_by_scores(
             ids, scores["p_conv"], scores["revenue"], list(scores["arms"]), shop, budget,
-            objective=objective, margin=settings.campaign.margin,
+            objective=objective, margin=settings.campaign.margin, p_redeem=scores.get("p_redeem"),
         )  # fmt: skip
         truth = shop.oracle_value(alloc, margin=settings.campaign.margin)
         values[role] = float(truth["incremental_conversions"])
@@ -217,20 +220,24 @@ def _oracle_value(
 ) -> dict:  # noqa: ANN001
     """Value (by the simulator's truth) of the best allocation of ``budget`` over these customers.
 
-    Customers on coupon cooldown are left out, as the product leaves them out.
+    The oracle knows the true costs: a treated conversion redeems the coupon with its true
+    probability, so the budget it is given is the budget it spends in truth. Customers on coupon
+    cooldown are left out, as the product leaves them out.
     """
     from mlpkg.simulator.lab.policy_quality import allocate_by_scores
 
     ids = [c for c in customer_ids.tolist() if c not in cooling]
+    conversion = shop.true_conversion(ids)
     alloc = allocate_by_scores(
         ids,
-        shop.true_conversion(ids),
+        conversion,
         shop.true_revenue(ids),
         shop.arm_names,
         shop,
         budget,
         objective=objective,
         margin=margin,
+        p_redeem=conversion * shop.true_redemption(ids),
     )
     return shop.oracle_value(alloc, margin=margin)
 

@@ -230,6 +230,7 @@ def allocate_by_scores(
     objective: str = "conversions",
     *,
     margin: float = DEFAULT_MARGIN,
+    p_redeem: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Allocate arms from per-arm scores with the product's economics and solver.
 
@@ -248,6 +249,8 @@ def allocate_by_scores(
         objective: ``conversions``, ``revenue`` or ``profit`` (the product's), or ``response``:
             the option's value is its P(conversion | arm) rather than its uplift.
         margin: Gross margin for the ``profit`` objective.
+        p_redeem: ``[n, A]`` P(coupon redeemed | arm), as a model with a redemption model
+            scores it or as the truth gives it; None charges the coupon on every treated conversion.
 
     Returns:
         ``customer_id`` and ``arm`` (``control`` = nothing sent) for every customer.
@@ -264,7 +267,7 @@ def allocate_by_scores(
     catalog = shop_catalog(shop, arms, len(customer_ids))
     product_objective = "conversions" if objective == "response" else objective
     value, cost, _, _ = option_economics(
-        p_conv, revenue, arms, catalog, objective=product_objective, margin=margin
+        p_conv, revenue, arms, catalog, objective=product_objective, margin=margin, p_redeem=p_redeem
     )
     if objective == "response":
         value = np.ascontiguousarray(p_conv[:, [arms.index(a) for a in catalog.arms]], dtype=np.float32)
