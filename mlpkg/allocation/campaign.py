@@ -399,7 +399,7 @@ def score_population(
     catalog = build_catalog(model_arms, coupons, channels, as_of)
     value, cost, uplift, basket = option_economics(
         scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin,
-        p_redeem=scores.get("p_redeem"),
+        p_redeem=scores.get("p_redeem") if cfg.coupon_pricing == "redemption" else None,
     )
     n, k = value.shape
     eligible = np.zeros((n, k), dtype=bool)

@@ -155,7 +155,14 @@ def run_closed_loop(
             "oracle_incremental": round(float(oracle["incremental_conversions"]), 2),
             "model_group_oracle": round(float(oracle_model["incremental_conversions"]), 2),
         }
+        # A campaign that spends more (or less) in truth than planned is also judged against the
+        # oracle given what it really spent: the comparison at equal true spend.
+        at_spend = _oracle_value(
+            shop, ledger["customer_id"], cooling, max(row["true_spend"], 1e-9), objective, margin, stock
+        )
+        row["oracle_at_true_spend"] = round(float(at_spend["incremental_conversions"]), 2)
         row["share_of_oracle"] = _share(row["true_incremental"], row["oracle_incremental"])
+        row["share_at_true_spend"] = _share(row["true_incremental"], row["oracle_at_true_spend"])
         row["model_group_share_of_oracle"] = _share(row["model_group_true"], row["model_group_oracle"])
         decision = stages.decide_retrain(settings, ctx, campaign_id=campaign, now=later)
         row["retrained"] = decision["retrain"]
@@ -205,7 +212,8 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
         )
         alloc = allocate_by_scores(
             ids, scores["p_conv"], scores["revenue"], list(scores["arms"]), shop, budget,
-            objective=objective, margin=settings.campaign.margin, p_redeem=scores.get("p_redeem"),
+            objective=objective, margin=settings.campaign.margin,
+            p_redeem=scores.get("p_redeem") if settings.campaign.coupon_pricing == "redemption" else None,
         )  # fmt: skip
         truth = shop.oracle_value(alloc, margin=settings.campaign.margin)
         values[role] = float(truth["incremental_conversions"])
