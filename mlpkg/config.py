@@ -98,6 +98,14 @@ class CampaignSettings(BaseModel):
     cooldown_days: int = Field(14, ge=0)
     attribution_window_days: int = Field(7, ge=1)
     score_chunk_size: int = Field(65_536, ge=1024)
+    coupon_pricing: Literal["conversion", "redemption"] = Field(
+        "conversion",
+        description="What an option's coupon costs: conversion = the coupon on every treated conversion "
+        "(never more than it costs in truth; the 20,000-customer closed loop spent 60-75% of its budget); "
+        "redemption = at the version's redemption model's P(redeemed) when it has one (closer on average, "
+        "but the loop over-spent its budget by 14-49% in truth: the model under-predicts the redemptions "
+        "of the customers it targets).",
+    )
     attribution_rows: Literal["all", "decisive"] = Field(
         "all",
         description="Ledger rows whose reason carries feature attributions: all, or the decisive ones "

@@ -652,10 +652,14 @@ def _previous_counts(session) -> dict[str, int]:  # noqa: ANN001
 _ID_CHUNK = 5_000
 
 
+#: Feedback events the response features count (``delivered`` is a message that reached the customer).
+_CAMPAIGN_EVENTS = ("delivered", "click", "redeem")
+
+
 def read_history(
     engine: Engine, as_of: datetime, customer_ids: list[str] | None = None, *, events: bool = True
 ) -> dict[str, pd.DataFrame]:
-    """Read customers, consent, events and orders strictly before ``as_of`` (point in time).
+    """Read customers, consent, events, orders and campaign messages and responses before ``as_of``.
 
     Args:
         engine: The warehouse.
@@ -669,6 +673,13 @@ def read_history(
         "consent": (q.consent_state_query(as_of, inclusive=False), m.Consent.customer_id),
         "events": (select(m.Event).where(m.Event.ts < as_of), m.Event.customer_id),
         "orders": (select(m.Order).where(m.Order.ts < as_of), m.Order.customer_id),
+        # The shop's own campaigns, as the channels reported them: messages delivered, and the
+        # clicks and redemptions they got (the providers' times, not when the outbox sent them).
+        "campaign": (
+            select(m.FeedbackEvent.customer_id, m.FeedbackEvent.ts, m.FeedbackEvent.event_type.label("kind"))
+            .where(m.FeedbackEvent.event_type.in_(_CAMPAIGN_EVENTS), m.FeedbackEvent.ts < as_of),
+            m.FeedbackEvent.customer_id,
+        ),
     }
     if not events:
         # Features: the events come from the event store, and build_features picks each channel's
@@ -691,7 +702,7 @@ def read_history(
                 for i in range(0, len(customer_ids), _ID_CHUNK)
             ]
             out[name] = pd.concat(parts, ignore_index=True) if parts else read(stmt.limit(0), conn)
-    for df in (out["events"], out["orders"], out["consent"]):
+    for df in (out["events"], out["orders"], out["consent"], out["campaign"]):
         for col in ("ts", "updated_at"):
             if col in df.columns:
                 df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
@@ -762,7 +773,7 @@ def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] |
         events = summary.result()
     return build_features(
         hist["customers"], hist["events"], hist["orders"], pd.Timestamp(as_of), consent=hist["consent"],
-        event_summary=events,
+        event_summary=events, campaign_history=hist["campaign"].replace({"kind": {"delivered": "message"}}),
     )
 
 
@@ -770,7 +781,8 @@ def training_frame(engine: Engine, log_names: list[str] | None = None) -> pd.Dat
     """Join campaign-log rows with features as of each log's send time.
 
     Returns:
-        The model input frame: customer_id, feature columns, arm, converted, revenue, propensity.
+        The model input frame: customer_id, feature columns, arm, converted, revenue, propensity,
+        log_name and redeemed (0/1 where the log records it, else NaN).
     """
     with engine.connect() as conn:
         logs = pd.read_sql(select(m.CampaignLog), conn)
@@ -792,6 +804,10 @@ def training_frame(engine: Engine, log_names: list[str] | None = None) -> pd.Dat
         else:
             feats = customer_features(engine, pd.Timestamp(log.sent_at).to_pydatetime())
         arm = rows["arm"].where(rows["arm"] != log.control_label, "control")
-        frame = rows[["customer_id", "converted", "revenue", "propensity"]].assign(arm=arm, log_name=log.name)
+        # The shop's own logs record whether a conversion redeemed the coupon (its cost); others: NaN.
+        redeemed = pd.Series([o.get("redeemed") if isinstance(o, dict) else None for o in rows["outcomes"]])
+        frame = rows[["customer_id", "converted", "revenue", "propensity"]].assign(
+            arm=arm, log_name=log.name, redeemed=pd.to_numeric(redeemed, errors="coerce").to_numpy()
+        )
         out.append(frame.merge(feats, on="customer_id", how="inner"))
     return pd.concat(out, ignore_index=True)

@@ -37,8 +37,18 @@ NUMERIC_FEATURES: list[str] = [
     "consent_email",
     "consent_sms",
     "consent_push",
+    "campaign_messages_180d",
+    "campaign_clicks_180d",
+    "campaign_redemptions_180d",
+    "campaign_click_rate",
+    "days_since_last_campaign",
 ]
 CATEGORICAL_FEATURES: list[str] = ["region", "device", "segment"]
+
+#: Look-back of the features on the shop's own campaigns (messages sent, clicks, redemptions).
+CAMPAIGN_WINDOW_DAYS = 180.0
+#: Kinds of rows in ``campaign_history`` (see :func:`build_features`).
+CAMPAIGN_KINDS = ("message", "click", "redeem")
 
 # (feature, event_type, window in days)
 _EVENT_COUNTS: tuple[tuple[str, str, float], ...] = (
@@ -161,6 +171,7 @@ def build_features(
     as_of: pd.Timestamp,
     consent: pd.DataFrame | None = None,
     event_summary: pd.DataFrame | None = None,
+    campaign_history: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Build one feature row per customer from rows strictly before ``as_of``.
 
@@ -175,6 +186,11 @@ def build_features(
             messaged without consent.
         event_summary: The events already aggregated by :func:`summarise_events` (over the event
             store); ``events`` is then ignored.
+        campaign_history: Optional ``customer_id``, ``ts``, ``kind`` rows of the shop's own
+            campaigns: ``message`` (a coupon message sent), ``click`` and ``redeem`` (responses
+            to one). They give the response features (``campaign_*`` over the last
+            :data:`CAMPAIGN_WINDOW_DAYS` days, and the days since the last message); without it
+            every customer counts as never messaged.
 
     Returns:
         ``customer_id``, then :data:`NUMERIC_FEATURES` (float64) and :data:`CATEGORICAL_FEATURES`
@@ -238,6 +254,8 @@ def build_features(
     feats["days_since_last_event"] = np.minimum(per_customer("last_event_days", RECENCY_CAP_DAYS),
                                                 RECENCY_CAP_DAYS)
 
+    feats.update(_campaign_response(index, campaign_history, as_of))
+
     # Consent
     for ch in CHANNELS:
         feats[f"consent_{ch}"] = np.zeros(n)
@@ -265,6 +283,36 @@ def build_features(
         col = customers[name] if name in customers.columns else pd.Series("unknown", index=customers.index)
         out[name] = col.fillna("unknown").astype(str).to_numpy()
     return out
+
+
+def _campaign_response(
+    index: pd.Index, history: pd.DataFrame | None, as_of: pd.Timestamp
+) -> dict[str, np.ndarray]:
+    """Return the response features: messages, clicks and redemptions in the window, click rate, recency.
+
+    The click rate is shrunk toward 0 (``clicks / (messages + 1)``), so one message with one
+    click does not read as a customer who clicks everything.
+    """
+    n = len(index)
+    counts = {kind: np.zeros(n) for kind in CAMPAIGN_KINDS}
+    last_message = np.full(n, RECENCY_CAP_DAYS)
+    if history is not None and len(history):
+        age = _age_days(history["ts"], as_of)
+        code = _codes(index, history["customer_id"])
+        kind = history["kind"].astype(str).to_numpy()
+        keep = (age > 0) & (code >= 0)
+        for k in CAMPAIGN_KINDS:
+            rows = keep & (kind == k) & (age <= CAMPAIGN_WINDOW_DAYS)
+            counts[k] = np.bincount(code[rows], minlength=n).astype(float)
+        sent = keep & (kind == "message")
+        np.minimum.at(last_message, code[sent], np.minimum(age[sent], RECENCY_CAP_DAYS))
+    return {
+        "campaign_messages_180d": counts["message"],
+        "campaign_clicks_180d": counts["click"],
+        "campaign_redemptions_180d": counts["redeem"],
+        "campaign_click_rate": counts["click"] / (counts["message"] + 1.0),
+        "days_since_last_campaign": last_message,
+    }
 
 
 def feature_snapshot_id(df: pd.DataFrame) -> str:

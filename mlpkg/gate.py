@@ -105,6 +105,8 @@ class GateEconomics:
     eligible: np.ndarray
     budget: float
     basis: str
+    #: Price coupons at each version's P(redeemed) (``campaign.coupon_pricing = redemption``).
+    price_redemptions: bool = False
 
     def cost(self, p_treated: np.ndarray) -> np.ndarray:
         """Return the expected cost ``[n, K]`` at conversion probabilities ``p_treated``."""
@@ -176,7 +178,8 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
             f"the log's per-arm costs; budget lets {settings.gate.treat_fraction:.0%} of the rows be treated"
         )
     return GateEconomics(
-        arms=treated, send_cost=send, coupon_cost=coupon, eligible=eligible, budget=float(budget), basis=basis
+        arms=treated, send_cost=send, coupon_cost=coupon, eligible=eligible, budget=float(budget),
+        basis=basis, price_redemptions=settings.campaign.coupon_pricing == "redemption",
     )
 
 
@@ -187,6 +190,7 @@ class Scores:
     version: str
     p: np.ndarray  # [n, A]
     has_arm: np.ndarray  # [A]
+    pay: np.ndarray  # [n, A] P(coupon redeemed): what the version expects to pay coupons on
 
 
 def _score(model: Any, frame: pd.DataFrame, columns: list[str], version: str) -> Scores:
@@ -199,7 +203,12 @@ def _score(model: Any, frame: pd.DataFrame, columns: list[str], version: str) ->
         if arm in own:
             p[:, j] = scores["p_conv"][:, own.index(arm)]
             has[j] = True
-    return Scores(version=version, p=p, has_arm=has)
+    pay = p.copy()
+    if "p_redeem" in scores:
+        for j, arm in enumerate(columns):
+            if arm in own and arm != CONTROL:
+                pay[:, j] = scores["p_redeem"][:, own.index(arm)]
+    return Scores(version=version, p=p, has_arm=has, pay=pay)
 
 
 def policy_matrix(scores: Scores, econ: GateEconomics, p_cost: np.ndarray) -> np.ndarray:
@@ -381,9 +390,9 @@ def evaluate(
     versions = [challenger] + ([champion] if champion is not None else [])
     p_common = np.mean([v.p for v in versions], axis=0)
     # Each version allocates with its own predicted costs, as the product deploys it.
-    mine = policy_matrix(challenger, econ, challenger.p)
+    mine = policy_matrix(challenger, econ, challenger.pay if econ.price_redemptions else challenger.p)
     if champion is not None:
-        theirs = policy_matrix(champion, econ, champion.p)
+        theirs = policy_matrix(champion, econ, champion.pay if econ.price_redemptions else champion.p)
     else:
         theirs = random_targeting(econ, p_common)
     control = np.zeros_like(mine)

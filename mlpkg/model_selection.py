@@ -109,7 +109,7 @@ def choose_family(
     eligible = consent_eligibility(val_rows, columns)
     rows, targets = [], {}
     for family, p in predictions.items():
-        scores = gate.Scores(version=family, p=p, has_arm=np.ones(len(columns), dtype=bool))
+        scores = gate.Scores(version=family, p=p, has_arm=np.ones(len(columns), dtype=bool), pay=p)
         # Each family allocates with its own predicted costs, as the product would deploy it.
         target = targets[family] = gate.policy_matrix(scores, econ, p)
         value, stderr = gate.dr_value(target, logged, prop, y, p_common)

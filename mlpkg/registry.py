@@ -163,7 +163,8 @@ def score_with_model(
     Returns:
         ``{"p_conv": [n, A], "revenue": [n, A], "uplift": [n, A]}`` float32 arrays (uplift is
         relative to control, 0 in the control column) plus ``"arms"``, the arm names in column
-        order as an object array.
+        order as an object array, and ``"p_redeem"`` (P(coupon redeemed)) when the
+        version has a redemption model.
 
     Raises:
         TypeError: ``model`` is not a CouponOps uplift model.
@@ -176,12 +177,15 @@ def score_with_model(
         raise TypeError(f"not a CouponOps uplift model: {type(model).__name__}")
     scores = model.score_arrays(df, chunk_size)
     p = scores["p_conv"]
-    return {
+    out = {
         "p_conv": p,
         "revenue": scores["revenue"],
         "uplift": p - p[:, [model.control_index]],
         "arms": np.asarray(model.arms, dtype=object),
     }
+    if "p_redeem" in scores:
+        out["p_redeem"] = scores["p_redeem"]
+    return out
 
 
 def load_recommender(tracking_uri: str, name: str, alias: str = CHAMPION) -> tuple[object, str] | None:

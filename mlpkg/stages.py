@@ -324,6 +324,7 @@ def train(
     from mlpkg.features import feature_snapshot_id
     from mlpkg.gate import gate_economics, holdout_mask, holdout_rule
     from mlpkg.model_selection import choose_family
+    from mlpkg.models.redemption import fit_redemption
     from mlpkg.registry import make_client
     from mlpkg.train import train_tlearner_model, train_uplift_model
 
@@ -374,6 +375,8 @@ def train(
         settings=settings,
         economics_for=lambda rows, columns: gate_economics(engine, settings, rows, columns),
     )
+    # What a treated conversion costs: the redeemed share, learnt from the logs that record it.
+    redemption = fit_redemption(frame[~holdout], numeric, categorical, seed=settings.trainer.seed)
     common = dict(
         settings=settings,
         tracking_uri=settings.resolved_tracking_uri,
@@ -385,6 +388,7 @@ def train(
         snapshot_source=str(snapshot_path),
         version_run_name=f"{who} · v{{version}} · {day}",
         holdout=holdout,
+        redemption=redemption,
     )
     if choice.family == "network":
         result = train_uplift_model(frame, numeric, categorical, arms, **common)

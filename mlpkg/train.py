@@ -54,7 +54,14 @@ from mlpkg.models.attribution import global_attributions
 from mlpkg.models.baseline import GBM_FAMILY_PARAMS, fit_t_learner
 from mlpkg.models.lightning import UpliftDataModule, UpliftLitModule, ordered_arms, uplift_losses
 from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, build_network
-from mlpkg.models.pyfunc import UpliftPyfunc, write_model_artifacts, write_tlearner_artifacts
+from mlpkg.models.pyfunc import (
+    REDEMPTION_ARTIFACT,
+    UpliftPyfunc,
+    write_model_artifacts,
+    write_redemption_artifact,
+    write_tlearner_artifacts,
+)
+from mlpkg.models.redemption import RedemptionModel
 
 #: Epochs without a val/loss improvement before training stops. The validation loss is mostly
 #: the baseline's, which settles early while the arm effects still improve; on 200k-customer
@@ -355,6 +362,7 @@ def train_uplift_model(
     snapshot_source: str | None = None,
     version_run_name: str | None = None,
     holdout: np.ndarray | None = None,
+    redemption: RedemptionModel | None = None,
 ) -> TrainResult:
     """Fit, evaluate, log and (optionally) register the multi-arm uplift model.
 
@@ -379,6 +387,7 @@ def train_uplift_model(
             (e.g. ``"retrain · v{version} · 2025-07-07"``); ``None`` keeps ``run_name``.
         holdout: ``bool [len(frame)]`` rows never trained on (the gate's frozen holdout): they
             are the test split; ``None`` draws a row-wise test split.
+        redemption: The redemption model logged beside the uplift model (prices treated conversions).
 
     Returns:
         The run id, model URI, registered version, metrics and held-out test rows.
@@ -471,6 +480,7 @@ def train_uplift_model(
             extra_metrics_fn=extra_metrics_fn,
             snapshot=snapshot,
             version_run_name=version_run_name,
+            redemption=redemption,
         )
     finally:
         # MLFlowLogger sets the process-wide tracking URI; give the caller back its own.
@@ -495,13 +505,22 @@ def _log_model(
     extra_metrics_fn: ExtraMetricsFn | None,
     snapshot: tuple[SnapshotDataset, dict[str, str]],
     version_run_name: str | None,
+    redemption: RedemptionModel | None,
 ) -> TrainResult:
     client = registry.make_client(tracking_uri)
     try:
         with tempfile.TemporaryDirectory() as art_dir:
             artifacts = write_artifacts(art_dir)
+            if redemption is not None:
+                artifacts[REDEMPTION_ARTIFACT] = write_redemption_artifact(redemption, art_dir)
+                client.log_batch(run_id, params=[
+                    Param("redemption.rows", str(redemption.rows)),
+                    Param("redemption.redeemed_share", f"{redemption.redeemed_share:.4f}"),
+                ])  # fmt: skip
             # Score through the same code path serving uses, so the metrics describe the logged model.
-            scorer = UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"])
+            scorer = UpliftPyfunc().load_artifacts(
+                artifacts["config"], artifacts["weights"], artifacts.get(REDEMPTION_ARTIFACT)
+            )
             scores = scorer.score_arrays(test_frame)
             metrics = compute_test_metrics(test_frame, scores, arms, weights=test_weights)
             metrics.update(_finite({"val/loss_best": best_val_loss}))
@@ -738,6 +757,7 @@ def train_tlearner_model(
     snapshot_source: str | None = None,
     version_run_name: str | None = None,
     holdout: np.ndarray | None = None,
+    redemption: RedemptionModel | None = None,
 ) -> TrainResult:
     """Fit a T-learner family on the non-holdout rows, evaluate on the holdout, log and register it.
 
@@ -762,6 +782,7 @@ def train_tlearner_model(
         version_run_name: Run name once registered, with ``{version}`` in it.
         holdout: ``bool [len(frame)]`` rows never trained on (the test rows); ``None``: 15 % of
             rows drawn at random.
+        redemption: The redemption model logged beside the uplift model (prices treated conversions).
 
     Returns:
         The run id, model URI, registered version, metrics and held-out test rows.
@@ -807,6 +828,7 @@ def train_tlearner_model(
             extra_metrics_fn=None,
             snapshot=snapshot,
             version_run_name=version_run_name,
+            redemption=redemption,
         )
     finally:
         mlflow.set_tracking_uri(previous_uri)

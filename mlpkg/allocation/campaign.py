@@ -157,11 +157,17 @@ def option_economics(
     *,
     objective: str,
     margin: float,
+    p_redeem: np.ndarray | None = None,
+    redeemed_basket: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Turn per-arm predictions into (value, cost, uplift, basket) matrices over the catalog's options.
 
-    ``value`` is the campaign objective's expected increment; ``cost`` is expected spend:
-    coupon face cost paid only on redemption (probability = treated conversion) plus send cost.
+    ``value`` is the campaign objective's expected increment; ``cost`` is expected spend: the
+    coupon's value paid on redemption plus the send cost. The coupon is redeemed with
+    probability ``p_redeem`` (``[n, A]`` in ``model_arms`` order, the model's P(redeemed | arm));
+    without it, every treated conversion is charged the coupon. A percentage coupon is priced on
+    ``redeemed_basket`` (``[n, A]``, the order value of a redemption, as the simulator's oracle
+    knows it) when given, else on the revenue given conversion.
     """
     idx = [model_arms.index(a) for a in catalog.arms]
     c0 = model_arms.index(CONTROL)
@@ -170,7 +176,9 @@ def option_economics(
     p_c = p_conv[:, [c0]].astype(np.float32)
     r_c = revenue[:, [c0]].astype(np.float32)
     uplift = p_t - p_c
-    coupon_cost = p_t * coupon_cost_given_conversion(catalog, r_t)
+    p_pay = p_t if p_redeem is None else np.asarray(p_redeem)[:, idx].astype(np.float32)
+    basket = r_t if redeemed_basket is None else np.asarray(redeemed_basket)[:, idx].astype(np.float32)
+    coupon_cost = p_pay * coupon_cost_given_conversion(catalog, basket)
     cost = coupon_cost + catalog.send_cost[None, :].astype(np.float32)
     inc_revenue = p_t * r_t - p_c * r_c
     if objective == "conversions":
@@ -390,7 +398,8 @@ def score_population(
     _validate_scores(ids, scores, model_arms, f"model scores of {model_uri or 'the cold-start prior'}", as_of)
     catalog = build_catalog(model_arms, coupons, channels, as_of)
     value, cost, uplift, basket = option_economics(
-        scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin
+        scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin,
+        p_redeem=scores.get("p_redeem") if cfg.coupon_pricing == "redemption" else None,
     )
     n, k = value.shape
     eligible = np.zeros((n, k), dtype=bool)

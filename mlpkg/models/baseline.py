@@ -199,7 +199,8 @@ class TLearner:
         return pd.DataFrame(columns, index=df.index)
 
 
-def _category_levels(values: pd.Series) -> list[str]:
+def category_levels(values: pd.Series) -> list[str]:
+    """Return a column's categories, most frequent first, at most :data:`MAX_CATEGORIES`."""
     counts = values.astype("string").dropna().value_counts()
     # Most frequent first so that truncation drops the rare ones; ties by name for reproducibility.
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -263,7 +264,7 @@ def fit_t_learner(
         arms=list(arms),
         numeric=list(numeric),
         categorical=list(categorical),
-        categories={c: _category_levels(train_df[c]) for c in categorical},
+        categories={c: category_levels(train_df[c]) for c in categorical},
         outcome=outcome,
         n_threads=n_threads,
         family=family,
@@ -319,7 +320,9 @@ def fit_t_learner(
                 **hgb_params,
             )
             if family == "gbm"
-            else _logistic(len(numeric), len(categorical), (params or {}).get("Cs", LOGISTIC_CS), seed)
+            else logistic_pipeline(
+                len(numeric), len(categorical), (params or {}).get("Cs", LOGISTIC_CS), seed
+            )
         )
         with learner.thread_limit():
             fit_weight = {"sample_weight": w / w.mean()}
@@ -334,7 +337,7 @@ def _signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def _logistic(n_numeric: int, n_categorical: int, cs: object, seed: int) -> Pipeline:
+def logistic_pipeline(n_numeric: int, n_categorical: int, cs: object, seed: int) -> Pipeline:
     """Return the ``logistic`` family's per-arm model over the encoded feature matrix."""
     numeric = list(range(n_numeric))
     categorical = list(range(n_numeric, n_numeric + n_categorical))

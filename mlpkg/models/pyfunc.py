@@ -24,9 +24,12 @@ from mlpkg.models.attribution import UpliftAttributions, attribute_network, attr
 from mlpkg.models.baseline import TLearner
 from mlpkg.models.network import MultiArmUpliftNet, UpliftEnsemble, build_network
 from mlpkg.models.preprocessing import FeaturePreprocessor
+from mlpkg.models.redemption import RedemptionModel
 
 CONFIG_ARTIFACT = "config"
 WEIGHTS_ARTIFACT = "weights"
+#: Optional: the redemption model (:mod:`mlpkg.models.redemption`) that prices a treated conversion.
+REDEMPTION_ARTIFACT = "redemption"
 DEFAULT_CHUNK_SIZE = 65_536
 _CONFIG_VERSION = 1
 _CONTROL_ARM = "control"
@@ -104,12 +107,20 @@ def write_tlearner_artifacts(learner: TLearner, directory: str | Path) -> dict[s
     return {CONFIG_ARTIFACT: str(config), WEIGHTS_ARTIFACT: str(weights)}
 
 
+def write_redemption_artifact(model: RedemptionModel, directory: str | Path) -> str:
+    """Write the redemption model :class:`UpliftPyfunc` loads beside the uplift model; return its path."""
+    path = Path(directory) / "redemption.joblib"
+    joblib.dump(model, path)
+    return str(path)
+
+
 class UpliftPyfunc(mlflow.pyfunc.PythonModel):
     """Score customers for every arm with the trained multi-arm uplift network.
 
     ``predict`` returns, per arm ``a``, ``p_conv__{a}`` (conversion probability),
     ``uplift__{a}`` (``p_conv__a - p_conv__control``, treatment arms only) and ``revenue__{a}``
-    (expected revenue given conversion), all float32 and aligned with the input index. The
+    (expected revenue given conversion), and with a redemption model ``p_redeem__{a}``
+    (P(coupon redeemed), treatment arms only), all float32 and aligned with the input index. The
     allocator should call :meth:`score_arrays` on the unwrapped model
     (``loaded.unwrap_python_model()``), which skips DataFrame assembly and MLflow's schema checks:
     through ``PyFuncModel.predict`` MLflow enforces the logged signature, i.e. the training
@@ -128,22 +139,35 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
         self.net: MultiArmUpliftNet | UpliftEnsemble | None = None
         self.preprocessor: FeaturePreprocessor | None = None
         self.tlearner: TLearner | None = None
+        self.redemption: RedemptionModel | None = None
         self.family = "network"
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Rebuild the network on CPU from the logged artifacts."""
-        self.load_artifacts(context.artifacts[CONFIG_ARTIFACT], context.artifacts[WEIGHTS_ARTIFACT])
+        self.load_artifacts(
+            context.artifacts[CONFIG_ARTIFACT],
+            context.artifacts[WEIGHTS_ARTIFACT],
+            context.artifacts.get(REDEMPTION_ARTIFACT),
+        )
 
-    def load_artifacts(self, config_path: str | Path, weights_path: str | Path) -> UpliftPyfunc:
+    def load_artifacts(
+        self, config_path: str | Path, weights_path: str | Path, redemption_path: str | Path | None = None
+    ) -> UpliftPyfunc:
         """Load the config JSON and weights written by :func:`write_model_artifacts`.
 
         Args:
             config_path: Path of the config JSON.
             weights_path: Path of the saved ``state_dict``.
+            redemption_path: Path of the redemption model, when the version has one.
 
         Returns:
             ``self``, ready to score.
         """
+        if redemption_path is not None:
+            redemption = joblib.load(redemption_path)
+            if not isinstance(redemption, RedemptionModel):
+                raise ValueError(f"{redemption_path} does not hold a redemption model")
+            self.redemption = redemption
         config = json.loads(Path(config_path).read_text())
         if config.get("format_version") != _CONFIG_VERSION:
             raise ValueError(f"unsupported uplift model config version {config.get('format_version')!r}")
@@ -183,8 +207,16 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
             chunk_size: Rows per forward pass; defaults to the model's ``chunk_size``.
 
         Returns:
-            ``{"p_conv": [n, A], "revenue": [n, A]}`` float32 arrays; columns follow :attr:`arms`.
+            ``{"p_conv": [n, A], "revenue": [n, A]}`` float32 arrays, plus ``"p_redeem"``
+            (P(coupon redeemed), 0 for control) when the version has a redemption
+            model; columns follow :attr:`arms`.
         """
+        scores = self._score_uplift(df, chunk_size)
+        if self.redemption is not None:
+            scores["p_redeem"] = self.redemption.predict(df, self.arms)
+        return scores
+
+    def _score_uplift(self, df: pd.DataFrame, chunk_size: int | None) -> dict[str, np.ndarray]:
         if self.tlearner is not None:
             scores = self.tlearner.score_arrays(df)
             progress.report("scoring customers", len(df), len(df))
@@ -254,4 +286,8 @@ class UpliftPyfunc(mlflow.pyfunc.PythonModel):
                 columns[f"uplift__{arm}"] = p_conv[:, j] - control
         for j, arm in enumerate(self.arms):
             columns[f"revenue__{arm}"] = revenue[:, j]
+        if "p_redeem" in scores:
+            for j, arm in enumerate(self.arms):
+                if arm != _CONTROL_ARM:
+                    columns[f"p_redeem__{arm}"] = scores["p_redeem"][:, j]
         return pd.DataFrame(columns, index=model_input.index)

@@ -102,7 +102,8 @@ def pair_truth(
     Returns:
         Arrays keyed ``delivered``, ``base``, ``open``, ``click_through``, ``q``, ``lift``,
         ``p_min``, ``conversion``, ``revenue`` (given conversion), ``redeem`` (P(redeem | conversion)),
-        ``coupon_cost`` (given redemption) and ``send_cost``.
+        ``coupon_cost`` (given redemption), ``redeemed_basket`` (the order value of a redemption)
+        and ``send_cost``.
     """
     idx = np.asarray(idx, dtype=np.int64)
     arm = np.asarray(arm, dtype=np.int64)
@@ -149,6 +150,7 @@ def pair_truth(
         "revenue": revenue,
         "redeem": p_click_given_conv * np.where(delivered, p_min, 0.0),
         "coupon_cost": coupon_cost,
+        "redeemed_basket": np.where(delivered, clicked_cond_mean, basket),
         "send_cost": np.where(delivered, table.send_cost[arm], 0.0),
     }
 

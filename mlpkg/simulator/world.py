@@ -222,6 +222,10 @@ class Shop:
         """Return P(coupon redeemed | converted, arm), ``[n, len(arm_names)]``."""
         return matrix_truth(self._pop, self._indices(customer_ids), self._table, "redeem")
 
+    def true_redeemed_basket(self, customer_ids: Sequence[str]) -> np.ndarray:
+        """Return E[order value | redeemed, arm], ``[n, len(arm_names)]`` (the basket for control)."""
+        return matrix_truth(self._pop, self._indices(customer_ids), self._table, "redeemed_basket")
+
     def true_uplift(self, customer_ids: Sequence[str]) -> np.ndarray:
         """Return true conversion uplift vs control, ``[n, len(arms)]`` (arms in ``self.arms`` order)."""
         conv = self.true_conversion(customer_ids)

@@ -55,6 +55,7 @@ def run(out_dir: Path) -> list[dict]:
     gates = [r for s in per_seed.values() for r in s["rounds"] if "gate_right" in r]
     true_final = float(np.mean([r["true_incremental"] for r in last]))
     oracle_final = float(np.mean([r["oracle_incremental"] for r in last]))
+    at_spend = float(np.mean([r["share_at_true_spend"] for r in last]))
     return [
         {
             "name": "closed_loop_round5_share_of_oracle",
@@ -65,6 +66,9 @@ def run(out_dir: Path) -> list[dict]:
             "ratio": final_share,
             "target": ">= 0.80 on average; no round after round 2 below 0.65",
             "worst_round_after_2": float(min(later)) if later else float("nan"),
+            # The campaign's true spend can differ from the budget it planned with; at equal true spend:
+            "round5_share_at_true_spend": at_spend,
+            "round5_true_spend": float(np.mean([r["true_spend"] for r in last])),
             "gate_decisions_judged": len(gates),
             "gate_decisions_right": int(sum(r["gate_right"] for r in gates)),
             "gate_promoted_truly_worse": int(sum(r["gate_promoted_worse"] for r in gates)),

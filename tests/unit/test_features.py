@@ -206,3 +206,33 @@ def test_simulated_features_have_one_row_per_customer(simulated):
     assert len(f) == 3000 and f["customer_id"].is_unique
     assert f["consent_email"].mean() == pytest.approx(0.85, abs=0.04)
     assert (f["tenure_days"] > 0).all()
+
+
+def test_campaign_response_features_count_only_the_window_before_as_of(tiny):
+    customers, events, orders, consent = tiny
+    history = pd.DataFrame(
+        {
+            "customer_id": ["a", "a", "a", "a", "a", "b", "b", "b", "zz"],
+            "ts": [ts(30), ts(29), ts(8), ts(7), ts(-1), ts(200), ts(3), ts(0), ts(5)],
+            "kind": ["message", "click", "message", "redeem", "click"]
+            + ["message", "message", "click", "message"],
+        }
+    )
+    f = build_features(customers, events, orders, AS_OF, campaign_history=history).set_index("customer_id")
+    # a: two messages, one click (the one after as_of does not count), one redemption.
+    assert f.loc["a", "campaign_messages_180d"] == 2
+    assert f.loc["a", "campaign_clicks_180d"] == 1
+    assert f.loc["a", "campaign_redemptions_180d"] == 1
+    assert f.loc["a", "campaign_click_rate"] == pytest.approx(1 / 3)
+    assert f.loc["a", "days_since_last_campaign"] == pytest.approx(8)
+    # b: the message 200 days ago is outside the window but still the latest before the recent one;
+    # the click at as_of itself is not before it.
+    assert f.loc["b", "campaign_messages_180d"] == 1
+    assert f.loc["b", "campaign_clicks_180d"] == 0
+    assert f.loc["b", "days_since_last_campaign"] == pytest.approx(3)
+    # c: never messaged.
+    counts = ["campaign_messages_180d", "campaign_clicks_180d", "campaign_click_rate"]
+    assert f.loc["c", counts].tolist() == [0, 0, 0]
+    assert f.loc["c", "days_since_last_campaign"] == 365
+    without = build_features(customers, events, orders, AS_OF).set_index("customer_id")
+    assert (without["campaign_messages_180d"] == 0).all()

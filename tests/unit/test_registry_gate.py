@@ -85,7 +85,7 @@ def test_the_gate_allocation_keeps_budget_and_eligibility_at_common_costs():
         basis="test",
     )
     p = rng.uniform(0.01, 0.2, (n, 3))
-    scores = gate.Scores(version="1", p=p, has_arm=np.array([True, True, False]))
+    scores = gate.Scores(version="1", p=p, has_arm=np.array([True, True, False]), pay=p)
     common = np.full((n, 3), 0.1)
     target = gate.policy_matrix(scores, econ, common)
     assert np.allclose(target.sum(axis=1), 1.0)

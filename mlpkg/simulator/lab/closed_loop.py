@@ -100,6 +100,8 @@ def run_closed_loop(
         ctx = stages.RunContext(dag_id="closed_loop", run_id=f"round-{r}-{day}", logical_date=day)
         stages.ingest(settings, harness.land_next_batch(settings)["batch_dir"], now=shop.now.to_pydatetime())
         campaign = stages.campaign_id_for(day)
+        # The coupons left when the campaign allocates: the oracle faces the same stock.
+        stock = _coupon_stock(settings)
         summary = stages.allocate(
             settings,
             ctx,
@@ -121,7 +123,7 @@ def run_closed_loop(
         # The oracle faces the same eligibility as the product: nobody on coupon cooldown.
         cooling = _on_cooldown(settings, shop.now)
         margin = settings.campaign.margin
-        oracle = _oracle_value(shop, ledger["customer_id"], cooling, budget, objective, margin)
+        oracle = _oracle_value(shop, ledger["customer_id"], cooling, budget, objective, margin, stock)
         model_rows = ledger[ledger["policy"] == "model"]
         model_group = model_rows[["customer_id", "arm"]]
         model_truth = shop.oracle_value(model_group, margin=settings.campaign.margin)
@@ -130,8 +132,10 @@ def run_closed_loop(
         # not on what the model itself expected to spend.
         explore_spend = float(ledger.loc[ledger["policy"] == "explore", "expected_cost"].sum())
         model_budget = max(budget - explore_spend, 1e-9)
+        explored = ledger.loc[ledger["policy"] == "explore", "coupon_id"].value_counts()
+        model_stock = {c: max(left - int(explored.get(c, 0)), 0) for c, left in stock.items()}
         oracle_model = _oracle_value(
-            shop, model_rows["customer_id"], cooling, model_budget, objective, margin
+            shop, model_rows["customer_id"], cooling, model_budget, objective, margin, model_stock
         )
         row = {
             "round": r,
@@ -139,6 +143,9 @@ def run_closed_loop(
             "model_version": summary.get("model_version") or "none (explore)",
             "treated": int((ledger["arm"] != CONTROL).sum()),
             "spend": round(float(ledger["expected_cost"].sum()), 2),
+            # What the campaign costs in truth (coupons redeemed and messages sent), next to the oracle's.
+            "true_spend": round(float(truth["expected_coupon_cost"] + truth["send_cost"]), 2),
+            "oracle_true_spend": round(float(oracle["expected_coupon_cost"] + oracle["send_cost"]), 2),
             "true_incremental": round(float(truth["incremental_conversions"]), 2),
             # The model-policy group vs the random control group: a randomized, unbiased comparison.
             "model_group_true": round(float(model_truth["incremental_conversions"]), 2),
@@ -148,7 +155,14 @@ def run_closed_loop(
             "oracle_incremental": round(float(oracle["incremental_conversions"]), 2),
             "model_group_oracle": round(float(oracle_model["incremental_conversions"]), 2),
         }
+        # A campaign that spends more (or less) in truth than planned is also judged against the
+        # oracle given what it really spent: the comparison at equal true spend.
+        at_spend = _oracle_value(
+            shop, ledger["customer_id"], cooling, max(row["true_spend"], 1e-9), objective, margin, stock
+        )
+        row["oracle_at_true_spend"] = round(float(at_spend["incremental_conversions"]), 2)
         row["share_of_oracle"] = _share(row["true_incremental"], row["oracle_incremental"])
+        row["share_at_true_spend"] = _share(row["true_incremental"], row["oracle_at_true_spend"])
         row["model_group_share_of_oracle"] = _share(row["model_group_true"], row["model_group_oracle"])
         decision = stages.decide_retrain(settings, ctx, campaign_id=campaign, now=later)
         row["retrained"] = decision["retrain"]
@@ -199,6 +213,7 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
         alloc = allocate_by_scores(
             ids, scores["p_conv"], scores["revenue"], list(scores["arms"]), shop, budget,
             objective=objective, margin=settings.campaign.margin,
+            p_redeem=scores.get("p_redeem") if settings.campaign.coupon_pricing == "redemption" else None,
         )  # fmt: skip
         truth = shop.oracle_value(alloc, margin=settings.campaign.margin)
         values[role] = float(truth["incremental_conversions"])
@@ -213,26 +228,44 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
 
 
 def _oracle_value(
-    shop, customer_ids, cooling: set[str], budget: float, objective: str, margin: float
+    shop, customer_ids, cooling: set[str], budget: float, objective: str, margin: float,
+    stock: dict[str, int],
 ) -> dict:  # noqa: ANN001
     """Value (by the simulator's truth) of the best allocation of ``budget`` over these customers.
 
-    Customers on coupon cooldown are left out, as the product leaves them out.
+    The oracle knows the true costs: a treated conversion redeems the coupon with its true
+    probability, so the budget it is given is the budget it spends in truth. It faces what the
+    product faced: customers on coupon cooldown are left out, and only the coupons ``stock``
+    left (earlier campaigns issued the rest) can be given.
     """
     from mlpkg.simulator.lab.policy_quality import allocate_by_scores
 
     ids = [c for c in customer_ids.tolist() if c not in cooling]
+    conversion = shop.true_conversion(ids)
     alloc = allocate_by_scores(
         ids,
-        shop.true_conversion(ids),
+        conversion,
         shop.true_revenue(ids),
         shop.arm_names,
         shop,
         budget,
         objective=objective,
         margin=margin,
+        p_redeem=conversion * shop.true_redemption(ids),
+        redeemed_basket=shop.true_redeemed_basket(ids),
+        coupon_stock=stock,
     )
     return shop.oracle_value(alloc, margin=margin)
+
+
+def _coupon_stock(settings: Settings) -> dict[str, int]:
+    """Coupons left per coupon id in the warehouse (inventory less those issued)."""
+    from mlpkg.db import models as m
+    from mlpkg.db.engine import session_scope
+
+    with session_scope(stages._engine(settings)) as session:
+        rows = session.execute(select(m.Coupon.coupon_id, m.Coupon.inventory, m.Coupon.issued)).all()
+    return {str(c): max(int(inv) - int(issued or 0), 0) for c, inv, issued in rows}
 
 
 def _share(value: float, reference: float) -> float:

@@ -170,7 +170,9 @@ def eval_population(
 # --- allocation ------------------------------------------------------------------------------------
 
 
-def shop_catalog(shop: Shop, model_arms: Sequence[str], n_customers: int) -> ArmCatalog:
+def shop_catalog(
+    shop: Shop, model_arms: Sequence[str], n_customers: int, coupon_stock: Mapping[str, float] | None = None
+) -> ArmCatalog:
     """Build the product's arm catalog from the shop's coupons and channels.
 
     Coupon inventory and channel capacity are the shop's shares applied to ``n_customers`` (the
@@ -180,6 +182,8 @@ def shop_catalog(shop: Shop, model_arms: Sequence[str], n_customers: int) -> Arm
         shop: The simulated shop.
         model_arms: Arm names of the scores, ``control`` included.
         n_customers: Size of the population being allocated.
+        coupon_stock: Coupons left per coupon id, when the allocation must face the stock a
+            campaign of the product faced (coupons issued by earlier campaigns are gone).
 
     Returns:
         The catalog of the arms that exist in the shop.
@@ -192,7 +196,11 @@ def shop_catalog(shop: Shop, model_arms: Sequence[str], n_customers: int) -> Arm
             "kind": [c.kind for c in cfg.coupons],
             "face_value": [float(c.face_value) for c in cfg.coupons],
             "min_basket": [float(c.min_basket) for c in cfg.coupons],
-            "inventory": [max(1, round(c.inventory_share * n_customers)) for c in cfg.coupons],
+            "inventory": [
+                coupon_stock.get(c.coupon_id, 0) if coupon_stock is not None
+                else max(1, round(c.inventory_share * n_customers))
+                for c in cfg.coupons
+            ],
             "issued": 0,
             "valid_from": as_of - pd.Timedelta(days=1),
             "valid_to": as_of + pd.Timedelta(days=30),
@@ -230,6 +238,9 @@ def allocate_by_scores(
     objective: str = "conversions",
     *,
     margin: float = DEFAULT_MARGIN,
+    p_redeem: np.ndarray | None = None,
+    redeemed_basket: np.ndarray | None = None,
+    coupon_stock: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Allocate arms from per-arm scores with the product's economics and solver.
 
@@ -248,6 +259,10 @@ def allocate_by_scores(
         objective: ``conversions``, ``revenue`` or ``profit`` (the product's), or ``response``:
             the option's value is its P(conversion | arm) rather than its uplift.
         margin: Gross margin for the ``profit`` objective.
+        p_redeem: ``[n, A]`` P(coupon redeemed | arm), as a model with a redemption model
+            scores it or as the truth gives it; None charges the coupon on every treated conversion.
+        redeemed_basket: ``[n, A]`` order value a percentage coupon is redeemed on (None: ``revenue``).
+        coupon_stock: Coupons left per coupon id (None: the shop's share of the customers).
 
     Returns:
         ``customer_id`` and ``arm`` (``control`` = nothing sent) for every customer.
@@ -261,10 +276,11 @@ def allocate_by_scores(
             f"p_conv and revenue must be [{len(customer_ids)}, {len(arms)}], "
             f"got {p_conv.shape} and {revenue.shape}"
         )
-    catalog = shop_catalog(shop, arms, len(customer_ids))
+    catalog = shop_catalog(shop, arms, len(customer_ids), coupon_stock)
     product_objective = "conversions" if objective == "response" else objective
     value, cost, _, _ = option_economics(
-        p_conv, revenue, arms, catalog, objective=product_objective, margin=margin
+        p_conv, revenue, arms, catalog, objective=product_objective, margin=margin,
+        p_redeem=p_redeem, redeemed_basket=redeemed_basket,
     )
     if objective == "response":
         value = np.ascontiguousarray(p_conv[:, [arms.index(a) for a in catalog.arms]], dtype=np.float32)
