@@ -42,8 +42,8 @@ class TrainerSettings(BaseModel):
         ge=1,
         le=32,
         description="Networks trained side by side with their predictions averaged (1: a single network); "
-        "four remove most of one fit's luck (the closed loop's round 5: 65% of the oracle against 53% "
-        "with one, see README 'Benchmarks').",
+        "four remove most of one fit's luck (the closed loop's round 5, measured before the oracle faced the "
+        "coupon stock and true costs: 65% of the oracle against 53% with one).",
     )
     families: list[Literal["network", "gbm", "logistic"]] = Field(
         ["network", "gbm", "logistic"],
