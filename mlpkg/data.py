@@ -26,6 +26,7 @@ from mlpkg.db import bulk
 from mlpkg.db import models as m
 from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
+from mlpkg.features import CAMPAIGN_KINDS, build_features, summarise_events
 
 _log = logging.getLogger(__name__)
 
@@ -653,7 +654,7 @@ _ID_CHUNK = 5_000
 
 
 #: Feedback events the response features count (``delivered`` is a message that reached the customer).
-_CAMPAIGN_EVENTS = ("delivered", "click", "redeem")
+_CAMPAIGN_EVENTS = CAMPAIGN_KINDS
 
 
 def read_history(
@@ -753,8 +754,6 @@ def event_summary(engine: Engine, as_of: datetime, customer_ids: list[str] | Non
 
     Falls back to the ``events`` table when the store does not cover the warehouse.
     """
-    from mlpkg.features import summarise_events
-
     with session_scope(engine) as session:
         parts = event_store.listed_parts(session)
     if parts is None:
@@ -764,8 +763,6 @@ def event_summary(engine: Engine, as_of: datetime, customer_ids: list[str] | Non
 
 def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] | None = None) -> pd.DataFrame:
     """Build the point-in-time feature table as of ``as_of`` of every customer, or of ``customer_ids``."""
-    from mlpkg.features import build_features
-
     # DuckDB aggregates the events (releasing the GIL) while the small tables are read.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-summary") as pool:
         summary = pool.submit(event_summary, engine, as_of, customer_ids)
@@ -773,7 +770,7 @@ def customer_features(engine: Engine, as_of: datetime, customer_ids: list[str] |
         events = summary.result()
     return build_features(
         hist["customers"], hist["events"], hist["orders"], pd.Timestamp(as_of), consent=hist["consent"],
-        event_summary=events, campaign_history=hist["campaign"].replace({"kind": {"delivered": "message"}}),
+        event_summary=events, campaign_history=hist["campaign"],
     )
 
 

@@ -48,7 +48,7 @@ CATEGORICAL_FEATURES: list[str] = ["region", "device", "segment"]
 #: Look-back of the features on the shop's own campaigns (messages sent, clicks, redemptions).
 CAMPAIGN_WINDOW_DAYS = 180.0
 #: Kinds of rows in ``campaign_history`` (see :func:`build_features`).
-CAMPAIGN_KINDS = ("message", "click", "redeem")
+CAMPAIGN_KINDS = ("delivered", "click", "redeem")
 
 # (feature, event_type, window in days)
 _EVENT_COUNTS: tuple[tuple[str, str, float], ...] = (
@@ -187,9 +187,10 @@ def build_features(
         event_summary: The events already aggregated by :func:`summarise_events` (over the event
             store); ``events`` is then ignored.
         campaign_history: Optional ``customer_id``, ``ts``, ``kind`` rows of the shop's own
-            campaigns: ``message`` (a coupon message sent), ``click`` and ``redeem`` (responses
-            to one). They give the response features (``campaign_*`` over the last
-            :data:`CAMPAIGN_WINDOW_DAYS` days, and the days since the last message); without it
+            campaigns, in the feedback events' vocabulary: ``delivered`` (a coupon message reached
+            the customer), ``click`` and ``redeem`` (responses to one). They give the response
+            features (``campaign_*`` over the last :data:`CAMPAIGN_WINDOW_DAYS` days, and the days
+            since the last message); without it
             every customer counts as never messaged.
 
     Returns:
@@ -304,13 +305,13 @@ def _campaign_response(
         for k in CAMPAIGN_KINDS:
             rows = keep & (kind == k) & (age <= CAMPAIGN_WINDOW_DAYS)
             counts[k] = np.bincount(code[rows], minlength=n).astype(float)
-        sent = keep & (kind == "message")
+        sent = keep & (kind == "delivered")
         np.minimum.at(last_message, code[sent], np.minimum(age[sent], RECENCY_CAP_DAYS))
     return {
-        "campaign_messages_180d": counts["message"],
+        "campaign_messages_180d": counts["delivered"],
         "campaign_clicks_180d": counts["click"],
         "campaign_redemptions_180d": counts["redeem"],
-        "campaign_click_rate": counts["click"] / (counts["message"] + 1.0),
+        "campaign_click_rate": counts["click"] / (counts["delivered"] + 1.0),
         "days_since_last_campaign": last_message,
     }
 

@@ -190,24 +190,22 @@ class Scores:
     version: str
     p: np.ndarray  # [n, A]
     has_arm: np.ndarray  # [A]
-    pay: np.ndarray  # [n, A] P(coupon redeemed): what the version expects to pay coupons on
+    pay: np.ndarray  # [n, A] the probability the version prices coupons at (its p, or its P(redeemed))
 
 
-def _score(model: Any, frame: pd.DataFrame, columns: list[str], version: str) -> Scores:
+def _score(model: Any, frame: pd.DataFrame, columns: list[str], version: str, econ: GateEconomics) -> Scores:
     """Score ``frame`` with a loaded version over the gate's columns (its missing arms: control's)."""
     scores = model.score_arrays(frame)
+    redeem = scores.get("p_redeem") if econ.price_redemptions else None
     own = list(model.arms)
     p = np.repeat(scores["p_conv"][:, [own.index(CONTROL)]].astype(np.float64), len(columns), axis=1)
+    pay = p.copy()
     has = np.zeros(len(columns), dtype=bool)
     for j, arm in enumerate(columns):
         if arm in own:
             p[:, j] = scores["p_conv"][:, own.index(arm)]
+            pay[:, j] = p[:, j] if redeem is None or arm == CONTROL else redeem[:, own.index(arm)]
             has[j] = True
-    pay = p.copy()
-    if "p_redeem" in scores:
-        for j, arm in enumerate(columns):
-            if arm in own and arm != CONTROL:
-                pay[:, j] = scores["p_redeem"][:, own.index(arm)]
     return Scores(version=version, p=p, has_arm=has, pay=pay)
 
 
@@ -390,9 +388,9 @@ def evaluate(
     versions = [challenger] + ([champion] if champion is not None else [])
     p_common = np.mean([v.p for v in versions], axis=0)
     # Each version allocates with its own predicted costs, as the product deploys it.
-    mine = policy_matrix(challenger, econ, challenger.pay if econ.price_redemptions else challenger.p)
+    mine = policy_matrix(challenger, econ, challenger.pay)
     if champion is not None:
-        theirs = policy_matrix(champion, econ, champion.pay if econ.price_redemptions else champion.p)
+        theirs = policy_matrix(champion, econ, champion.pay)
     else:
         theirs = random_targeting(econ, p_common)
     control = np.zeros_like(mine)
@@ -575,11 +573,11 @@ def gate_challenger(
     columns = [CONTROL, *economics.arms]
     numbers = None
     if len(test_frame) >= max(gate.min_test_rows, 2):
-        mine = _score(model, test_frame, columns, str(challenger_version))
+        mine = _score(model, test_frame, columns, str(challenger_version), economics)
         theirs = None
         if champion:
             loaded = registry.load_uplift_model(f"models:/{name}/{champion}", tracking_uri=tracking_uri)
-            theirs = _score(loaded, test_frame, columns, champion)
+            theirs = _score(loaded, test_frame, columns, champion, economics)
         numbers = evaluate(test_frame, economics, mine, theirs, gate)
     decision = decide(
         numbers,

@@ -375,7 +375,7 @@ def train(
         settings=settings,
         economics_for=lambda rows, columns: gate_economics(engine, settings, rows, columns),
     )
-    # What a treated conversion costs: the redeemed share, learnt from the logs that record it.
+    # What a contact costs in coupons: P(redeemed), learnt from the logs that record redemptions.
     redemption = fit_redemption(frame[~holdout], numeric, categorical, seed=settings.trainer.seed)
     common = dict(
         settings=settings,

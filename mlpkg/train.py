@@ -387,7 +387,7 @@ def train_uplift_model(
             (e.g. ``"retrain · v{version} · 2025-07-07"``); ``None`` keeps ``run_name``.
         holdout: ``bool [len(frame)]`` rows never trained on (the gate's frozen holdout): they
             are the test split; ``None`` draws a row-wise test split.
-        redemption: The redemption model logged beside the uplift model (prices treated conversions).
+        redemption: The redemption model logged beside the uplift model (prices a contact's coupon).
 
     Returns:
         The run id, model URI, registered version, metrics and held-out test rows.
@@ -782,7 +782,7 @@ def train_tlearner_model(
         version_run_name: Run name once registered, with ``{version}`` in it.
         holdout: ``bool [len(frame)]`` rows never trained on (the test rows); ``None``: 15 % of
             rows drawn at random.
-        redemption: The redemption model logged beside the uplift model (prices treated conversions).
+        redemption: The redemption model logged beside the uplift model (prices a contact's coupon).
 
     Returns:
         The run id, model URI, registered version, metrics and held-out test rows.

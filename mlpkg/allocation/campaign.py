@@ -149,6 +149,11 @@ def coupon_cost_given_conversion(catalog: ArmCatalog, basket: np.ndarray) -> np.
     return (basket * pct[None, :] + fixed[None, :]).astype(np.float32)
 
 
+def priced_redemptions(scores: dict[str, np.ndarray], cfg: CampaignSettings) -> np.ndarray | None:
+    """Return the P(redeemed) an allocation prices coupons at: the version's, with redemption pricing."""
+    return scores.get("p_redeem") if cfg.coupon_pricing == "redemption" else None
+
+
 def option_economics(
     p_conv: np.ndarray,
     revenue: np.ndarray,
@@ -399,7 +404,7 @@ def score_population(
     catalog = build_catalog(model_arms, coupons, channels, as_of)
     value, cost, uplift, basket = option_economics(
         scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin,
-        p_redeem=scores.get("p_redeem") if cfg.coupon_pricing == "redemption" else None,
+        p_redeem=priced_redemptions(scores, cfg),
     )
     n, k = value.shape
     eligible = np.zeros((n, k), dtype=bool)

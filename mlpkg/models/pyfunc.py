@@ -28,7 +28,7 @@ from mlpkg.models.redemption import RedemptionModel
 
 CONFIG_ARTIFACT = "config"
 WEIGHTS_ARTIFACT = "weights"
-#: Optional: the redemption model (:mod:`mlpkg.models.redemption`) that prices a treated conversion.
+#: Optional: the redemption model (:mod:`mlpkg.models.redemption`) that prices a contact's coupon.
 REDEMPTION_ARTIFACT = "redemption"
 DEFAULT_CHUNK_SIZE = 65_536
 _CONFIG_VERSION = 1

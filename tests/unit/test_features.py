@@ -214,8 +214,8 @@ def test_campaign_response_features_count_only_the_window_before_as_of(tiny):
         {
             "customer_id": ["a", "a", "a", "a", "a", "b", "b", "b", "zz"],
             "ts": [ts(30), ts(29), ts(8), ts(7), ts(-1), ts(200), ts(3), ts(0), ts(5)],
-            "kind": ["message", "click", "message", "redeem", "click"]
-            + ["message", "message", "click", "message"],
+            "kind": ["delivered", "click", "delivered", "redeem", "click"]
+            + ["delivered", "delivered", "click", "delivered"],
         }
     )
     f = build_features(customers, events, orders, AS_OF, campaign_history=history).set_index("customer_id")

@@ -15,6 +15,7 @@ import pandas as pd
 from sqlalchemy import select
 
 from mlpkg import stages
+from mlpkg.allocation.campaign import priced_redemptions
 from mlpkg.config import Settings
 from mlpkg.db import queries as q
 from mlpkg.simulator.lab import harness
@@ -213,7 +214,7 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
         alloc = allocate_by_scores(
             ids, scores["p_conv"], scores["revenue"], list(scores["arms"]), shop, budget,
             objective=objective, margin=settings.campaign.margin,
-            p_redeem=scores.get("p_redeem") if settings.campaign.coupon_pricing == "redemption" else None,
+            p_redeem=priced_redemptions(scores, settings.campaign),
         )  # fmt: skip
         truth = shop.oracle_value(alloc, margin=settings.campaign.margin)
         values[role] = float(truth["incremental_conversions"])
