@@ -106,6 +106,19 @@ class CampaignSettings(BaseModel):
         "but the loop over-spent its budget by 14-49% in truth: the model under-predicts the redemptions "
         "of the customers it targets).",
     )
+    cost_calibration_campaigns: int = Field(
+        4,
+        ge=0,
+        description="Recent measured campaigns whose realised coupon costs calibrate the expected ones: each "
+        "coupon's expected cost is multiplied by realised / expected, so the budget holds in what is really "
+        "paid (0: no calibration).",
+    )
+    cost_calibration_credibility: float = Field(
+        30.0,
+        gt=0,
+        description="Redemptions at which a coupon's own realised / expected cost ratio weighs as much as "
+        "its prior (all coupons' ratio; for that one, no calibration).",
+    )
     attribution_rows: Literal["all", "decisive"] = Field(
         "all",
         description="Ledger rows whose reason carries feature attributions: all, or the decisive ones "

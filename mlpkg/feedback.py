@@ -139,9 +139,28 @@ def attribute_campaign(
     # Every message sent costs its channel's send cost, whatever the customer did with it; a message
     # never sent (no contact, bounced) costs nothing.
     was_sent = out["customer_id"].isin(set(sends["customer_id"]))
-    out["send_cost"] = (
-        out["channel"].map(channels.set_index("channel")["send_cost"]).fillna(0.0).where(was_sent, 0.0)
-    )
+    channel_send = out["channel"].map(channels.set_index("channel")["send_cost"]).fillna(0.0)
+    out["send_cost"] = channel_send.where(was_sent, 0.0)
+    # What the allocation expected the coupon to cost (its expected spend less the send cost).
+    out["expected_coupon_cost"] = (out["expected_cost"].astype(float) - channel_send).clip(lower=0.0)
+    return out
+
+
+def coupon_cost_outcomes(treated: pd.DataFrame) -> dict[str, dict]:
+    """Per coupon: the treated rows, their redemptions, the realised and the expected coupon cost.
+
+    The allocation's cost calibration (:mod:`mlpkg.allocation.cost_calibration`) compares the
+    two over recent campaigns.
+    """
+    rows = treated[treated["coupon_id"].notna()]
+    out = {}
+    for coupon, part in rows.groupby("coupon_id"):
+        out[str(coupon)] = {
+            "rows": int(len(part)),
+            "redemptions": int(part["redeem"].sum()),
+            "realised": round(float(part["coupon_cost"].sum()), 4),
+            "expected": round(float(part["expected_coupon_cost"].sum()), 4),
+        }
     return out
 
 
@@ -237,7 +256,7 @@ def measure_campaign(
         )
         for b, v, mt in results
     ]
-    log_name = f"campaign:{campaign_id}"
+    log_name = f"{m.CAMPAIGN_LOG_PREFIX}{campaign_id}"
     with session_scope(engine) as session:
         q.delete_rows(session, m.CampaignMetric, campaign_id=campaign_id)
         q.upsert_rows(session, m.CampaignMetric, rows)
@@ -249,6 +268,8 @@ def measure_campaign(
                 "final": final,
                 "feedback_events": q.feedback_event_count(session, campaign_id),
                 "measured_at": now.isoformat(),
+                # The model-policy rows' coupon costs, realised against expected.
+                "coupon_costs": coupon_cost_outcomes(targeted),
             },
         }
         if not final:

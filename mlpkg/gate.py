@@ -45,9 +45,11 @@ from sqlalchemy import Engine, select
 
 from mlpkg import registry
 from mlpkg.allocation.campaign import read_offer
+from mlpkg.allocation.cost_calibration import coupon_cost_calibration
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
 from mlpkg.config import GateSettings, Settings
 from mlpkg.db import models as m
+from mlpkg.db import queries as q
 from mlpkg.db.engine import session_scope
 from mlpkg.evaluation.ope import paired_difference
 from mlpkg.evaluation.uplift_metrics import consent_eligibility, expected_calibration_error
@@ -135,6 +137,19 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
             (log.spec or {}).get("format") in _SHOP_LOG_FORMATS or not (log.spec or {}).get("features")
             for log in logs
         )
+        # Coupons priced as the next campaign will price them: calibrated on what recent ones paid.
+        calibration = coupon_cost_calibration(session, settings.campaign)
+        # Each log's budget per customer of its population: a campaign CouponOps ran had its own
+        # budget; a shop's past campaign log gets the configured one.
+        per_customer = {}
+        for log in logs:
+            ran = (
+                q.get_campaign(session, log.name.removeprefix(m.CAMPAIGN_LOG_PREFIX))
+                if log.name.startswith(m.CAMPAIGN_LOG_PREFIX)
+                else None
+            )
+            log_budget = float(ran.budget) if ran is not None else settings.campaign.budget
+            per_customer[log.name] = log_budget / max(int(log.n_rows or 0), 1)
     send = np.zeros(k)
     coupon = np.zeros((n, k))
     known = np.zeros(k, dtype=bool)
@@ -152,7 +167,8 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
             row = coupon_rows.loc[code]
             kind = str(row["kind"])
             value = float(row["face_value"])
-            coupon[:, j] = basket * value / 100.0 if kind == "percent_off" else value
+            price = basket * value / 100.0 if kind == "percent_off" else value
+            coupon[:, j] = price * calibration.factor(code)
             send[j] = float(channel_rows.loc[channel, "send_cost"])
             min_basket[j] = float(row["min_basket"] or 0.0)
             known[j] = True
@@ -162,13 +178,16 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
     eligible = consent_eligibility(frame, ["control", *treated]) & known[None, :]
     eligible &= basket[:, None] >= min_basket[None, :]
     if shop_only and known.all() and log_names:
-        rows_per_log = frame.groupby("log_name").size()
-        per_row = settings.campaign.budget / float(rows_per_log.median())
+        budget = float(frame["log_name"].map(per_customer).fillna(0.0).sum())
         basis = (
-            f"shop catalogue costs; budget {settings.campaign.budget:g} per campaign of "
-            f"{int(rows_per_log.median()):,} customers, scaled to the held-out rows"
+            "shop catalogue costs; each campaign's budget per customer of its population "
+            f"(configured: {settings.campaign.budget:g} per campaign), over the held-out rows"
         )
-        budget = per_row * n
+        if calibration.campaigns:
+            basis += (
+                f"; coupon costs calibrated on {len(calibration.campaigns)} measured campaigns "
+                f"({calibration.redemptions} redemptions, pooled factor {calibration.pooled:g})"
+            )
     else:
         if not (send > 0).any():
             send = np.where(known, 1.0, 0.0)  # the log declares no costs: every arm costs one unit

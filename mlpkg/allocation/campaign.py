@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
 from mlpkg import registry
+from mlpkg.allocation.cost_calibration import UNCALIBRATED, CostCalibration, coupon_cost_calibration
 from mlpkg.allocation.fairness import group_constraints, group_prices, subset
 from mlpkg.allocation.reasons import (
     PlanState,
@@ -164,6 +165,7 @@ def option_economics(
     margin: float,
     p_redeem: np.ndarray | None = None,
     redeemed_basket: np.ndarray | None = None,
+    calibration: CostCalibration = UNCALIBRATED,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Turn per-arm predictions into (value, cost, uplift, basket) matrices over the catalog's options.
 
@@ -172,7 +174,9 @@ def option_economics(
     probability ``p_redeem`` (``[n, A]`` in ``model_arms`` order, the model's P(redeemed | arm));
     without it, every treated conversion is charged the coupon. A percentage coupon is priced on
     ``redeemed_basket`` (``[n, A]``, the order value of a redemption, as the simulator's oracle
-    knows it) when given, else on the revenue given conversion.
+    knows it) when given, else on the revenue given conversion. ``calibration`` scales each
+    coupon's expected cost by what recent campaigns really paid against what they expected
+    (:mod:`mlpkg.allocation.cost_calibration`).
     """
     idx = [model_arms.index(a) for a in catalog.arms]
     c0 = model_arms.index(CONTROL)
@@ -183,7 +187,8 @@ def option_economics(
     uplift = p_t - p_c
     p_pay = p_t if p_redeem is None else np.asarray(p_redeem)[:, idx].astype(np.float32)
     basket = r_t if redeemed_basket is None else np.asarray(redeemed_basket)[:, idx].astype(np.float32)
-    coupon_cost = p_pay * coupon_cost_given_conversion(catalog, basket)
+    factor = np.array([calibration.factor(catalog.coupon_ids[c]) for c in catalog.option_coupon], np.float32)
+    coupon_cost = p_pay * coupon_cost_given_conversion(catalog, basket) * factor[None, :]
     cost = coupon_cost + catalog.send_cost[None, :].astype(np.float32)
     inc_revenue = p_t * r_t - p_c * r_c
     if objective == "conversions":
@@ -366,6 +371,8 @@ class ScoredPopulation:
     #: reasons' attributions need not rebuild them (merged shards carry neither).
     features: pd.DataFrame | None = None
     scorer: object | None = None
+    #: The calibration of the expected coupon costs (what recent campaigns really paid).
+    calibration: CostCalibration = UNCALIBRATED
 
 
 def score_population(
@@ -391,6 +398,7 @@ def score_population(
         consented = q.consent_as_of(session, as_of)
         cooldown = q.customers_on_cooldown(session, as_of - timedelta(days=cfg.cooldown_days), until=as_of)
         reachable = q.reachable_customers(session)
+        calibration = coupon_cost_calibration(session, cfg, before=as_of)
     if model_uri is None:
         # Cold start: every live coupon x channel is an arm, scored with a flat prior (only used
         # for expected costs); the exploration share grows to use the budget.
@@ -404,21 +412,26 @@ def score_population(
     catalog = build_catalog(model_arms, coupons, channels, as_of)
     value, cost, uplift, basket = option_economics(
         scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin,
-        p_redeem=priced_redemptions(scores, cfg),
+        p_redeem=priced_redemptions(scores, cfg), calibration=calibration,
     )
     n, k = value.shape
     eligible = np.zeros((n, k), dtype=bool)
+    # Hashed membership (pandas), not np.isin: on string ids that sorts both sides every call.
+    customers = pd.Index(ids)
+    # Consent to the channel and a contact on it: budget is never spent on a message that cannot go out.
+    open_on = {
+        h: customers.isin(consented.get(h, set()) & reachable.get(h, set())) for h in catalog.channels
+    }
     for j, arm in enumerate(catalog.arms):
-        channel = arm.split("@")[1]
-        # Consent to the channel and a contact on it: budget is never spent on a message that cannot go out.
-        eligible[:, j] = np.isin(ids, list(consented.get(channel, set()) & reachable.get(channel, set())))
+        eligible[:, j] = open_on[arm.split("@")[1]]
     eligible &= basket >= catalog.min_basket[None, :]
     if cooldown:
-        eligible &= ~np.isin(ids, list(cooldown))[:, None]
+        eligible &= ~customers.isin(cooldown)[:, None]
     base_rate = scores["p_conv"][:, model_arms.index(CONTROL)].astype(np.float32)
     return ScoredPopulation(
         ids=ids, catalog=catalog, value=value, cost=cost, uplift=uplift, eligible=eligible,
         base_rate=base_rate, features=feats, scorer=scorer if model_uri is not None else None,
+        calibration=calibration,
     )  # fmt: skip
 
 
@@ -655,6 +668,7 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         "exploration_share": round(float(explore_share), 6),
         "group_sizing": shares.sizing,
         "budget": budget,
+        "cost_calibration": pop.calibration.as_dict(),
         "spend": round(spend, 4),
         "objective": objective,
         "expected_objective": round(float(sum(r["expected_value"] for r in rows)), 4),

@@ -61,13 +61,15 @@ def eligibility_causes(
     """Name the filter that left each customer without an eligible option (cooldown > consent > the rest)."""
     n = len(ids)
     none = ~eligible.any(axis=1) if eligible.shape[1] else np.ones(n, dtype=bool)
-    on_cooldown = np.isin(ids, list(cooldown)) if cooldown else np.zeros(n, dtype=bool)
+    # Hashed membership (pandas), not np.isin: on string ids that sorts both sides every call.
+    customers = pd.Index(ids)
+    on_cooldown = customers.isin(cooldown) if cooldown else np.zeros(n, dtype=bool)
     any_consent = np.zeros(n, dtype=bool)
     any_reach = np.zeros(n, dtype=bool)
     for h in channels:
         ok = consented.get(h, set())
-        any_consent |= np.isin(ids, list(ok))
-        any_reach |= np.isin(ids, list(ok & reachable.get(h, set())))
+        any_consent |= customers.isin(ok)
+        any_reach |= customers.isin(ok & reachable.get(h, set()))
     offered = ", ".join(channels) or "none"
     cause = np.full(n, "", dtype=object)
     detail = np.full(n, "", dtype=object)

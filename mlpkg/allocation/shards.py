@@ -29,6 +29,7 @@ import pandas as pd
 from sqlalchemy import Engine, select
 
 from mlpkg.allocation.campaign import ScoredPopulation, build_catalog, read_offer, score_population
+from mlpkg.allocation.cost_calibration import CostCalibration
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 
@@ -140,7 +141,9 @@ def score_shard(engine: Engine, settings: Settings, job: ScoringJob) -> dict:
     with tmp.open("wb") as fh:
         np.savez(
             fh,
-            meta=np.array(json.dumps({"format": FORMAT, **job.as_dict()})),
+            meta=np.array(
+                json.dumps({"format": FORMAT, **job.as_dict(), "cost_calibration": pop.calibration.as_dict()})
+            ),
             ids=np.asarray(pop.ids, dtype=str),
             arms=np.asarray(pop.catalog.arms, dtype=str),
             value=pop.value,
@@ -174,6 +177,7 @@ def _read_shard(path: Path, expected: ScoringJob) -> dict:
                 f"{getattr(expected, key)!r}; every shard of one allocation must come from the same run"
             )
     data["shard"] = int(meta["shard"])
+    data["calibration"] = CostCalibration.from_dict(meta.get("cost_calibration"))
     return data
 
 
@@ -195,7 +199,14 @@ def merge_shards(engine: Engine, paths: list[str | Path], expected: ScoringJob) 
             f"0..{expected.n_shards - 1} exactly once"
         )
     arms = parts[0]["arms"].tolist()
+    calibration = parts[0]["calibration"]
     for p, path in zip(parts, paths, strict=True):
+        if p["calibration"] != calibration:
+            raise ShardMismatchError(
+                f"scoring shard {path} priced coupons with cost calibration {p['calibration'].as_dict()}, "
+                f"shard 0 with {calibration.as_dict()}; a campaign was measured while the shards were "
+                "scored: re-run the scoring"
+            )
         if p["arms"].tolist() != arms:
             raise ShardMismatchError(
                 f"scoring shard {path} has arms {p['arms'].tolist()}, shard 0 has {arms}"
@@ -221,4 +232,5 @@ def merge_shards(engine: Engine, paths: list[str | Path], expected: ScoringJob) 
         uplift=stack("uplift"),
         eligible=stack("eligible"),
         base_rate=np.concatenate([p["base_rate"] for p in parts])[order],
+        calibration=calibration,
     )

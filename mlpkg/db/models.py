@@ -211,6 +211,10 @@ class IngestedFile(Base):
     loaded_at: Mapped[datetime] = mapped_column(TS)
 
 
+#: A measured campaign's training log is named this prefix plus the campaign id.
+CAMPAIGN_LOG_PREFIX = "campaign:"
+
+
 class CampaignLog(Base):
     """A historical campaign (simulated or imported) usable for training and evaluation."""
 

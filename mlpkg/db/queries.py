@@ -283,6 +283,17 @@ def campaigns(session: Session, limit: int = 50) -> list[m.Campaign]:
     )
 
 
+def measured_campaign_summaries(
+    session: Session, *, before: datetime | None = None, limit: int = 4
+) -> list[tuple[str, dict]]:
+    """Return ``(campaign_id, summary)`` of the ``limit`` newest measured campaigns sent before ``before``."""
+    stmt = select(m.Campaign.campaign_id, m.Campaign.summary).where(m.Campaign.status == "measured")
+    if before is not None:
+        stmt = stmt.where(m.Campaign.as_of < before)
+    rows = session.execute(stmt.order_by(m.Campaign.as_of.desc()).limit(limit)).all()
+    return [(str(cid), dict(summary or {})) for cid, summary in rows]
+
+
 def delete_rows(session: Session, model: type[m.Base], **where: Any) -> int:
     """Delete rows matching equality filters (used to replace a stage's own output)."""
     stmt = model.__table__.delete()

@@ -16,8 +16,10 @@ from sqlalchemy import select
 
 from mlpkg import stages
 from mlpkg.allocation.campaign import priced_redemptions
+from mlpkg.allocation.cost_calibration import coupon_cost_calibration
 from mlpkg.config import Settings
 from mlpkg.db import queries as q
+from mlpkg.db.engine import session_scope
 from mlpkg.simulator.lab import harness
 
 CONTROL = "control"
@@ -206,6 +208,8 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
     feats = customer_features(stages._engine(settings), as_of)
     feats = feats[~feats["customer_id"].isin(cooling)].sort_values("customer_id").reset_index(drop=True)
     ids = feats["customer_id"].tolist()
+    with session_scope(stages._engine(settings)) as session:
+        calibration = coupon_cost_calibration(session, settings.campaign, before=as_of)
     values = {}
     for role, version in (("challenger", gate["challenger_version"]), ("champion", gate["champion_version"])):
         scores = score_with_model(
@@ -214,7 +218,7 @@ def _gate_truth(  # noqa: ANN001 - shop: the simulated Shop
         alloc = allocate_by_scores(
             ids, scores["p_conv"], scores["revenue"], list(scores["arms"]), shop, budget,
             objective=objective, margin=settings.campaign.margin,
-            p_redeem=priced_redemptions(scores, settings.campaign),
+            p_redeem=priced_redemptions(scores, settings.campaign), calibration=calibration,
         )  # fmt: skip
         truth = shop.oracle_value(alloc, margin=settings.campaign.margin)
         values[role] = float(truth["incremental_conversions"])
@@ -262,8 +266,6 @@ def _oracle_value(
 def _coupon_stock(settings: Settings) -> dict[str, int]:
     """Coupons left per coupon id in the warehouse (inventory less those issued)."""
     from mlpkg.db import models as m
-    from mlpkg.db.engine import session_scope
-
     with session_scope(stages._engine(settings)) as session:
         rows = session.execute(select(m.Coupon.coupon_id, m.Coupon.inventory, m.Coupon.issued)).all()
     return {str(c): max(int(inv) - int(issued or 0), 0) for c, inv, issued in rows}
@@ -276,8 +278,6 @@ def _share(value: float, reference: float) -> float:
 
 def _on_cooldown(settings: Settings, now) -> set[str]:  # noqa: ANN001
     """Customers who got a coupon from an earlier campaign within the cooldown period."""
-    from mlpkg.db.engine import session_scope
-
     as_of = q.as_utc(now).to_pydatetime()
     since = as_of - timedelta(days=settings.campaign.cooldown_days)
     with session_scope(stages._engine(settings)) as session:

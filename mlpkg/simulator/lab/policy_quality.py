@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from mlpkg.allocation.campaign import ArmCatalog, build_catalog, option_economics
+from mlpkg.allocation.cost_calibration import UNCALIBRATED, CostCalibration
 from mlpkg.allocation.solver import AllocationProblem, solve_lagrangian
 from mlpkg.config import Settings
 from mlpkg.evaluation.uplift_metrics import consent_eligibility, multi_arm_qini, qini_coefficient
@@ -241,6 +242,7 @@ def allocate_by_scores(
     p_redeem: np.ndarray | None = None,
     redeemed_basket: np.ndarray | None = None,
     coupon_stock: Mapping[str, float] | None = None,
+    calibration: CostCalibration = UNCALIBRATED,
 ) -> pd.DataFrame:
     """Allocate arms from per-arm scores with the product's economics and solver.
 
@@ -263,6 +265,7 @@ def allocate_by_scores(
             scores it or as the truth gives it; None charges the coupon on every treated conversion.
         redeemed_basket: ``[n, A]`` order value a percentage coupon is redeemed on (None: ``revenue``).
         coupon_stock: Coupons left per coupon id (None: the shop's share of the customers).
+        calibration: The product's calibration of expected coupon costs on realised ones.
 
     Returns:
         ``customer_id`` and ``arm`` (``control`` = nothing sent) for every customer.
@@ -280,7 +283,7 @@ def allocate_by_scores(
     product_objective = "conversions" if objective == "response" else objective
     value, cost, _, _ = option_economics(
         p_conv, revenue, arms, catalog, objective=product_objective, margin=margin,
-        p_redeem=p_redeem, redeemed_basket=redeemed_basket,
+        p_redeem=p_redeem, redeemed_basket=redeemed_basket, calibration=calibration,
     )
     if objective == "response":
         value = np.ascontiguousarray(p_conv[:, [arms.index(a) for a in catalog.arms]], dtype=np.float32)
