@@ -107,11 +107,14 @@ class CampaignSettings(BaseModel):
         "of the customers it targets).",
     )
     cost_calibration_campaigns: int = Field(
-        4,
+        0,
         ge=0,
         description="Recent measured campaigns whose realised coupon costs calibrate the expected ones: each "
-        "coupon's expected cost is multiplied by realised / expected, so the budget holds in what is really "
-        "paid (0: no calibration).",
+        "coupon's expected cost is multiplied by realised / expected (0, the default: no calibration). "
+        "Measured in the 20,000-customer closed loop, it does not hold the budget in truth: the ratio moves "
+        "with the customers targeted (those left by the cooldown redeem about half as often at the same "
+        "predicted probability), so a round calibrated on the previous one spent 45-65% or 120-145% of "
+        "its budget.",
     )
     cost_calibration_credibility: float = Field(
         30.0,

@@ -76,6 +76,8 @@ def test_campaigns_without_expected_costs_give_no_calibration():
 
 def test_a_measured_campaign_calibrates_the_next_allocations_coupon_costs(ingested, monkeypatch):
     settings, engine = ingested
+    assert settings.campaign.cost_calibration_campaigns == 0  # off unless asked for (see its description)
+    settings.campaign.cost_calibration_campaigns = 4
     settings.campaign.cost_calibration_credibility = 1.0
     shop = harness.load_world(settings)
     use_oracle(monkeypatch, shop)
