@@ -120,8 +120,10 @@ def gate_economics(engine: Engine, settings: Settings, frame: pd.DataFrame, arms
 
     Shop arms (``coupon@channel`` in the catalogue) cost their send cost plus the coupon's value
     on conversion (percent coupons at the customer's average basket), are open to customers who
-    consented to the channel and reach the coupon's minimum basket, and share the campaign budget
-    scaled to the rows (``campaign.budget`` per campaign population). Arms of imported logs cost
+    consented to the channel and reach the coupon's minimum basket (coupon costs calibrated as
+    the next campaign's, see :mod:`mlpkg.allocation.cost_calibration`). The budget is each row's
+    share of its log's campaign: the budget CouponOps ran it with (``campaign.budget`` for a shop's
+    past campaign) over the customers of that campaign's population. Arms of imported logs cost
     what the log declares, and the budget lets ``gate.treat_fraction`` of the rows be treated.
     """
     treated = [a for a in arms if a != CONTROL]
