@@ -18,8 +18,10 @@ def test_two_rounds_from_a_cold_start(settings):
         assert row["spend"] <= 40.0 + 1e-6
         assert row["oracle_incremental"] > 0 and math.isfinite(row["share_of_oracle"])
         lo, hi = row["measured_ci"]
-        # The measured interval covers what the simulator knows the model group truly gained.
-        assert lo < hi and lo <= row["model_group_true"] <= hi, row
+        # The measured 95% interval, widened to about 3 standard errors (a 99.7% interval; one
+        # draw misses the plain 95% one in 1 of 20 runs), covers what the model group truly gained.
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        assert lo < hi and abs(row["model_group_true"] - mid) <= 1.5 * half, row
         assert math.isfinite(row["ope_snips_incremental"]) and math.isfinite(row["ope_dr_incremental"])
         # The oracle knows the true costs: what it is given is what it spends, in truth.
         assert row["oracle_true_spend"] <= 40.0 + 1e-6 and row["true_spend"] > 0

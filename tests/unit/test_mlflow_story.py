@@ -203,7 +203,8 @@ def test_a_campaign_run_carries_its_lineage_and_money_as_metrics(ingested):
     # Exposure and disparity by each declared sensitive attribute (region, device, segment).
     for attribute in ("region", "device", "segment"):
         assert f"fairness/{attribute}/share_treated_disparity" in metrics
-        assert 0 < metrics[f"fairness/{attribute}/share_treated_disparity"] <= 1
+        # 0 when a group got no coupon at all (a small campaign's draw can leave one out).
+        assert 0 <= metrics[f"fairness/{attribute}/share_treated_disparity"] <= 1
     # Four significant digits, not fifteen decimals.
     assert all(v == float(f"{v:.4g}") for v in metrics.values())
     assert "report/index.html" in {f.path for f in client.list_artifacts(run.info.run_id, "report")}
