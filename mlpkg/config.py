@@ -95,6 +95,14 @@ class CampaignSettings(BaseModel):
     exploration_rows_per_arm: int | None = Field(
         30, ge=1, description="Random rows per option on offer per campaign (None: always exploration_share)."
     )
+    challenger_share: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of the model group a live challenger allocates: the latest version the gate kept "
+        "out on too little evidence (guards passed, not shown worse). Its choices are logged with "
+        "propensities near this share, so the next gate can tell the versions apart (0: champion only).",
+    )
     cooldown_days: int = Field(14, ge=0)
     attribution_window_days: int = Field(7, ge=1)
     score_chunk_size: int = Field(65_536, ge=1024)

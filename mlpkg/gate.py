@@ -227,6 +227,9 @@ def _score(model: Any, frame: pd.DataFrame, columns: list[str], version: str, ec
             p[:, j] = scores["p_conv"][:, own.index(arm)]
             pay[:, j] = p[:, j] if redeem is None or arm == CONTROL else redeem[:, own.index(arm)]
             has[j] = True
+    if redeem is not None:
+        # As the allocator prices it: a conversion the coupon caused redeems it (see option_economics).
+        pay[:, 1:] = np.maximum(pay[:, 1:], p[:, 1:] - p[:, :1])
     return Scores(version=version, p=p, has_arm=has, pay=pay)
 
 

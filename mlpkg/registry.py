@@ -13,6 +13,7 @@ import json
 import tempfile
 from collections.abc import Mapping
 from datetime import datetime
+from statistics import NormalDist
 
 import mlflow
 import mlflow.pyfunc
@@ -243,6 +244,33 @@ def promote(
     )
 
 
+def live_challenger(
+    client: MlflowClient, name: str, *, champion: str | None, confidence: float
+) -> str | None:
+    """Return the version that allocates beside the champion in a live comparison, or None.
+
+    That is the ``challenger`` alias's version when it is newer than the champion, passed the
+    gate's guards and was kept for want of evidence without being shown worse: the gate's outcome
+    is ``kept`` and the upper bound of its paired gain at the gate's confidence is above zero. A
+    refused version (failed guards) or one the holdout showed worse never reaches customers.
+    """
+    if champion is None:
+        return None
+    version = alias_version(client, name, CHALLENGER)
+    if version is None or int(version) <= int(champion):
+        return None
+    tags = client.get_model_version(name, version).tags or {}
+    if tags.get("gate.outcome") != "kept":
+        return None
+    try:
+        gain, stderr = float(tags["gate.gain"]), float(tags["gate.gain_stderr"])
+    except (KeyError, ValueError):
+        return None
+    if not (np.isfinite(gain) and np.isfinite(stderr)):
+        return None
+    return version if gain + NormalDist().inv_cdf(confidence) * stderr > 0 else None
+
+
 def no_champion_message(client: MlflowClient, name: str, *, log_name: str | None = None) -> str:
     """Say why model ``name`` has no champion and how to go on (for every command that needs one).
 
@@ -270,4 +298,3 @@ def no_champion_message(client: MlflowClient, name: str, *, log_name: str | None
         f"To go on, promote a version by hand with a reason (`couponops promote {last.version}{log} "
         f"--reason '...'`), or add data and run `{train}` again"
     )
-

@@ -346,6 +346,7 @@ def campaign_detail(settings: Settings, campaign_id: str) -> dict:
             treated=summary.get("treated"),
             control_group=summary.get("control_group"),
             expected_incremental_conversions=summary.get("expected_incremental_conversions"),
+            live_comparison=summary.get("live_comparison"),
             sent=sent,
         )
     detail["measured"] = {
@@ -475,6 +476,12 @@ def _report_context(settings: Settings, campaign, metrics: pd.DataFrame, summary
     spend = report_page.group_numbers(treated, margin)["cost"] if treated else 0.0
     version = summary.get("model_version") or campaign.model_version
     model = f"{settings.registered_model_name} v{version}" if version else "none (cold start)"
+    live = summary.get("live_comparison")
+    if version and live:
+        model += (
+            f" with live challenger v{live['challenger_version']} on {live['challenger_share']:.0%} of the "
+            f"model group ({live['disagreements']:,} customers the versions disagree on)"
+        )
     url = mlflow_links.model_version_url(settings.mlflow_ui_url, settings.registered_model_name, version)
     lo, hi = report_page.interval_bounds(fair, "incremental_conversions")
     rlo, rhi = report_page.interval_bounds(fair, "incremental_revenue")

@@ -157,8 +157,14 @@ def _ingest_drops(settings: Settings, kind: str, *, now: datetime) -> dict:
             raise
         with session_scope(engine) as session:
             record_drop(session, drop, status="loaded", detail={"loaded": report["loaded"]}, now=now)
-        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"],
-                       "forgotten_rows_dropped": report["forgotten_rows_dropped"]})
+        loaded.append(
+            {
+                **drop.as_dict(),
+                "rows": report["loaded"],
+                "warnings": report["warnings"],
+                "forgotten_rows_dropped": report["forgotten_rows_dropped"],
+            }
+        )
     return {"skipped": False, "loaded": loaded, "zone": zone}
 
 
@@ -509,6 +515,21 @@ def _champion(settings: Settings, *, cold_start: bool) -> tuple[str | None, str 
     return version, (f"models:/{settings.registered_model_name}/{version}" if version else None)
 
 
+def _live_challenger(settings: Settings, champion: str | None) -> tuple[str | None, str | None]:
+    """Return the live challenger's (version, pinned model URI), ``(None, None)`` when there is none.
+
+    See :func:`mlpkg.registry.live_challenger`; ``campaign.challenger_share=0`` turns it off.
+    """
+    from mlpkg.registry import live_challenger, make_client
+
+    if settings.campaign.challenger_share <= 0:
+        return None, None
+    client = make_client(settings.resolved_tracking_uri)
+    name = settings.registered_model_name
+    version = live_challenger(client, name, champion=champion, confidence=settings.gate.confidence)
+    return version, (f"models:/{name}/{version}" if version else None)
+
+
 def allocate(
     settings: Settings,
     ctx: RunContext,
@@ -523,12 +544,14 @@ def allocate(
     """Allocate a campaign with the current champion and write the ledger, scoring in-process.
 
     With ``cold_start`` and no champion yet, the campaign is pure exploration within the budget.
+    A live challenger (:func:`_live_challenger`) allocates its share of the model group.
     """
     from mlpkg.allocation.campaign import allocate_campaign
     from mlpkg.db.queries import as_utc
 
     budget = check_budget(budget)
     version, model_uri = _champion(settings, cold_start=cold_start)
+    challenger_version, challenger_uri = _live_challenger(settings, version)
     return allocate_campaign(
         _engine(settings),
         settings,
@@ -540,6 +563,8 @@ def allocate(
         now=now or utcnow(),
         budget=budget,
         objective=objective,
+        challenger_uri=challenger_uri,
+        challenger_version=challenger_version,
     )
 
 
@@ -587,12 +612,15 @@ def plan_scoring(
         version, model_uri = _champion(settings, cold_start=cold_start)
     except LookupError as exc:
         return skipped(f"{exc} (couponops_train bootstraps one when labelled data lands)")
+    challenger_version, challenger_uri = _live_challenger(settings, version)
     jobs = plan_scoring_jobs(
         campaign_id=campaign_id,
         run_key=ctx.run_key,
         as_of=when,
         model_uri=model_uri,
         model_version=version,
+        challenger_uri=challenger_uri,
+        challenger_version=challenger_version,
         objective=objective or settings.campaign.objective,
         n_shards=n_shards or settings.campaign.score_shards,
     )
@@ -647,6 +675,8 @@ def allocate_scored(
         budget=budget,
         objective=job.objective,
         scored=lambda: merge_shards(engine, [s["path"] for s in shards], job),
+        challenger_uri=job.challenger_uri,
+        challenger_version=job.challenger_version,
     )
     shutil.rmtree(shard_dir(settings, job), ignore_errors=True)
     return {**summary, "campaign_id": job.campaign_id, "shards": len(shards)}
@@ -720,8 +750,9 @@ def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None
     return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
 
 
-def train_recommender(settings: Settings, *, as_of: datetime | None = None, now: datetime | None = None,
-                      actor: str = "cli") -> dict:
+def train_recommender(
+    settings: Settings, *, as_of: datetime | None = None, now: datetime | None = None, actor: str = "cli"
+) -> dict:
     """Evaluate the recommender on a time split, fit it on the history before ``as_of``, register it.
 
     ``as_of`` defaults to the product's clock (see :func:`product_now`).
@@ -730,12 +761,19 @@ def train_recommender(settings: Settings, *, as_of: datetime | None = None, now:
 
     now = now or utcnow()
     as_of = as_of or product_now(settings) or now
-    return _train(_engine(settings), settings, as_of, actor=actor, now=now,
-                  tags={"couponops.actor": actor, "git.commit": git_commit()})
+    return _train(
+        _engine(settings),
+        settings,
+        as_of,
+        actor=actor,
+        now=now,
+        tags={"couponops.actor": actor, "git.commit": git_commit()},
+    )
 
 
-def recommend(settings: Settings, campaign_id: str, *, now: datetime | None = None,
-              actor: str = "cli") -> dict:
+def recommend(
+    settings: Settings, campaign_id: str, *, now: datetime | None = None, actor: str = "cli"
+) -> dict:
     """Rank in-stock products for a campaign's treated customers with the champion recommender.
 
     Without a champion (the first campaign) one is trained on the history before the campaign's
@@ -784,8 +822,13 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     customer = stored_id(pseudonym_key(settings), str(customer_id).strip())
     with session_scope(_engine(settings)) as session:
         as_of = q.as_utc(q.get_campaign(session, campaign_id).as_of).to_pydatetime()
-        payload = message_payload(session, campaign_id, customer, sent_at=as_of,
-                                  products_per_message=settings.recommender.products_per_message)
+        payload = message_payload(
+            session,
+            campaign_id,
+            customer,
+            sent_at=as_of,
+            products_per_message=settings.recommender.products_per_message,
+        )
     if payload is None:
         raise LookupError(f"campaign {campaign_id!r} sends customer {customer_id!r} no coupon (not treated)")
     rendered = renderer_for(settings).render(payload)
@@ -793,9 +836,16 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     text = folder / f"{customer}.txt"
     text.write_text(f"Subject: {rendered.subject}\n\n{rendered.text}", encoding="utf-8")
-    out = {"campaign_id": campaign_id, "customer_id": customer, "channel": payload["channel"],
-           "coupon_id": payload["coupon_id"], "products": [p["product_id"] for p in payload["products"]],
-           "subject": rendered.subject, "text": str(text), "html": None}
+    out = {
+        "campaign_id": campaign_id,
+        "customer_id": customer,
+        "channel": payload["channel"],
+        "coupon_id": payload["coupon_id"],
+        "products": [p["product_id"] for p in payload["products"]],
+        "subject": rendered.subject,
+        "text": str(text),
+        "html": None,
+    }
     if rendered.html:
         html = folder / f"{customer}.html"
         html.write_text(rendered.html, encoding="utf-8")

@@ -516,6 +516,9 @@ def _log_model(
                 client.log_batch(run_id, params=[
                     Param("redemption.rows", str(redemption.rows)),
                     Param("redemption.redeemed_share", f"{redemption.redeemed_share:.4f}"),
+                    Param("redemption.family", redemption.family),
+                    *(Param(f"redemption.log_loss.{f}", f"{v:.5f}")
+                      for f, v in redemption.validation_log_loss.items()),
                 ])  # fmt: skip
             # Score through the same code path serving uses, so the metrics describe the logged model.
             scorer = UpliftPyfunc().load_artifacts(

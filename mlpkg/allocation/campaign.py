@@ -7,14 +7,24 @@ uniformly random eligible arm, and everyone else gets what the optimiser chose. 
 propensity is the marginal probability of the arm the customer received under this mixture,
 where the model's choice for every customer comes from the same Lagrangian prices the solver
 found, so control and exploration customers also carry the model's counterfactual arm.
+
+A live comparison: when the gate kept the champion over a newer version for want of evidence
+(:func:`mlpkg.registry.live_challenger`), a second hash of the customer and the campaign puts
+``challenger_share`` of the customers in the challenger's slot. The model policy scores each
+customer with their slot's version and one solve allocates the whole model group at one set of
+prices, so the two versions share the budget, inventory and capacity on equal terms; the logged
+propensity of the model branch is ``(1 - share) * [champion's choice] + share * [challenger's]``.
+Where the versions disagree, their arms are logged with propensities near one half: evidence
+the next gate can weigh with weights near 2, where exploration alone gives weights in the hundreds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -42,6 +52,7 @@ from mlpkg.db.engine import session_scope
 from mlpkg.validation import DataContractError, ValidationContext, validate_table
 
 CONTROL = "control"
+log = logging.getLogger(__name__)
 
 
 class PriorScorer:
@@ -185,7 +196,10 @@ def option_economics(
     p_c = p_conv[:, [c0]].astype(np.float32)
     r_c = revenue[:, [c0]].astype(np.float32)
     uplift = p_t - p_c
-    p_pay = p_t if p_redeem is None else np.asarray(p_redeem)[:, idx].astype(np.float32)
+    # A conversion the coupon caused uses the coupon: P(redeemed) is at least the uplift. Without
+    # the bound the solver buys, at a redemption model's low price, exactly the contacts whose
+    # uplift the conversion model overstates (predicted increments above predicted redemptions).
+    p_pay = p_t if p_redeem is None else np.maximum(np.asarray(p_redeem)[:, idx].astype(np.float32), uplift)
     basket = r_t if redeemed_basket is None else np.asarray(redeemed_basket)[:, idx].astype(np.float32)
     factor = np.array([calibration.factor(catalog.coupon_ids[c]) for c in catalog.option_coupon], np.float32)
     coupon_cost = p_pay * coupon_cost_given_conversion(catalog, basket) * factor[None, :]
@@ -232,13 +246,16 @@ def allocate_campaign(
     budget: float | None = None,
     objective: str | None = None,
     scored: Callable[[], ScoredPopulation] | None = None,
+    challenger_uri: str | None = None,
+    challenger_version: str | None = None,
 ) -> dict:
     """Allocate one campaign and write its ledger (idempotent per ``run_key``).
 
     ``scored`` returns the campaign's customers already scored (merged from scoring shards, see
     :func:`mlpkg.allocation.shards.merge_shards`); it is called only once the run holds the
     campaign, so a re-run of a finished run needs no scores. Without it every customer is scored
-    here.
+    here, by the champion and, when ``challenger_uri`` names a live challenger, by it too: the
+    challenger then allocates ``campaign.challenger_share`` of the model group (:func:`live_split`).
 
     Returns:
         A summary dict: counts per arm and policy, budget used, expected increments, solver gap.
@@ -274,8 +291,11 @@ def allocate_campaign(
             objective=objective,
             now=now,
             population=scored() if scored is not None else None,
+            challenger=(challenger_uri, challenger_version),
         )
         summary["model_version"] = model_version
+        if "live_comparison" in summary:
+            summary["live_comparison"]["champion_version"] = model_version
         _validate_ledger(rows, campaign_id, budget, now)
         with session_scope(engine) as session:
             q.upsert_rows(session, m.Allocation, rows)
@@ -373,6 +393,54 @@ class ScoredPopulation:
     scorer: object | None = None
     #: The calibration of the expected coupon costs (what recent campaigns really paid).
     calibration: CostCalibration = UNCALIBRATED
+    #: The live challenger's scores of the same customers and options (see :func:`live_split`).
+    challenger: ChallengerScores | None = None
+
+
+@dataclass
+class ChallengerScores:
+    """A live challenger's economics of every customer and option, in its population's order.
+
+    A version the gate kept out on too little evidence allocates a random share of the model
+    group beside the champion (:func:`live_split`): its choices then carry logged propensities
+    near one half, so the next gate compares versions on rows where they disagree with small
+    weights instead of on a few exploration rows with weights in the hundreds.
+    """
+
+    version: str
+    model_uri: str
+    value: np.ndarray
+    cost: np.ndarray
+    uplift: np.ndarray
+    base_rate: np.ndarray
+    scorer: object | None = None
+
+
+def live_split(campaign_id: str, ids: np.ndarray, share: float) -> np.ndarray:
+    """Return ``bool [n]``: the customers the live challenger would allocate (hash of id and campaign).
+
+    The draw is independent of the control/exploration draw, so each group holds the same share
+    of challenger customers and every customer's model arm (and propensity) is that of a known
+    mixture of the two versions.
+    """
+    if share <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    return uniform_draws(campaign_id, ids, "challenger") < share
+
+
+def blend(pop: ScoredPopulation, slot: np.ndarray) -> ScoredPopulation:
+    """Return the population as the model policy sees it: each customer scored by their slot's version."""
+    ch = pop.challenger
+    if ch is None or not slot.any():
+        return pop
+    pick = slot[:, None]
+    return replace(
+        pop,
+        value=np.where(pick, ch.value, pop.value),
+        cost=np.where(pick, ch.cost, pop.cost),
+        uplift=np.where(pick, ch.uplift, pop.uplift),
+        base_rate=np.where(slot, ch.base_rate, pop.base_rate),
+    )
 
 
 def score_population(
@@ -383,11 +451,14 @@ def score_population(
     model_uri: str | None,
     objective: str,
     customer_ids: list[str] | None = None,
+    challenger_uri: str | None = None,
+    challenger_version: str | None = None,
 ) -> ScoredPopulation:
     """Score customers' options as of ``as_of`` and apply consent, reachability, min-basket and cooldown.
 
     With ``model_uri=None`` (cold start) a flat prior stands in for the model. ``customer_ids``
     limits scoring to those customers (one shard, see :mod:`mlpkg.allocation.shards`).
+    ``challenger_uri`` also scores them with a live challenger (:class:`ChallengerScores`).
     """
     cfg = settings.campaign
     feats = customer_features(engine, as_of, customer_ids).sort_values("customer_id").reset_index(drop=True)
@@ -411,28 +482,73 @@ def score_population(
     _validate_scores(ids, scores, model_arms, f"model scores of {model_uri or 'the cold-start prior'}", as_of)
     catalog = build_catalog(model_arms, coupons, channels, as_of)
     value, cost, uplift, basket = option_economics(
-        scores["p_conv"], scores["revenue"], model_arms, catalog, objective=objective, margin=cfg.margin,
-        p_redeem=priced_redemptions(scores, cfg), calibration=calibration,
+        scores["p_conv"],
+        scores["revenue"],
+        model_arms,
+        catalog,
+        objective=objective,
+        margin=cfg.margin,
+        p_redeem=priced_redemptions(scores, cfg),
+        calibration=calibration,
     )
     n, k = value.shape
     eligible = np.zeros((n, k), dtype=bool)
     # Hashed membership (pandas), not np.isin: on string ids that sorts both sides every call.
     customers = pd.Index(ids)
     # Consent to the channel and a contact on it: budget is never spent on a message that cannot go out.
-    open_on = {
-        h: customers.isin(consented.get(h, set()) & reachable.get(h, set())) for h in catalog.channels
-    }
+    open_on = {h: customers.isin(consented.get(h, set()) & reachable.get(h, set())) for h in catalog.channels}
     for j, arm in enumerate(catalog.arms):
         eligible[:, j] = open_on[arm.split("@")[1]]
     eligible &= basket >= catalog.min_basket[None, :]
     if cooldown:
         eligible &= ~customers.isin(cooldown)[:, None]
     base_rate = scores["p_conv"][:, model_arms.index(CONTROL)].astype(np.float32)
+    challenger = None
+    if model_uri is not None and challenger_uri is not None and cfg.challenger_share > 0:
+        challenger = _score_challenger(
+            feats, catalog, settings, uri=challenger_uri, version=challenger_version or challenger_uri,
+            objective=objective, calibration=calibration, as_of=as_of,
+        )  # fmt: skip
     return ScoredPopulation(
         ids=ids, catalog=catalog, value=value, cost=cost, uplift=uplift, eligible=eligible,
         base_rate=base_rate, features=feats, scorer=scorer if model_uri is not None else None,
-        calibration=calibration,
+        calibration=calibration, challenger=challenger,
     )  # fmt: skip
+
+
+def _score_challenger(  # noqa: ANN001
+    feats: pd.DataFrame,
+    catalog: ArmCatalog,
+    settings: Settings,
+    *,
+    uri: str,
+    version: str,
+    objective: str,
+    calibration: CostCalibration,
+    as_of: datetime,
+) -> ChallengerScores | None:
+    """Score the live challenger on the champion's options (same customers, same catalog).
+
+    Returns None (no live split) when the challenger does not score every option on offer.
+    """
+    cfg = settings.campaign
+    scorer = registry.load_uplift_model(uri, tracking_uri=settings.resolved_tracking_uri)
+    arms = list(scorer.arms)
+    missing = sorted(set(catalog.arms) - set(arms))
+    if missing or CONTROL not in arms:
+        # A version of another log or offer cannot stand in for the champion on these options.
+        log.warning("live challenger %s does not score the options %s on offer: no live split", uri,
+                    missing or [CONTROL])  # fmt: skip
+        return None
+    scores = scorer.score_arrays(feats, chunk_size=cfg.score_chunk_size)
+    ids = feats["customer_id"].to_numpy()
+    _validate_scores(ids, scores, arms, f"model scores of live challenger {uri}", as_of)
+    value, cost, uplift, _ = option_economics(
+        scores["p_conv"], scores["revenue"], arms, catalog, objective=objective, margin=cfg.margin,
+        p_redeem=priced_redemptions(scores, cfg), calibration=calibration,
+    )  # fmt: skip
+    base_rate = scores["p_conv"][:, arms.index(CONTROL)].astype(np.float32)
+    return ChallengerScores(str(version), uri, value, cost, uplift, base_rate, scorer=scorer)
 
 
 @dataclass(frozen=True)
@@ -509,12 +625,20 @@ def size_groups(
     return GroupShares(round(control, 6), round(float(explore), 6), sizing)
 
 
-def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now, population):  # noqa: ANN001, ANN202
+def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective, now, population,  # noqa: ANN001, ANN202
+          challenger=(None, None)):  # fmt: skip
     cfg = settings.campaign
     started = time.perf_counter()
     if population is None:
-        population = score_population(engine, settings, as_of=as_of, model_uri=model_uri, objective=objective)
-    pop = population
+        population = score_population(
+            engine, settings, as_of=as_of, model_uri=model_uri, objective=objective,
+            challenger_uri=challenger[0], challenger_version=challenger[1],
+        )  # fmt: skip
+    live = population.challenger if model_uri is not None else None
+    share = float(cfg.challenger_share) if live is not None else 0.0
+    # Each customer's slot: which version's scores the model policy uses for them.
+    slot = live_split(campaign_id, population.ids, share)
+    pop = blend(population, slot)
     ids, catalog, value, cost, uplift, eligible = (
         pop.ids,
         pop.catalog,
@@ -612,11 +736,23 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
     final = np.full(n, -1)
     final[model_rows] = result.choice
     final[exp_rows] = exp_opts
-    if model_uri is None:
-        model_choice = np.full(n, -1)
-    else:
-        model_choice = _model_choice_for_all(value, cost, eligible, catalog, result.multipliers, constraints)
+    champ_choice = chal_choice = model_choice = np.full(n, -1)
+    if model_uri is not None:
+        # Each version's choice for every customer at the solver's prices; the model group's
+        # rows keep what the solver chose for them (by their slot's version).
+        prices = result.multipliers
+        champ_choice = _model_choice_for_all(
+            population.value, population.cost, eligible, catalog, prices, constraints
+        )
+        chal_choice = (
+            _model_choice_for_all(live.value, live.cost, eligible, catalog, prices, constraints)
+            if share > 0
+            else champ_choice
+        )
+        model_choice = np.where(slot, chal_choice, champ_choice)
         model_choice[model_rows] = result.choice
+        champ_choice = np.where(slot, champ_choice, model_choice)
+        chal_choice = np.where(slot, model_choice, chal_choice)
 
     c, e = control_share, explore_share
     rows = []
@@ -626,7 +762,8 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         arm = catalog.arms[j] if j >= 0 else CONTROL
         # Marginal probability of the received arm under the control/explore/model mixture.
         p_explore = (1.0 / n_elig[i] if j >= 0 else 0.0) if n_elig[i] > 0 else (1.0 if j < 0 else 0.0)
-        p_model = 1.0 if model_choice[i] == j else 0.0
+        # The model policy is the champion, or the mixture with the live challenger's share.
+        p_model = (1.0 - share) * (champ_choice[i] == j) + share * (chal_choice[i] == j)
         p_control = 1.0 if j < 0 else 0.0
         prop = c * p_control + e * p_explore + (1 - c - e) * p_model
         policy = group[i]
@@ -651,7 +788,7 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         engine, settings, pop, as_of=as_of, campaign_id=campaign_id, now=now, objective=objective,
         model_uri=model_uri, group=group, final=final, result=result, constraints=constraints, shares=(c, e),
         explore_block=explore_block, model_budget=problem.budget, coupon_cap=coupon_cap,
-        channel_cap=channel_cap,
+        channel_cap=channel_cap, slot=slot,
     )  # fmt: skip
     treated = final >= 0
     spend = float(sum(r["expected_cost"] for r in rows))
@@ -680,14 +817,39 @@ def _plan(engine, settings, *, campaign_id, as_of, model_uri, budget, objective,
         "reasons": reason_stats,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if share > 0:
+        summary["live_comparison"] = _live_summary(
+            live, share, slot, model_rows, final, champ_choice, chal_choice
+        )
     return summary, rows, reasons, spend, issued
+
+
+def _live_summary(  # noqa: ANN001
+    live: ChallengerScores, share, slot, model_rows, final, champ_choice, chal_choice
+) -> dict:
+    """What the live comparison of a campaign holds: its share, rows and disagreements per version."""
+    mine = slot[model_rows]
+    treated = final[model_rows] >= 0
+    return {
+        "challenger_version": live.version,
+        "challenger_share": share,
+        "model_rows": {"champion": int((~mine).sum()), "challenger": int(mine.sum())},
+        "treated": {"champion": int((treated & ~mine).sum()), "challenger": int((treated & mine).sum())},
+        # Model-group customers for whom the two versions choose different arms: the rows that
+        # tell them apart, each logged with a propensity near the share of the version it got.
+        "disagreements": int((champ_choice[model_rows] != chal_choice[model_rows]).sum()),
+    }
 
 
 def _reasons(  # noqa: ANN202
     engine, settings, pop, *, as_of, campaign_id, now, objective, model_uri, group, final, result,  # noqa: ANN001
-    constraints, shares, explore_block, model_budget, coupon_cap, channel_cap,  # noqa: ANN001
+    constraints, shares, explore_block, model_budget, coupon_cap, channel_cap, slot,  # noqa: ANN001
 ):  # fmt: skip
-    """Explain every row of the plan (see :mod:`mlpkg.allocation.reasons`); return rows and timings."""
+    """Explain every row of the plan (see :mod:`mlpkg.allocation.reasons`); return rows and timings.
+
+    ``pop`` is the blended population (:func:`blend`): each row is explained, and its uplift
+    attributed, by the version that scored it.
+    """
     started = time.perf_counter()
     cfg = settings.campaign
     catalog = pop.catalog
@@ -713,6 +875,14 @@ def _reasons(  # noqa: ANN202
         cooldown_days=cfg.cooldown_days, has_options=bool(catalog.arms),
     )  # fmt: skip
     reasons = explain_rows(state, eligibility)
+    if pop.challenger is not None and slot.any():
+        share, version = cfg.challenger_share, pop.challenger.version
+        mine = {"constraint": "live_comparison", "detail": f"scored by live challenger v{version}, which "
+                f"scores {share:.0%} of the customers (a hash of customer and campaign draws them)"}
+        theirs = {"constraint": "live_comparison", "detail": f"scored by the champion; live challenger "
+                  f"v{version} scores {share:.0%} of the customers"}  # fmt: skip
+        for r, drawn in zip(reasons, slot, strict=True):
+            r["constraints"].append(dict(mine if drawn else theirs))
     decided = time.perf_counter()
     scorer, features = pop.scorer, pop.features
     if model_uri is not None and scorer is None:
@@ -722,9 +892,22 @@ def _reasons(  # noqa: ANN202
         feats = customer_features(engine, as_of, list(map(str, pop.ids)))
         features = feats.set_index("customer_id").reindex(pd.Index(pop.ids, dtype=object).astype(str))
         features = features.reset_index()
-    only = decisive_rows(reasons, state) if cfg.attribution_rows == "decisive" else None
+    only = (
+        decisive_rows(reasons, state) if cfg.attribution_rows == "decisive" else np.ones(len(pop.ids), bool)
+    )
     features = features if model_uri is not None else None
-    stats = attach_attributions(reasons, state, scorer, features, only=only)
+    stats = attach_attributions(reasons, state, scorer, features, only=only & ~slot)
+    live = pop.challenger
+    if features is not None and live is not None and slot.any():
+        live_scorer = live.scorer or registry.load_uplift_model(
+            live.model_uri, tracking_uri=settings.resolved_tracking_uri
+        )
+        more = attach_attributions(reasons, state, live_scorer, features, only=only & slot)
+        stats = {
+            "method": stats["method"] or more["method"],
+            "rows": stats["rows"] + more["rows"],
+            "seconds": round(stats["seconds"] + more["seconds"], 3),
+        }
     records = reason_records(reasons, state, campaign_id=campaign_id, now=now)
     counts = pd.Series([r["binding"] for r in records], dtype=object).value_counts().to_dict()
     return records, {

@@ -228,9 +228,14 @@ def _steering_facts(state, terms, values, i, j, lam) -> list[dict]:  # noqa: ANN
     for name, term in terms.items():
         push = float(term[i, best] - term[i, j])
         if push > 1e-12:
-            facts.append({"constraint": name, "price_effect": round(push, 6),
-                          "detail": f"{_price_name(name, state, best, lam)} made {state.arms[best]} "
-                                    f"(worth {values[best]:.4g} unpriced) lose to {state.arms[j]}"})
+            facts.append(
+                {
+                    "constraint": name,
+                    "price_effect": round(push, 6),
+                    "detail": f"{_price_name(name, state, best, lam)} made {state.arms[best]} "
+                    f"(worth {values[best]:.4g} unpriced) lose to {state.arms[j]}",
+                }
+            )
     return sorted(facts, key=lambda f: -f["price_effect"])
 
 
@@ -311,24 +316,29 @@ def attach_attributions(
     ``scorer`` must offer ``attribute_uplift`` (the logged uplift model does; a cold-start prior
     does not, and its reasons then carry no attributions). ``features`` holds every customer's
     model inputs in ``state.ids`` order; it is also the reference population. ``only`` (``bool
-    [n]``) limits the rows attributed (see :func:`decisive_rows`).
+    [n]``) limits the rows attributed (see :func:`decisive_rows`); the others keep the
+    attributions an earlier call gave them (none if there was none), so a plan two versions
+    scored is attributed by calling this once per version.
 
     Returns:
         ``{"method", "rows", "seconds"}`` of the attribution pass.
     """
     started = time.perf_counter()
+    for r in reasons:
+        # Rows left out keep what an earlier pass (another version's scorer) attached.
+        r.setdefault("attributions", [])
+        r.setdefault("method", None)
+        r.setdefault("uplift", None)
     if features is None or not hasattr(scorer, "attribute_uplift"):
-        for r in reasons:
-            r.update(attributions=[], method=None, uplift=None)
         return {"method": None, "rows": 0, "seconds": 0.0}
     model_arms = list(scorer.arms)
     explained = np.array([r["explained"] for r in reasons], dtype=np.int64)
     rows = np.flatnonzero((explained >= 0) & (True if only is None else only))
+    if not len(rows):
+        return {"method": None, "rows": 0, "seconds": round(time.perf_counter() - started, 3)}
     arm_index = np.array([model_arms.index(state.arms[j]) for j in explained[rows]], dtype=np.int64)
     att = scorer.attribute_uplift(features.iloc[rows], arm_index, reference=features)
     raw = {f: features[f].to_numpy() for f in att.features}
-    for r in reasons:
-        r.update(attributions=[], method=None, uplift=None)
     for pos, i in enumerate(rows):
         top = att.top(pos, TOP_FEATURES)
         for t in top:
@@ -346,9 +356,7 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def reason_records(
-    reasons: list[dict], state: PlanState, *, campaign_id: str, now: datetime
-) -> list[dict]:
+def reason_records(reasons: list[dict], state: PlanState, *, campaign_id: str, now: datetime) -> list[dict]:
     """Return the ``allocation_reasons`` rows of the reasons."""
     return [
         dict(

@@ -28,12 +28,18 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, select
 
-from mlpkg.allocation.campaign import ScoredPopulation, build_catalog, read_offer, score_population
+from mlpkg.allocation.campaign import (
+    ChallengerScores,
+    ScoredPopulation,
+    build_catalog,
+    read_offer,
+    score_population,
+)
 from mlpkg.allocation.cost_calibration import CostCalibration
 from mlpkg.config import Settings
 from mlpkg.db import models as m
 
-FORMAT = "couponops-scores/2"
+FORMAT = "couponops-scores/3"
 
 
 class ShardMismatchError(ValueError):
@@ -52,6 +58,9 @@ class ScoringJob:
     objective: str
     shard: int
     n_shards: int
+    #: The live challenger scored beside the champion (None: the champion alone).
+    challenger_uri: str | None = None
+    challenger_version: str | None = None
 
     def as_dict(self) -> dict:
         """Return the job as a JSON-friendly dict."""
@@ -60,7 +69,7 @@ class ScoringJob:
     @classmethod
     def from_dict(cls, data: dict) -> ScoringJob:
         """Rebuild a job from :meth:`as_dict` output."""
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def shard_of(customer_ids: np.ndarray | list[str], n_shards: int) -> np.ndarray:
@@ -92,8 +101,10 @@ def plan_scoring_jobs(
     model_version: str | None,
     objective: str,
     n_shards: int,
+    challenger_uri: str | None = None,
+    challenger_version: str | None = None,
 ) -> list[ScoringJob]:
-    """Return the run's scoring jobs, one per shard, all pinned to the same model version."""
+    """Return the run's scoring jobs, one per shard, all pinned to the same model version(s)."""
     if n_shards < 1:
         raise ValueError(f"campaign.score_shards must be at least 1, got {n_shards}")
     return [
@@ -106,6 +117,8 @@ def plan_scoring_jobs(
             objective=objective,
             shard=k,
             n_shards=n_shards,
+            challenger_uri=challenger_uri,
+            challenger_version=challenger_version,
         )
         for k in range(n_shards)
     ]
@@ -133,6 +146,19 @@ def score_shard(engine: Engine, settings: Settings, job: ScoringJob) -> dict:
         model_uri=job.model_uri,
         objective=job.objective,
         customer_ids=ids,
+        challenger_uri=job.challenger_uri,
+        challenger_version=job.challenger_version,
+    )
+    live = pop.challenger
+    extra = (
+        {
+            "ch_value": live.value,
+            "ch_cost": live.cost,
+            "ch_uplift": live.uplift,
+            "ch_base_rate": live.base_rate,
+        }
+        if live is not None
+        else {}
     )
     out = shard_dir(settings, job)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +177,7 @@ def score_shard(engine: Engine, settings: Settings, job: ScoringJob) -> dict:
             uplift=pop.uplift,
             eligible=pop.eligible,
             base_rate=pop.base_rate,
+            **extra,
         )
     tmp.replace(path)
     return {
@@ -170,7 +197,7 @@ def _read_shard(path: Path, expected: ScoringJob) -> dict:
     meta = json.loads(str(data.pop("meta")))
     if meta.get("format") != FORMAT:
         raise ShardMismatchError(f"scoring shard {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    for key in ("campaign_id", "run_key", "as_of", "model_uri", "objective", "n_shards"):
+    for key in ("campaign_id", "run_key", "as_of", "model_uri", "objective", "n_shards", "challenger_uri"):
         if meta.get(key) != getattr(expected, key):
             raise ShardMismatchError(
                 f"scoring shard {path}: {key} is {meta.get(key)!r}, but this run expects "
@@ -211,6 +238,11 @@ def merge_shards(engine: Engine, paths: list[str | Path], expected: ScoringJob) 
             raise ShardMismatchError(
                 f"scoring shard {path} has arms {p['arms'].tolist()}, shard 0 has {arms}"
             )
+        if ("ch_value" in p) != ("ch_value" in parts[0]):
+            raise ShardMismatchError(
+                f"scoring shard {path} and shard 0 disagree on whether live challenger "
+                f"{expected.challenger_uri} scored them; re-run the scoring"
+            )
     ids = np.concatenate([p["ids"] for p in parts]).astype(object)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
@@ -224,6 +256,16 @@ def merge_shards(engine: Engine, paths: list[str | Path], expected: ScoringJob) 
     def stack(key: str) -> np.ndarray:
         return np.concatenate([p[key] for p in parts])[order][:, keep]
 
+    live = None
+    if "ch_value" in parts[0]:
+        live = ChallengerScores(
+            version=str(expected.challenger_version or expected.challenger_uri),
+            model_uri=str(expected.challenger_uri),
+            value=stack("ch_value"),
+            cost=stack("ch_cost"),
+            uplift=stack("ch_uplift"),
+            base_rate=np.concatenate([p["ch_base_rate"] for p in parts])[order],
+        )
     return ScoredPopulation(
         ids=ids,
         catalog=catalog,
@@ -233,4 +275,5 @@ def merge_shards(engine: Engine, paths: list[str | Path], expected: ScoringJob) 
         eligible=stack("eligible"),
         base_rate=np.concatenate([p["base_rate"] for p in parts])[order],
         calibration=calibration,
+        challenger=live,
     )

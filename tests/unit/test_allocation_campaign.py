@@ -203,3 +203,87 @@ def _mean_reach_cost(pop) -> float:  # noqa: ANN001 - a ScoredPopulation
     mean_cost = (np.where(pop.eligible, pop.cost, 0).sum(axis=1)[reach] / n_elig[reach]).mean()
     return float(mean_cost * reach.sum())
 
+
+
+class _ShuffledOracle:
+    """The oracle with each customer's treated conversions scaled by a factor of their id: a version
+    that disagrees (the same for a customer whichever batch or shard scores them)."""
+
+    def __init__(self, shop):
+        self.shop = shop
+        self.arms = list(shop.arm_names)
+
+    def score_arrays(self, df, chunk_size=None):
+        import zlib
+
+        ids = df["customer_id"].astype(str).tolist()
+        p = self.shop.true_conversion(ids).astype(np.float32)
+        factor = np.array([0.2 + 1.6 * (zlib.crc32(c.encode()) % 1000) / 1000 for c in ids], np.float32)
+        p[:, 1:] = np.clip(p[:, :1] + (p[:, 1:] - p[:, :1]) * factor[:, None] + 0.01 * factor[:, None], 0, 1)
+        return {"p_conv": p, "revenue": self.shop.true_revenue(ids).astype(np.float32)}
+
+
+def test_a_live_challenger_allocates_its_share_of_the_model_group_with_mixture_propensities(
+    world, monkeypatch
+):
+    import mlpkg.registry
+    from tests.fixtures import OracleScorer
+
+    settings, engine, shop = world
+    scorers = {"oracle": OracleScorer(shop), "shuffled": _ShuffledOracle(shop)}
+    monkeypatch.setattr(mlpkg.registry, "load_uplift_model", lambda uri, tracking_uri=None: scorers[uri])
+    now = shop.now.to_pydatetime()
+    summary = allocate_campaign(
+        engine, settings, campaign_id="live", as_of=now, run_key="r", model_uri="oracle", model_version="1",
+        now=now, budget=60.0, objective="conversions", challenger_uri="shuffled", challenger_version="2",
+    )  # fmt: skip
+    ledger = _ledger(engine, "live")
+    live = summary["live_comparison"]
+    assert live["champion_version"] == "1" and live["challenger_version"] == "2"
+    assert live["challenger_share"] == settings.campaign.challenger_share == 0.5
+    rows = live["model_rows"]
+    model = ledger[ledger.policy == "model"]
+    assert rows["champion"] + rows["challenger"] == len(model)
+    # A hash split of about 540 model-group customers: each version within 4 sd of half.
+    assert abs(rows["challenger"] - len(model) / 2) < 4 * np.sqrt(len(model) / 4)
+    assert live["treated"]["champion"] > 0 and live["treated"]["challenger"] > 0 and live["disagreements"] > 0
+    assert ledger["expected_cost"].sum() <= 60.0 + 1e-6
+    # Where the versions agree the model arm comes with the model share, where they disagree
+    # with half of it (plus, for a treated arm, the exploration branch's chance of drawing it).
+    c, e = summary["control_share"], summary["exploration_share"]
+    treated = model[model.arm != "control"]
+    p = treated["propensity"].to_numpy()
+    whole, half = 1 - c - e, 0.5 * (1 - c - e)
+    assert ((p >= whole - 1e-9) | ((p >= half - 1e-9) & (p < half + e + 1e-9))).all()
+    assert (p < whole - 1e-9).any() and (p >= whole - 1e-9).any()
+    # Every reason says which version scored the customer, the challenger for about half.
+    with engine.connect() as conn:
+        query = select(m.AllocationReason).where(m.AllocationReason.campaign_id == "live")
+        facts = pd.read_sql(query, conn)["constraints"]
+    said = [next(f["detail"] for f in c if f["constraint"] == "live_comparison") for c in facts]
+    drawn = sum(d.startswith("scored by live challenger v2") for d in said)
+    assert len(said) == len(ledger) and abs(drawn - len(said) / 2) < 4 * np.sqrt(len(said) / 4)
+
+
+def test_without_a_live_challenger_or_with_share_zero_the_champion_allocates_alone(world, monkeypatch):
+    import mlpkg.registry
+    from tests.fixtures import OracleScorer
+
+    settings, engine, shop = world
+    # Only the champion can be loaded: a share of 0 must not even score the challenger.
+    scorers = {"oracle": OracleScorer(shop)}
+    monkeypatch.setattr(mlpkg.registry, "load_uplift_model", lambda uri, tracking_uri=None: scorers[uri])
+    now = shop.now.to_pydatetime()
+    no_share = settings.campaign.model_copy(update={"challenger_share": 0.0})
+    off = settings.model_copy(update={"campaign": no_share})
+    for cfg, campaign, challenger in ((settings, "alone", None), (off, "zero", "shuffled")):
+        summary = allocate_campaign(
+            engine, cfg, campaign_id=campaign, as_of=now, run_key=campaign, model_uri="oracle",
+            model_version="1", now=now, budget=30.0, objective="conversions", challenger_uri=challenger,
+            challenger_version=challenger and "2",
+        )  # fmt: skip
+        assert "live_comparison" not in summary
+        ledger = _ledger(engine, campaign)
+        c, e = summary["control_share"], summary["exploration_share"]
+        treated = ledger[(ledger.policy == "model") & (ledger.arm != "control")]
+        assert len(treated) and (treated["propensity"] >= 1 - c - e - 1e-9).all()

@@ -157,3 +157,32 @@ def test_a_shard_whose_model_emits_impossible_scores_is_refused_with_the_arm_nam
     assert f"p_conv__{arms[1]}" in str(err.value) and f"p_conv__{arms[2]}" in str(err.value)
     assert "model scores of oracle" in str(err.value)
     assert not list(sh.shard_dir(settings, sh.ScoringJob.from_dict(job)).glob("*.npz"))
+
+
+def test_a_live_challenger_travels_through_the_shards_and_gives_the_same_ledger(world, monkeypatch):
+    import mlpkg.registry
+    from tests.fixtures import OracleScorer
+    from tests.unit.test_allocation_campaign import _ShuffledOracle
+
+    settings, engine, shop = world
+    scorers = {"oracle": OracleScorer(shop), "shuffled": _ShuffledOracle(shop)}
+    monkeypatch.setattr(mlpkg.registry, "load_uplift_model", lambda uri, tracking_uri=None: scorers[uri])
+    monkeypatch.setattr(stages, "_live_challenger", lambda settings, champion: ("2", "shuffled"))
+    jobs = _jobs(settings, shop, 3)
+    assert {(j["challenger_uri"], j["challenger_version"]) for j in jobs} == {("shuffled", "2")}
+    results = [stages.score_shard(settings, job) for job in jobs]
+    summary = stages.allocate_scored(settings, CTX, results, budget=40.0, now=shop.now.to_pydatetime())
+    assert summary["live_comparison"]["challenger_version"] == "2"
+    assert summary["live_comparison"]["disagreements"] > 0
+    sharded = _ledger(engine)
+    with session_scope(engine) as s:  # the same campaign again, scored in one piece
+        s.query(m.AllocationReason).delete()
+        s.query(m.Allocation).delete()
+        s.query(m.Campaign).delete()
+        s.query(m.Coupon).update({m.Coupon.issued: 0})
+    whole = stages.allocate(
+        settings, CTX, campaign_id="c1", as_of=shop.now, budget=40.0, objective="profit",
+        now=shop.now.to_pydatetime(),
+    )  # fmt: skip
+    assert whole["live_comparison"] == summary["live_comparison"]
+    pd.testing.assert_frame_equal(sharded, _ledger(engine))

@@ -93,16 +93,18 @@ def test_coupons_are_priced_at_the_redemption_probability_when_the_model_has_one
     catalog = _catalog()
     p_conv = np.array([[0.10, 0.30, 0.20]], dtype=np.float32)
     revenue = np.full((1, 3), 50.0, dtype=np.float32)
-    p_redeem = np.array([[0.0, 0.06, 0.02]], dtype=np.float32)
+    p_redeem = np.array([[0.0, 0.25, 0.02]], dtype=np.float32)
     _, every, uplift, _ = option_economics(
         p_conv, revenue, ARMS, catalog, objective="conversions", margin=0.3
     )
     _, priced, same, _ = option_economics(
         p_conv, revenue, ARMS, catalog, objective="conversions", margin=0.3, p_redeem=p_redeem
     )
-    # Without a model every treated conversion redeems; with one, only the redeemed share costs.
+    # Without a model every treated conversion redeems; with one, only the redeemed share costs,
+    # and never less than the conversions the coupon causes (uplift 0.10 for USD5@sms: its
+    # predicted 0.02 redemptions cannot pay for 0.10 extra orders).
     assert every[0].tolist() == pytest.approx([0.30 * 5.0 + 0.01, 0.20 * 5.0 + 0.05])
-    assert priced[0].tolist() == pytest.approx([0.06 * 5.0 + 0.01, 0.02 * 5.0 + 0.05])
+    assert priced[0].tolist() == pytest.approx([0.25 * 5.0 + 0.01, 0.10 * 5.0 + 0.05])
     assert np.array_equal(uplift, same)
 
 
@@ -124,3 +126,36 @@ def test_a_logged_model_scores_redemptions_beside_conversions(tmp_path):
     joblib.dump({"not": "a model"}, tmp_path / "bad.joblib")
     with pytest.raises(ValueError, match="does not hold a redemption model"):
         UpliftPyfunc().load_artifacts(artifacts["config"], artifacts["weights"], tmp_path / "bad.joblib")
+
+
+def _per_channel(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Customers who redeem through the channel they engage with, and rarely through the other."""
+    rng = np.random.default_rng(seed)
+    email, sms = rng.exponential(1.0, n), rng.exponential(1.0, n)
+    arm = rng.choice(ARMS, n)
+    logit = (
+        -3.5
+        + np.where(arm == "PCT10@email", 3.0 * (email > 1), 0.0)
+        + np.where(arm == "USD5@sms", 3.0 * (sms > 1), 0.0)
+    )
+    p = np.where(arm == "control", 0.0, 1 / (1 + np.exp(-logit)))
+    redeemed = (rng.random(n) < p).astype(float)
+    frame = pd.DataFrame({
+        "email_opens": email, "sms_clicks": sms, "region": rng.choice(["north", "south"], n), "arm": arm,
+        "converted": redeemed, "revenue": redeemed * 50.0, "propensity": 1 / 3, "redeemed": redeemed,
+    })  # fmt: skip
+    return frame, p
+
+
+def test_a_channel_that_depends_on_engagement_with_it_is_learnt_by_the_family_that_can_say_so():
+    frame, _ = _per_channel(9000, seed=5)
+    model = fit_redemption(frame, ["email_opens", "sms_clicks"], ["region"])
+    assert model.family == "gbm", model.validation_log_loss
+    assert model.validation_log_loss["gbm"] < model.validation_log_loss["logistic"]
+    # An e-mail reader who ignores SMS: likely to redeem by e-mail, unlikely by SMS (truth 0.38, 0.03).
+    reader = pd.DataFrame({"email_opens": [3.0], "sms_clicks": [0.2], "region": ["north"]})
+    p = model.predict(reader, ARMS)[0]
+    assert p[1] > 0.25 and p[2] < 0.08
+    # On the additive data of the other tests the families are compared too, and both recorded.
+    linear = fit_redemption(_logged(seed=1)[0], ["x", "noise"], ["region"])
+    assert set(linear.validation_log_loss) == {"logistic", "gbm"} and linear.family in {"logistic", "gbm"}

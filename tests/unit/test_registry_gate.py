@@ -184,3 +184,27 @@ def test_a_hand_promotion_is_recorded_with_who_and_why(reg, engine):
     with session_scope(engine) as s:
         last = q.promotion_history(s, NAME, limit=1)[0]
     assert (last.alias, last.version, last.actor, last.reason) == ("champion", v2, "ana", "A/B won")
+
+
+def test_only_a_version_kept_for_want_of_evidence_goes_live_beside_the_champion(reg, engine):
+    client, new_version = reg
+
+    def live(champion):
+        return registry.live_challenger(client, NAME, champion=champion, confidence=0.9)
+
+    v1, _ = new_version()
+    _record(client, engine, v1, numbers(0.04, 0.03), None)
+    assert live(v1) is None  # the challenger alias is the champion itself
+    v2, _ = new_version()
+    _record(client, engine, v2, numbers(0.041, 0.040, gain_se=0.001), v1)  # +0.001 ± 0.001: not shown worse
+    assert live(v1) == v2
+    v3, _ = new_version()
+    _record(client, engine, v3, numbers(0.030, 0.040, gain_se=0.001), v1)  # -0.010 ± 0.001: shown worse
+    assert live(v1) is None
+    v4, _ = new_version()
+    _record(client, engine, v4, numbers(0.05, 0.04, calibration=0.09, limit=0.06), v1)  # refused by a guard
+    assert live(v1) is None
+    v5, _ = new_version()
+    _record(client, engine, v5, numbers(0.05, 0.04), v1)  # promoted: nothing left to compare live
+    assert registry.alias_version(client, NAME, registry.CHAMPION) == v5 and live(v5) is None
+    assert live(None) is None

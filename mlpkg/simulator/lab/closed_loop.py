@@ -144,6 +144,8 @@ def run_closed_loop(
             "round": r,
             "campaign": campaign,
             "model_version": summary.get("model_version") or "none (explore)",
+            # The version that allocated its share of the model group beside the champion, if any.
+            "live_challenger": (summary.get("live_comparison") or {}).get("challenger_version"),
             "treated": int((ledger["arm"] != CONTROL).sum()),
             "spend": round(float(ledger["expected_cost"].sum()), 2),
             # What the campaign costs in truth (coupons redeemed and messages sent), next to the oracle's.
