@@ -9,7 +9,8 @@ the headline ratio is the oracle; the target of issue 12 is round 5 at >= 80 % o
 round after round 2 below 65 %.
 
 Environment: ``COUPONOPS_BENCH_LEARNING_SEEDS`` (default ``7,8,9``), ``..._CUSTOMERS`` (20000),
-``..._ROUNDS`` (5). One seed takes about 9 minutes on a 2-core machine (``make demo-loop``: 8 min 58 s).
+``..._ROUNDS`` (5). One seed takes 8 to 9 minutes on a 2-core machine (``make demo-loop``: 7 min 52 s
+on 2026-12-07).
 """
 
 from __future__ import annotations
