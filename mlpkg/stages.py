@@ -157,14 +157,8 @@ def _ingest_drops(settings: Settings, kind: str, *, now: datetime) -> dict:
             raise
         with session_scope(engine) as session:
             record_drop(session, drop, status="loaded", detail={"loaded": report["loaded"]}, now=now)
-        loaded.append(
-            {
-                **drop.as_dict(),
-                "rows": report["loaded"],
-                "warnings": report["warnings"],
-                "forgotten_rows_dropped": report["forgotten_rows_dropped"],
-            }
-        )
+        loaded.append({**drop.as_dict(), "rows": report["loaded"], "warnings": report["warnings"],
+                       "forgotten_rows_dropped": report["forgotten_rows_dropped"]})
     return {"skipped": False, "loaded": loaded, "zone": zone}
 
 
@@ -750,9 +744,8 @@ def deliver(settings: Settings, campaign_id: str, *, now: datetime | None = None
     return deliver_campaign(_engine(settings), campaign_id, settings, now or utcnow())
 
 
-def train_recommender(
-    settings: Settings, *, as_of: datetime | None = None, now: datetime | None = None, actor: str = "cli"
-) -> dict:
+def train_recommender(settings: Settings, *, as_of: datetime | None = None, now: datetime | None = None,
+                      actor: str = "cli") -> dict:
     """Evaluate the recommender on a time split, fit it on the history before ``as_of``, register it.
 
     ``as_of`` defaults to the product's clock (see :func:`product_now`).
@@ -761,19 +754,12 @@ def train_recommender(
 
     now = now or utcnow()
     as_of = as_of or product_now(settings) or now
-    return _train(
-        _engine(settings),
-        settings,
-        as_of,
-        actor=actor,
-        now=now,
-        tags={"couponops.actor": actor, "git.commit": git_commit()},
-    )
+    return _train(_engine(settings), settings, as_of, actor=actor, now=now,
+                  tags={"couponops.actor": actor, "git.commit": git_commit()})
 
 
-def recommend(
-    settings: Settings, campaign_id: str, *, now: datetime | None = None, actor: str = "cli"
-) -> dict:
+def recommend(settings: Settings, campaign_id: str, *, now: datetime | None = None,
+              actor: str = "cli") -> dict:
     """Rank in-stock products for a campaign's treated customers with the champion recommender.
 
     Without a champion (the first campaign) one is trained on the history before the campaign's
@@ -822,13 +808,8 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     customer = stored_id(pseudonym_key(settings), str(customer_id).strip())
     with session_scope(_engine(settings)) as session:
         as_of = q.as_utc(q.get_campaign(session, campaign_id).as_of).to_pydatetime()
-        payload = message_payload(
-            session,
-            campaign_id,
-            customer,
-            sent_at=as_of,
-            products_per_message=settings.recommender.products_per_message,
-        )
+        payload = message_payload(session, campaign_id, customer, sent_at=as_of,
+                                  products_per_message=settings.recommender.products_per_message)
     if payload is None:
         raise LookupError(f"campaign {campaign_id!r} sends customer {customer_id!r} no coupon (not treated)")
     rendered = renderer_for(settings).render(payload)
@@ -836,16 +817,9 @@ def preview(settings: Settings, campaign_id: str, customer_id: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     text = folder / f"{customer}.txt"
     text.write_text(f"Subject: {rendered.subject}\n\n{rendered.text}", encoding="utf-8")
-    out = {
-        "campaign_id": campaign_id,
-        "customer_id": customer,
-        "channel": payload["channel"],
-        "coupon_id": payload["coupon_id"],
-        "products": [p["product_id"] for p in payload["products"]],
-        "subject": rendered.subject,
-        "text": str(text),
-        "html": None,
-    }
+    out = {"campaign_id": campaign_id, "customer_id": customer, "channel": payload["channel"],
+           "coupon_id": payload["coupon_id"], "products": [p["product_id"] for p in payload["products"]],
+           "subject": rendered.subject, "text": str(text), "html": None}
     if rendered.html:
         html = folder / f"{customer}.html"
         html.write_text(rendered.html, encoding="utf-8")

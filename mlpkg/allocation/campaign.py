@@ -481,28 +481,20 @@ def score_population(
     ids = feats["customer_id"].to_numpy()
     _validate_scores(ids, scores, model_arms, f"model scores of {model_uri or 'the cold-start prior'}", as_of)
     catalog = build_catalog(model_arms, coupons, channels, as_of)
-    value, cost, uplift, basket = option_economics(
-        scores["p_conv"],
-        scores["revenue"],
-        model_arms,
-        catalog,
-        objective=objective,
-        margin=cfg.margin,
-        p_redeem=priced_redemptions(scores, cfg),
-        calibration=calibration,
-    )
+    value, cost, uplift, basket, base_rate = _priced(scores, model_arms, catalog, cfg, objective, calibration)
     n, k = value.shape
     eligible = np.zeros((n, k), dtype=bool)
     # Hashed membership (pandas), not np.isin: on string ids that sorts both sides every call.
     customers = pd.Index(ids)
     # Consent to the channel and a contact on it: budget is never spent on a message that cannot go out.
-    open_on = {h: customers.isin(consented.get(h, set()) & reachable.get(h, set())) for h in catalog.channels}
+    open_on = {
+        h: customers.isin(consented.get(h, set()) & reachable.get(h, set())) for h in catalog.channels
+    }
     for j, arm in enumerate(catalog.arms):
         eligible[:, j] = open_on[arm.split("@")[1]]
     eligible &= basket >= catalog.min_basket[None, :]
     if cooldown:
         eligible &= ~customers.isin(cooldown)[:, None]
-    base_rate = scores["p_conv"][:, model_arms.index(CONTROL)].astype(np.float32)
     challenger = None
     if model_uri is not None and challenger_uri is not None and cfg.challenger_share > 0:
         challenger = _score_challenger(
@@ -514,6 +506,18 @@ def score_population(
         base_rate=base_rate, features=feats, scorer=scorer if model_uri is not None else None,
         calibration=calibration, challenger=challenger,
     )  # fmt: skip
+
+
+def _priced(  # noqa: ANN202
+    scores: dict[str, np.ndarray], arms: list[str], catalog: ArmCatalog, cfg: CampaignSettings,
+    objective: str, calibration: CostCalibration,
+):  # fmt: skip
+    """A version's scores as option economics (:func:`option_economics`) plus its control conversion."""
+    value, cost, uplift, basket = option_economics(
+        scores["p_conv"], scores["revenue"], arms, catalog, objective=objective, margin=cfg.margin,
+        p_redeem=priced_redemptions(scores, cfg), calibration=calibration,
+    )  # fmt: skip
+    return value, cost, uplift, basket, scores["p_conv"][:, arms.index(CONTROL)].astype(np.float32)
 
 
 def _score_challenger(  # noqa: ANN001
@@ -543,11 +547,7 @@ def _score_challenger(  # noqa: ANN001
     scores = scorer.score_arrays(feats, chunk_size=cfg.score_chunk_size)
     ids = feats["customer_id"].to_numpy()
     _validate_scores(ids, scores, arms, f"model scores of live challenger {uri}", as_of)
-    value, cost, uplift, _ = option_economics(
-        scores["p_conv"], scores["revenue"], arms, catalog, objective=objective, margin=cfg.margin,
-        p_redeem=priced_redemptions(scores, cfg), calibration=calibration,
-    )  # fmt: skip
-    base_rate = scores["p_conv"][:, arms.index(CONTROL)].astype(np.float32)
+    value, cost, uplift, _, base_rate = _priced(scores, arms, catalog, cfg, objective, calibration)
     return ChallengerScores(str(version), uri, value, cost, uplift, base_rate, scorer=scorer)
 
 

@@ -228,14 +228,9 @@ def _steering_facts(state, terms, values, i, j, lam) -> list[dict]:  # noqa: ANN
     for name, term in terms.items():
         push = float(term[i, best] - term[i, j])
         if push > 1e-12:
-            facts.append(
-                {
-                    "constraint": name,
-                    "price_effect": round(push, 6),
-                    "detail": f"{_price_name(name, state, best, lam)} made {state.arms[best]} "
-                    f"(worth {values[best]:.4g} unpriced) lose to {state.arms[j]}",
-                }
-            )
+            facts.append({"constraint": name, "price_effect": round(push, 6),
+                          "detail": f"{_price_name(name, state, best, lam)} made {state.arms[best]} "
+                                    f"(worth {values[best]:.4g} unpriced) lose to {state.arms[j]}"})
     return sorted(facts, key=lambda f: -f["price_effect"])
 
 
@@ -356,7 +351,9 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def reason_records(reasons: list[dict], state: PlanState, *, campaign_id: str, now: datetime) -> list[dict]:
+def reason_records(
+    reasons: list[dict], state: PlanState, *, campaign_id: str, now: datetime
+) -> list[dict]:
     """Return the ``allocation_reasons`` rows of the reasons."""
     return [
         dict(
